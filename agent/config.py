@@ -1,0 +1,229 @@
+"""Network config: parse and validate the JSON that operators write to `<prefix>/config`.
+
+Pure logic, no I/O. The rules are flanneld's (see INTEROP.md): field names match
+case-insensitively, SubnetLen/SubnetMin/SubnetMax get defaults from Network, an absent
+Backend means udp. Every error names the field and the rule it broke.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+IPv4Network = ipaddress.IPv4Network
+IPv6Network = ipaddress.IPv6Network
+AnyNetwork = IPv4Network | IPv6Network
+
+class ConfigError(ValueError):
+    """The network config is invalid; the message names the field and the rule."""
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """A validated network config; all defaults filled in."""
+
+    enable_ipv4: bool
+    enable_ipv6: bool
+    network: IPv4Network | None
+    subnet_len: int
+    subnet_min: ipaddress.IPv4Address | None
+    subnet_max: ipaddress.IPv4Address | None
+    ipv6_network: IPv6Network | None
+    ipv6_subnet_len: int
+    ipv6_subnet_min: ipaddress.IPv6Address | None
+    ipv6_subnet_max: ipaddress.IPv6Address | None
+    backend_type: str
+    backend: dict[str, Any] = field(default_factory=dict)
+
+    def subnet_fits(self, subnet: IPv4Network) -> bool:
+        """True if `subnet` is a valid lease under this config (length and range)."""
+        if self.network is None or self.subnet_min is None or self.subnet_max is None:
+            return False
+        return (
+            subnet.prefixlen == self.subnet_len
+            and self.subnet_min <= subnet.network_address <= self.subnet_max
+        )
+
+    def ipv6_subnet_fits(self, subnet: IPv6Network) -> bool:
+        """True if `subnet` is a valid IPv6 lease under this config."""
+        if self.ipv6_network is None or self.ipv6_subnet_min is None:
+            return False
+        assert self.ipv6_subnet_max is not None
+        return (
+            subnet.prefixlen == self.ipv6_subnet_len
+            and self.ipv6_subnet_min <= subnet.network_address <= self.ipv6_subnet_max
+        )
+
+
+def _fold(obj: dict[str, Any]) -> dict[str, Any]:
+    """Lower-case the keys, as Go's encoding/json matches field names case-insensitively."""
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        out.setdefault(key.lower(), value)
+    return out
+
+
+def _bool(cfg: dict[str, Any], name: str, default: bool) -> bool:
+    value = cfg.get(name.lower(), default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}: must be true or false, got {value!r}")
+    return value
+
+
+def _int(cfg: dict[str, Any], name: str) -> int:
+    value = cfg.get(name.lower(), 0)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name}: must be an integer, got {value!r}")
+    return value
+
+
+def _network(cfg: dict[str, Any], name: str, version: int) -> AnyNetwork | None:
+    text = cfg.get(name.lower())
+    if text in (None, ""):
+        return None
+    if not isinstance(text, str):
+        raise ConfigError(f"{name}: must be a CIDR string, got {text!r}")
+    try:
+        # strict=False masks the host bits, as flanneld does.
+        net = ipaddress.ip_network(text, strict=False)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {text!r} is not a CIDR ({exc})") from None
+    if net.version != version:
+        raise ConfigError(f"{name}: {text!r} is not an IPv{version} network")
+    return net
+
+
+def _address(cfg: dict[str, Any], name: str, version: int) -> Any:
+    text = cfg.get(name.lower())
+    if text in (None, ""):
+        return None
+    if not isinstance(text, str):
+        raise ConfigError(f"{name}: must be an address string, got {text!r}")
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(f"{name}: {text!r} is not an IP address") from None
+    if addr.version != version:
+        raise ConfigError(f"{name}: {text!r} is not an IPv{version} address")
+    return addr
+
+
+def _subnet_len(
+    net: AnyNetwork, given: int, name: str, net_name: str, *, max_len: int, default_len: int
+) -> int:
+    """flanneld's SubnetLen rule: default from the network's size, >= 4 subnets, <= max_len."""
+    if given:
+        if given > max_len:
+            raise ConfigError(f"{name}: {given} is longer than /{max_len}")
+        if given < net.prefixlen + 2:
+            raise ConfigError(
+                f"{name}: /{given} leaves fewer than 4 subnets in {net_name} {net}"
+                f" (needs /{net.prefixlen + 2} or longer)"
+            )
+        return given
+    if net.prefixlen <= default_len - 2:
+        return default_len
+    if net.prefixlen <= max_len - 2:
+        return net.prefixlen + 2
+    raise ConfigError(
+        f"{name}: not set and {net_name} {net} is too small for a default"
+        f" (a network longer than /{max_len - 2} needs an explicit {name})"
+    )
+
+
+def _bounds(
+    cfg: dict[str, Any],
+    net: AnyNetwork,
+    sublen: int,
+    names: tuple[str, str],
+    version: int,
+) -> tuple[Any, Any]:
+    size = 1 << (net.max_prefixlen - sublen)
+    lo = _address(cfg, names[0], version)
+    hi = _address(cfg, names[1], version)
+    if lo is None:
+        lo = net.network_address + size  # the first subnet is left out, as flanneld does
+    if hi is None:
+        hi = net.network_address + (net.num_addresses - size)
+    for name, addr in zip(names, (lo, hi), strict=True):
+        if addr not in net:
+            raise ConfigError(f"{name}: {addr} is not inside {net}")
+        if (int(addr) - int(net.network_address)) % size:
+            raise ConfigError(f"{name}: {addr} is not on a /{sublen} boundary")
+    if lo > hi:
+        raise ConfigError(f"{names[0]}: {lo} is above {names[1]} {hi}")
+    return lo, hi
+
+
+def parse_config(text: str | bytes) -> NetworkConfig:
+    """Parse and validate a network config; raise ConfigError naming the field and rule."""
+    try:
+        raw = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("config: must be a JSON object")
+    cfg = _fold(raw)
+
+    enable4 = _bool(cfg, "EnableIPv4", True)
+    enable6 = _bool(cfg, "EnableIPv6", False)
+    if not enable4 and not enable6:
+        raise ConfigError("EnableIPv4/EnableIPv6: at least one must be true")
+
+    net4 = min4 = max4 = None
+    sublen4 = 0
+    if enable4:
+        net4 = _network(cfg, "Network", 4)
+        if net4 is None:
+            raise ConfigError("Network: required when EnableIPv4 is true")
+        sublen4 = _subnet_len(
+            net4, _int(cfg, "SubnetLen"), "SubnetLen", "Network", max_len=30, default_len=24
+        )
+        min4, max4 = _bounds(cfg, net4, sublen4, ("SubnetMin", "SubnetMax"), 4)
+
+    net6 = min6 = max6 = None
+    sublen6 = 0
+    if enable6:
+        net6 = _network(cfg, "IPv6Network", 6)
+        if net6 is None:
+            raise ConfigError("IPv6Network: required when EnableIPv6 is true")
+        sublen6 = _subnet_len(
+            net6,
+            _int(cfg, "IPv6SubnetLen"),
+            "IPv6SubnetLen",
+            "IPv6Network",
+            max_len=126,
+            default_len=64,
+        )
+        min6, max6 = _bounds(cfg, net6, sublen6, ("IPv6SubnetMin", "IPv6SubnetMax"), 6)
+
+    backend = cfg.get("backend")
+    if backend is None:
+        backend = {"Type": "udp"}
+    if not isinstance(backend, dict):
+        raise ConfigError("Backend: must be a JSON object")
+    bfold = _fold(backend)
+    btype = bfold.get("type", "udp")
+    if not isinstance(btype, str) or not btype:
+        raise ConfigError(f"Backend.Type: must be a non-empty string, got {btype!r}")
+
+    return NetworkConfig(
+        enable_ipv4=enable4,
+        enable_ipv6=enable6,
+        network=net4,  # type: ignore[arg-type]
+        subnet_len=sublen4,
+        subnet_min=min4,
+        subnet_max=max4,
+        ipv6_network=net6,  # type: ignore[arg-type]
+        ipv6_subnet_len=sublen6,
+        ipv6_subnet_min=min6,
+        ipv6_subnet_max=max6,
+        backend_type=btype.lower(),
+        backend=bfold,
+    )

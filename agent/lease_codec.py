@@ -1,0 +1,107 @@
+"""Lease codec: subnet keys under `<prefix>/subnets/` and the lease JSON stored in them.
+
+Pure logic, no I/O. The byte format is flanneld's: keys `10.5.30.0-24` (dual stack
+`10.5.30.0-24&fd00:12:13::-56`), values with the fields in the order flanneld's Go
+struct marshals them, `PublicIPv6` always present, `BackendType`/`BackendData` omitted
+when empty.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+_KEY_RE = re.compile(
+    r"^(\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3})-(\d{1,2})(?:&([0-9a-fA-F:]+)-(\d{1,3}))?$"
+)
+
+
+class LeaseDecodeError(ValueError):
+    """A subnet key or lease value that does not parse; the message says why."""
+
+
+@dataclass(frozen=True, order=True)
+class SubnetKey:
+    """The subnet(s) a lease key names."""
+
+    ipv4: ipaddress.IPv4Network | None
+    ipv6: ipaddress.IPv6Network | None = None
+
+    def __str__(self) -> str:
+        return format_subnet_key(self)
+
+
+def parse_subnet_key(name: str) -> SubnetKey:
+    """Parse the last path element of a subnet key; raise LeaseDecodeError if malformed."""
+    m = _KEY_RE.match(name)
+    if not m:
+        raise LeaseDecodeError(f"subnet key {name!r} is not <a.b.c.d>-<len>[&<v6>-<len>]")
+    try:
+        v4 = ipaddress.IPv4Network(f"{m.group(1)}/{m.group(2)}", strict=True)
+        v6 = None
+        if m.group(3) is not None:
+            v6 = ipaddress.IPv6Network(f"{m.group(3)}/{m.group(4)}", strict=True)
+    except ValueError as exc:
+        raise LeaseDecodeError(f"subnet key {name!r}: {exc}") from None
+    return SubnetKey(v4, v6)
+
+
+def format_subnet_key(key: SubnetKey) -> str:
+    """The key name flanneld uses for these subnets (no prefix)."""
+    assert key.ipv4 is not None, "tweed always leases an IPv4 subnet"
+    name = f"{key.ipv4.network_address}-{key.ipv4.prefixlen}"
+    if key.ipv6 is not None:
+        name += f"&{key.ipv6.network_address}-{key.ipv6.prefixlen}"
+    return name
+
+
+@dataclass(frozen=True)
+class LeaseAttrs:
+    """What a lease says about its host: where to send traffic and how."""
+
+    public_ip: ipaddress.IPv4Address
+    public_ipv6: ipaddress.IPv6Address | None = None
+    backend_type: str = ""
+    backend_data: Any = None  # decoded JSON; None when the lease has none
+
+
+def encode_lease(attrs: LeaseAttrs) -> bytes:
+    """Encode exactly as flanneld does: field order, null PublicIPv6, no spaces."""
+    doc: dict[str, Any] = {
+        "PublicIP": str(attrs.public_ip),
+        "PublicIPv6": str(attrs.public_ipv6) if attrs.public_ipv6 is not None else None,
+    }
+    if attrs.backend_type:
+        doc["BackendType"] = attrs.backend_type
+    if attrs.backend_data is not None:
+        doc["BackendData"] = attrs.backend_data
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def decode_lease(value: bytes | str) -> LeaseAttrs:
+    """Decode a lease value; field names match case-insensitively, like Go's json."""
+    try:
+        raw = json.loads(value)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LeaseDecodeError(f"lease value is not JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise LeaseDecodeError("lease value is not a JSON object")
+    doc = {k.lower(): v for k, v in raw.items()}
+    try:
+        public_ip = ipaddress.IPv4Address(doc.get("publicip"))
+    except (ValueError, TypeError):
+        raise LeaseDecodeError(f"lease PublicIP {doc.get('publicip')!r} is not IPv4") from None
+    v6 = doc.get("publicipv6")
+    public_ipv6 = None
+    if v6 not in (None, ""):
+        try:
+            public_ipv6 = ipaddress.IPv6Address(v6)
+        except (ValueError, TypeError):
+            raise LeaseDecodeError(f"lease PublicIPv6 {v6!r} is not IPv6") from None
+    btype = doc.get("backendtype") or ""
+    if not isinstance(btype, str):
+        raise LeaseDecodeError(f"lease BackendType {btype!r} is not a string")
+    return LeaseAttrs(public_ip, public_ipv6, btype, doc.get("backenddata"))

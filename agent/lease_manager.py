@@ -1,0 +1,373 @@
+"""LeaseManager: acquires this host's subnet lease, keeps it, and watches the peers' leases.
+
+State machine, in flanneld's terms:
+- acquire: list the leases, let the allocator choose, write with a compare transaction
+  (create: key version 0; reuse: key unchanged since we listed it); a lost race lists again.
+- hold: renew at expiry minus the margin (a reservation, a key with no etcd lease, is never
+  renewed nor given a TTL); if our key is deleted, expires or is taken, acquire again,
+  preferring the same subnet.
+- watch: one snapshot, then one watch from snapshot revision + 1. After a disconnect the
+  watch resumes from the last revision seen, so no event is lost; after compaction the
+  leases are listed again and diffed against what we knew. Peer changes leave as batches
+  of PeerEvents, one batch per etcd response.
+etcd being away is never fatal: each step retries with capped backoff and logs once per
+state change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from agent.allocator import Existing, OutOfSubnets, choose_subnet
+from agent.backoff import Backoff, OutageLog
+from agent.config import NetworkConfig
+from agent.lease_codec import (
+    LeaseAttrs,
+    LeaseDecodeError,
+    SubnetKey,
+    decode_lease,
+    encode_lease,
+    format_subnet_key,
+    parse_subnet_key,
+)
+from agent.registry import Compacted, Event, Record, Registry, RegistryUnavailable
+
+log = logging.getLogger(__name__)
+
+#: flanneld's lease lifetime: 24 hours.
+DEFAULT_TTL = 24 * 3600
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The lease this host holds."""
+
+    subnet: ipaddress.IPv4Network
+    name: str
+    attrs: LeaseAttrs
+    mod_revision: int
+    expires_at: float | None  # time.monotonic() deadline; None for a reservation
+
+    @property
+    def reservation(self) -> bool:
+        return self.expires_at is None
+
+
+@dataclass(frozen=True)
+class PeerLease:
+    """Another host's lease: its subnet lives behind attrs.public_ip."""
+
+    subnet: ipaddress.IPv4Network
+    attrs: LeaseAttrs
+
+
+@dataclass(frozen=True)
+class PeerEvent:
+    """A peer appeared or changed ("added", an upsert) or went away ("removed")."""
+
+    kind: str
+    lease: PeerLease
+
+
+BatchHandler = Callable[[list[PeerEvent]], Awaitable[None]]
+LeaseHandler = Callable[[Lease], Awaitable[None]]
+
+
+@dataclass
+class Counters:
+    """What the manager has done, for metrics and tests."""
+
+    acquisitions: int = 0
+    renewals: int = 0
+    reacquisitions: int = 0
+    lost_races: int = 0
+    relists: int = 0
+    watch_reconnects: int = 0
+    events: int = 0
+    bad_keys: int = 0
+    bad_values: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class LeaseManager:
+    """Acquire and hold this host's lease; stream the peers' leases as batches."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        config: NetworkConfig,
+        attrs: LeaseAttrs,
+        *,
+        previous: ipaddress.IPv4Network | None = None,
+        ttl: int = DEFAULT_TTL,
+        renew_margin: float = 3600.0,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        backoff_cap: float = 10.0,
+    ) -> None:
+        self.registry = registry
+        self.config = config
+        self.attrs = attrs
+        self.value = encode_lease(attrs)
+        self.previous = previous
+        self.ttl = ttl
+        self.renew_margin = min(renew_margin, ttl * 0.9)
+        self.rng = rng or random.Random()
+        self.clock = clock
+        self.backoff_cap = backoff_cap
+        self.lease: Lease | None = None
+        self.counters = Counters()
+        self.etcd_reachable = False
+        self._lost = asyncio.Event()
+        self._peers: dict[str, PeerLease] = {}
+        self._warned: set[tuple[str, str]] = set()
+
+    # -- decoding --------------------------------------------------------------------
+    def _warn_once(self, name: str, problem: str) -> None:
+        if (name, problem) not in self._warned:
+            self._warned.add((name, problem))
+            log.warning("skipping subnets/%s: %s", name, problem)
+
+    def _parse_key(self, name: str) -> SubnetKey | None:
+        try:
+            return parse_subnet_key(name)
+        except LeaseDecodeError as exc:
+            self.counters.bad_keys += 1
+            self._warn_once(name, str(exc))
+            return None
+
+    def _decode(self, name: str, value: bytes) -> LeaseAttrs | None:
+        try:
+            return decode_lease(value)
+        except LeaseDecodeError as exc:
+            self.counters.bad_values += 1
+            self._warn_once(name, str(exc))
+            return None
+
+    # -- acquire ---------------------------------------------------------------------
+    async def acquire(self, prefer: ipaddress.IPv4Network | None = None) -> Lease:
+        """Lease a subnet; retries (never gives up) until it holds one."""
+        backoff = Backoff(cap=self.backoff_cap, rng=self.rng)
+        outage = OutageLog(log, "acquiring a subnet lease")
+        previous = prefer if prefer is not None else self.previous
+        while True:
+            try:
+                lease = await self._try_acquire(previous)
+            except RegistryUnavailable as exc:
+                self.etcd_reachable = False
+                outage.fail(str(exc))
+                await backoff.wait()
+                continue
+            except OutOfSubnets as exc:
+                self.etcd_reachable = True
+                outage.fail(str(exc), logging.ERROR)
+                await backoff.wait()
+                continue
+            self.etcd_reachable = True
+            if lease is None:
+                self.counters.lost_races += 1
+                log.info("another host took the subnet we chose; listing again")
+                # Spread the retries of hosts that raced for the same subnet.
+                await asyncio.sleep(self.rng.uniform(0, 0.05))
+                continue
+            outage.ok()
+            self.counters.acquisitions += 1
+            self.lease = lease
+            self._lost.clear()
+            kind = "reservation" if lease.reservation else f"lease for {self.ttl} s"
+            log.info("holding subnet %s (%s)", lease.subnet, kind)
+            return lease
+
+    async def _try_acquire(self, previous: ipaddress.IPv4Network | None) -> Lease | None:
+        snap = await self.registry.list_subnets()
+        existing: list[Existing] = []
+        for rec in snap.records:
+            key = self._parse_key(rec.name)
+            if key is None or key.ipv4 is None:
+                continue
+            attrs = self._decode(rec.name, rec.value)
+            existing.append(
+                Existing(key.ipv4, attrs, rec.lease_id != 0, rec.name, rec.mod_revision)
+            )
+        choice = choose_subnet(self.config, self.attrs.public_ip, existing, previous, self.rng)
+        for stale in choice.stale:
+            log.info("deleting our old lease %s: it does not fit the network config", stale.name)
+            await self.registry.delete_subnet(stale.name)
+        start = self.clock()
+        if choice.reuse is not None:
+            name = choice.reuse.name
+            ttl = self.ttl if choice.reuse.ttl else 0
+            rev = await self.registry.update_subnet(
+                name, self.value, ttl, choice.reuse.mod_revision
+            )
+        else:
+            name = format_subnet_key(SubnetKey(choice.subnet))
+            ttl = self.ttl
+            rev = await self.registry.create_subnet(name, self.value, ttl)
+        if rev is None:
+            return None
+        expires = start + ttl if ttl else None
+        return Lease(choice.subnet, name, self.attrs, rev, expires)
+
+    # -- hold ------------------------------------------------------------------------
+    async def hold(self, on_lease: LeaseHandler) -> None:
+        """Renew before expiry; re-acquire when the lease is lost. Runs forever."""
+        while True:
+            lease = self.lease
+            assert lease is not None, "acquire() first"
+            timeout = None
+            if not lease.reservation:
+                assert lease.expires_at is not None
+                timeout = max(0.0, lease.expires_at - self.renew_margin - self.clock())
+            try:
+                await asyncio.wait_for(self._lost.wait(), timeout)
+            except TimeoutError:
+                renewed = await self._renew(lease)
+                if renewed is not None:
+                    self.lease = renewed
+                    continue
+            log.warning("lost our lease on %s; acquiring a subnet again", lease.subnet)
+            self.counters.reacquisitions += 1
+            new = await self.acquire(prefer=lease.subnet)
+            if new.subnet != lease.subnet:
+                log.warning("subnet changed from %s to %s", lease.subnet, new.subnet)
+            await on_lease(new)
+
+    async def _renew(self, lease: Lease) -> Lease | None:
+        """Rewrite our key with a fresh TTL; None when it is gone or no longer ours."""
+        backoff = Backoff(cap=self.backoff_cap, rng=self.rng)
+        outage = OutageLog(log, f"renewing the lease on {lease.subnet}")
+        while not self._lost.is_set():
+            start = self.clock()
+            try:
+                current = self.lease or lease
+                rev = await self.registry.update_subnet(
+                    lease.name, self.value, self.ttl, current.mod_revision
+                )
+            except RegistryUnavailable as exc:
+                self.etcd_reachable = False
+                outage.fail(str(exc))
+                await backoff.wait()
+                continue
+            self.etcd_reachable = True
+            outage.ok()
+            if rev is None:
+                return None
+            self.counters.renewals += 1
+            log.info("renewed the lease on %s for %d s", lease.subnet, self.ttl)
+            return Lease(lease.subnet, lease.name, lease.attrs, rev, start + self.ttl)
+        return None
+
+    # -- watch -----------------------------------------------------------------------
+    def _own_event(self, ev_kind: str, attrs: LeaseAttrs | None, mod_revision: int) -> None:
+        lease = self.lease
+        if lease is None:
+            return
+        if ev_kind == "delete" or attrs is None or attrs.public_ip != self.attrs.public_ip:
+            self._lost.set()
+        else:
+            # Our own write coming back, or an operator rewriting our key: track its revision
+            # so the next renewal's compare matches.
+            self.lease = Lease(
+                lease.subnet, lease.name, lease.attrs, mod_revision, lease.expires_at
+            )
+
+    def _peer_of(self, name: str, value: bytes) -> PeerLease | None:
+        key = self._parse_key(name)
+        if key is None or key.ipv4 is None:
+            return None
+        attrs = self._decode(name, value)
+        if attrs is None:
+            return None
+        if attrs.public_ip == self.attrs.public_ip:
+            return None
+        if self.config.network is not None and not key.ipv4.subnet_of(self.config.network):
+            self._warn_once(name, f"subnet is outside the network {self.config.network}")
+            return None
+        return PeerLease(key.ipv4, attrs)
+
+    def _apply_snapshot(self, records: list[Record]) -> list[PeerEvent]:
+        lease = self.lease
+        fresh: dict[str, PeerLease] = {}
+        own_seen = False
+        for rec in records:
+            if lease is not None and rec.name == lease.name:
+                own_seen = True
+                self._own_event("put", self._decode(rec.name, rec.value), rec.mod_revision)
+                continue
+            peer = self._peer_of(rec.name, rec.value)
+            if peer is not None:
+                fresh[rec.name] = peer
+        if lease is not None and not own_seen:
+            self._lost.set()
+        events = [PeerEvent("removed", p) for n, p in self._peers.items() if n not in fresh]
+        events += [
+            PeerEvent("added", p) for n, p in fresh.items() if self._peers.get(n) != p
+        ]
+        self._peers = fresh
+        return events
+
+    def _apply_events(self, batch: list[Event]) -> list[PeerEvent]:
+        out: list[PeerEvent] = []
+        for ev in batch:
+            self.counters.events += 1
+            lease = self.lease
+            if lease is not None and ev.name == lease.name:
+                attrs = self._decode(ev.name, ev.value) if ev.kind == "put" else None
+                self._own_event(ev.kind, attrs, ev.revision)
+                continue
+            old = self._peers.pop(ev.name, None)
+            new = self._peer_of(ev.name, ev.value) if ev.kind == "put" else None
+            if new is not None:
+                self._peers[ev.name] = new
+                if new != old:
+                    out.append(PeerEvent("added", new))
+            elif old is not None:
+                out.append(PeerEvent("removed", old))
+        return out
+
+    def peers(self) -> list[PeerLease]:
+        """The peers as currently known."""
+        return list(self._peers.values())
+
+    async def watch(self, on_batch: BatchHandler) -> None:
+        """Snapshot then watch the leases forever, handing peer changes to `on_batch`."""
+        backoff = Backoff(cap=self.backoff_cap, rng=self.rng)
+        outage = OutageLog(log, "watching subnet leases")
+        next_rev: int | None = None
+        while True:
+            try:
+                if next_rev is None:
+                    snap = await self.registry.list_subnets()
+                    self.counters.relists += 1
+                    events = self._apply_snapshot(snap.records)
+                    next_rev = snap.revision + 1
+                    self.etcd_reachable = True
+                    outage.ok()
+                    backoff.reset()
+                    if events:
+                        await on_batch(events)
+                async for batch in self.registry.watch_subnets(next_rev):
+                    self.etcd_reachable = True
+                    outage.ok()
+                    backoff.reset()
+                    if not batch:
+                        continue
+                    next_rev = batch[-1].revision + 1
+                    events = self._apply_events(batch)
+                    if events:
+                        await on_batch(events)
+            except Compacted as exc:
+                log.warning("%s; listing the leases again", exc)
+                next_rev = None
+            except RegistryUnavailable as exc:
+                self.etcd_reachable = False
+                self.counters.watch_reconnects += 1
+                outage.fail(str(exc))
+                await backoff.wait()

@@ -1,0 +1,102 @@
+"""subnet.env: the file Docker (and mk-docker-opts) read to learn the host's subnet and MTU.
+
+Rendering and parsing are pure; `write_subnet_file` is the only I/O and writes atomically
+(temp file in the same folder, fsync, rename) so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SubnetEnv:
+    """The values flanneld writes to subnet.env."""
+
+    network: ipaddress.IPv4Network | None
+    subnet: ipaddress.IPv4Network | None
+    mtu: int
+    ipmasq: bool
+    ipv6_network: ipaddress.IPv6Network | None = None
+    ipv6_subnet: ipaddress.IPv6Network | None = None
+
+
+def _gateway(subnet: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
+    """The subnet's first usable address with its prefix: Docker's --bip."""
+    return f"{subnet.network_address + 1}/{subnet.prefixlen}"
+
+
+def render_subnet_env(env: SubnetEnv) -> str:
+    """The file's text, in flanneld's order."""
+    lines = []
+    if env.network is not None:
+        lines.append(f"FLANNEL_NETWORK={env.network}")
+    if env.subnet is not None:
+        lines.append(f"FLANNEL_SUBNET={_gateway(env.subnet)}")
+    if env.ipv6_network is not None:
+        lines.append(f"FLANNEL_IPV6_NETWORK={env.ipv6_network}")
+    if env.ipv6_subnet is not None:
+        lines.append(f"FLANNEL_IPV6_SUBNET={_gateway(env.ipv6_subnet)}")
+    lines.append(f"FLANNEL_MTU={env.mtu}")
+    lines.append(f"FLANNEL_IPMASQ={'true' if env.ipmasq else 'false'}")
+    return "\n".join(lines) + "\n"
+
+
+def parse_subnet_env(text: str) -> dict[str, str]:
+    """KEY=VALUE pairs of a subnet.env (comments and blank lines skipped)."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        out[key.strip()] = value.strip().strip('"')
+    return out
+
+
+def previous_subnet(text: str) -> ipaddress.IPv4Network | None:
+    """The subnet a previous run leased, from its subnet.env text; None if absent or bad."""
+    value = parse_subnet_env(text).get("FLANNEL_SUBNET")
+    if not value:
+        return None
+    try:
+        return ipaddress.IPv4Interface(value).network
+    except ValueError:
+        return None
+
+
+def read_previous_subnet(path: Path) -> ipaddress.IPv4Network | None:
+    """previous_subnet() of the file at `path`; None if it cannot be read."""
+    try:
+        return previous_subnet(path.read_text())
+    except OSError:
+        return None
+
+
+def write_subnet_file(path: Path, env: SubnetEnv) -> None:
+    """Write subnet.env atomically with mode 0644, creating the parent folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(render_subnet_env(env))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    # fsync the folder so the rename itself survives a crash.
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

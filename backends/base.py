@@ -1,0 +1,58 @@
+"""What every backend offers the daemon, and what the daemon tells every backend.
+
+A Backend is built once per host; `register_network(config)` gives a Network, which
+says what to advertise in our lease (`lease_attrs`) and which MTU containers get, is
+`setup()` once the lease is held, then takes batches of peer events (`apply`) and runs
+its own periodic resync (`run`) until `close()`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from agent.config import NetworkConfig
+from agent.lease_codec import LeaseAttrs
+from agent.lease_manager import Lease, PeerEvent
+from backends.external_iface import ExternalInterface
+
+__all__ = ["Backend", "BackendError", "ExternalInterface", "Network"]
+
+
+class BackendError(RuntimeError):
+    """The backend cannot run with this config or on this host; the message says why."""
+
+
+class Network(Protocol):
+    """One overlay network as programmed on this host."""
+
+    lease_attrs: LeaseAttrs
+    mtu: int
+
+    async def setup(self, lease: Lease) -> None:
+        """Create devices and addresses for our lease (idempotent)."""
+        ...
+
+    async def apply(self, events: list[PeerEvent]) -> None:
+        """Program the kernel for a batch of peer changes."""
+        ...
+
+    async def run(self) -> None:
+        """Periodic resync against the kernel, forever."""
+        ...
+
+    def ready(self) -> bool:
+        """True once the last apply or resync left the kernel as desired."""
+        ...
+
+    async def close(self) -> None:
+        """Stop; kernel state is left in place so a restart disturbs no traffic."""
+        ...
+
+
+class Backend(Protocol):
+    """A way of carrying packets between hosts."""
+
+    name: str
+
+    async def register_network(self, config: NetworkConfig) -> Network:
+        ...
