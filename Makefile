@@ -1,0 +1,42 @@
+# tweed: `make demo` and `make test` each do their own set-up on a fresh Debian machine.
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+PYTHON    ?= python3
+DEB_PKGS  := etcd-server etcd-client iproute2 iptables iputils-ping iperf3 tcpdump
+STAMP     := $(VENV)/.installed
+
+.PHONY: setup packages test unit lint demo clean
+
+setup: packages $(STAMP)
+
+# Install only the Debian packages that are missing (apt-get update only when needed).
+packages:
+	@missing=""; for p in $(DEB_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "need root to install$$missing" >&2; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+unit: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit
+
+lint: setup
+	$(VENV)/bin/ruff check agent backends tests
+
+demo: setup
+	$(PY) -m tests.demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
