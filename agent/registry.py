@@ -141,6 +141,14 @@ class MemoryRegistry:
         async with self._changed:
             self._changed.notify_all()
 
+    async def _wait_change(self) -> None:
+        # A short timeout so that flipping `available` is noticed without a notify.
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait(), 0.05)
+            except TimeoutError:
+                pass
+
     async def put(self, name: str, value: bytes, ttl: int = 0) -> None:
         """Write a key as another client would (ttl 0 = no lease)."""
         lease = self._grant(ttl) if ttl else 0
@@ -191,8 +199,8 @@ class MemoryRegistry:
         last = self.config
         while True:
             self._check()
-            async with self._changed:
-                await self._changed.wait()
+            await self._wait_change()
+            self._check()
             if self.config != last:
                 last = self.config
                 yield last, self.revision
@@ -236,11 +244,12 @@ class MemoryRegistry:
                 raise Compacted(self.compacted)
             batch = [e for e in self._log if e.revision >= nxt]
             if batch:
-                nxt = batch[-1].revision + 1
-                yield batch
+                # One batch per revision, as etcd never splits a revision across responses.
+                first = [e for e in batch if e.revision == batch[0].revision]
+                nxt = first[-1].revision + 1
+                yield first
                 continue
-            async with self._changed:
-                await self._changed.wait()
+            await self._wait_change()
 
     async def close(self) -> None:
         return None

@@ -10,6 +10,7 @@ import logging
 import random
 
 import pytest
+from etcd3aio import Etcd3Client
 
 from agent.config import parse_config
 from agent.daemon import wait_for_config
@@ -35,10 +36,10 @@ def registry_for(url: str) -> EtcdRegistry:
     return EtcdRegistry(EtcdSettings((url,), PREFIX))
 
 
-async def until(pred, timeout: float = 10.0, step: float = 0.05):
+async def until(pred, limit: float = 10.0, step: float = 0.05):
     """Wait for pred() to be truthy; fail with a clear message after `timeout` s."""
     loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
+    end = loop.time() + limit
     while True:
         value = pred()
         if asyncio.iscoroutine(value):
@@ -46,7 +47,7 @@ async def until(pred, timeout: float = 10.0, step: float = 0.05):
         if value:
             return value
         if loop.time() > end:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise AssertionError(f"condition not met within {limit} s")
         await asyncio.sleep(step)
 
 
@@ -135,7 +136,7 @@ async def test_renewal_rewrites_the_key_with_a_new_lease(etcd):
         key = f"{PREFIX}/subnets/{lease.subnet.network_address}-24"
         first = lease_of(etcd, key)
         async with background(m.hold(lambda lease: asyncio.sleep(0))):
-            await until(lambda: m.counters.renewals >= 1, timeout=15)
+            await until(lambda: m.counters.renewals >= 1, limit=15)
     assert lease_of(etcd, key) not in (first, 0, -1)
     assert m.lease is not None and m.lease.subnet == lease.subnet
 
@@ -152,7 +153,7 @@ async def test_own_lease_deleted_is_reacquired(etcd):
         async with background(m.watch(lambda b: asyncio.sleep(0)), m.hold(on_lease)):
             await asyncio.sleep(0.3)
             etcd.delete(key)
-            await until(lambda: seen, timeout=5)
+            await until(lambda: seen, limit=5)
     assert seen[0].subnet == lease.subnet
     assert etcd.get(key) == peer_json(1)
     assert m.counters.reacquisitions == 1
@@ -182,7 +183,7 @@ async def test_exhaustion_is_a_clear_error_and_recovers(etcd, caplog):
     async with manager(etcd.client_url, 1, config=cfg) as m:
         task = asyncio.create_task(m.acquire())
         try:
-            await until(lambda: "out of subnets" in caplog.text, timeout=10)
+            await until(lambda: "out of subnets" in caplog.text, limit=10)
             assert not task.done()
             etcd.delete(f"{PREFIX}/subnets/10.9.0.8-30")
             lease = await asyncio.wait_for(task, 10)
@@ -207,13 +208,11 @@ async def test_peer_watch_snapshot_then_events_in_batches(etcd):
                 ("added", "10.5.50.0/24")
             ]
             # One transaction with two puts arrives as one batch.
-            etcd.etcdctl(
-                "txn", input=(
-                    "\n\n"
-                    f'put {PREFIX}/subnets/10.5.51.0-24 \'{peer_json(51)}\'\n'
-                    f'put {PREFIX}/subnets/10.5.52.0-24 \'{peer_json(52)}\'\n\n'
-                ),
-            )
+            async with Etcd3Client([etcd.client_url.removeprefix("http://")]) as other:
+                await other.kv.txn([], [
+                    other.kv.txn_op_put(f"{PREFIX}/subnets/10.5.51.0-24", peer_json(51)),
+                    other.kv.txn_op_put(f"{PREFIX}/subnets/10.5.52.0-24", peer_json(52)),
+                ], timeout=10)
             await until(lambda: len(batches) >= 2)
             assert sorted(str(e.lease.subnet) for e in batches[1]) == [
                 "10.5.51.0/24", "10.5.52.0/24"
@@ -232,11 +231,11 @@ async def test_watch_survives_an_etcd_restart(etcd):
         async with background(m.watch(lambda b: asyncio.sleep(0))):
             await asyncio.sleep(0.3)
             etcd.stop()
-            await until(lambda: not m.etcd_reachable, timeout=30)
+            await until(lambda: not m.etcd_reachable, limit=30)
             etcd.restart()
             etcd.put(f"{PREFIX}/subnets/10.5.60.0-24", peer_json(60))
             await until(lambda: any(str(p.subnet) == "10.5.60.0/24" for p in m.peers()),
-                        timeout=30)
+                        limit=30)
     assert m.counters.watch_reconnects >= 1
 
 
@@ -255,7 +254,7 @@ async def test_no_event_lost_while_cut_off_from_etcd(etcd, tcp_proxy):
         async with background(m.watch(on_batch)):
             await until(lambda: len(events) == 2)
             proxy.cut()
-            await until(lambda: not m.etcd_reachable, timeout=30)
+            await until(lambda: not m.etcd_reachable, limit=30)
             # Another client changes the peers while we are cut off.
             etcd.delete(f"{PREFIX}/subnets/10.5.70.0-24")
             etcd.put(f"{PREFIX}/subnets/10.5.72.0-24", peer_json(72))
@@ -263,7 +262,7 @@ async def test_no_event_lost_while_cut_off_from_etcd(etcd, tcp_proxy):
             etcd.delete(f"{PREFIX}/subnets/10.5.73.0-24")
             proxy.restore()
             await until(lambda: {str(p.subnet) for p in m.peers()}
-                        == {"10.5.71.0/24", "10.5.72.0/24"}, timeout=30)
+                        == {"10.5.71.0/24", "10.5.72.0/24"}, limit=30)
     # Every change made during the cut reached us, in order, from the resumed watch.
     assert events[2:] == [
         ("removed", "10.5.70.0/24"),
@@ -288,14 +287,14 @@ async def test_compaction_while_cut_off_relists_and_diffs(etcd, tcp_proxy):
         async with background(m.watch(on_batch)):
             await until(lambda: events)
             proxy.cut()
-            await until(lambda: not m.etcd_reachable, timeout=30)
+            await until(lambda: not m.etcd_reachable, limit=30)
             etcd.delete(f"{PREFIX}/subnets/10.5.80.0-24")
             etcd.put(f"{PREFIX}/subnets/10.5.81.0-24", peer_json(81))
             etcd.put("/unrelated", "x")
             etcd.compact(etcd.revision())
             proxy.restore()
             await until(lambda: {str(p.subnet) for p in m.peers()} == {"10.5.81.0/24"},
-                        timeout=30)
+                        limit=30)
     assert ("removed", "10.5.80.0/24") in events
     assert m.counters.relists == 2
 
@@ -306,7 +305,7 @@ async def test_invalid_config_waits_for_a_valid_one(etcd, caplog):
     reg = registry_for(etcd.client_url)
     try:
         task = asyncio.create_task(wait_for_config(reg, f"{PREFIX}/config"))
-        await until(lambda: "SubnetLen" in caplog.text, timeout=10)
+        await until(lambda: "SubnetLen" in caplog.text, limit=10)
         assert not task.done()
         etcd.put(f"{PREFIX}/config", '{"Network":"10.6.0.0/16"}')
         cfg = await asyncio.wait_for(task, 10)

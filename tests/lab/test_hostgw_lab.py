@@ -1,0 +1,116 @@
+"""host-gw end to end: real tweed processes on lab hosts, a real etcd, real pings."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+from tests.lab.agents import Agent, ping, put_config, routes, subnet_key, wait_for
+
+pytestmark = pytest.mark.lab
+
+
+def bring_up(lab, etcd, tmp_path, i: int, *extra: str):
+    host = lab.add_host(i)
+    agent = Agent(host, etcd.client_url, tmp_path, "--resync-period", "2", *extra).start()
+    env = agent.wait_env()
+    host.add_docker0(env["FLANNEL_SUBNET"], int(env["FLANNEL_MTU"]))
+    container = host.add_container("a", int(env["FLANNEL_MTU"]))
+    return host, agent, container
+
+
+def test_hosts_carry_container_traffic_over_host_gw(lab, tmp_path):
+    etcd = lab.start_etcd()
+    put_config(etcd)
+    h1, a1, c1 = bring_up(lab, etcd, tmp_path, 1)
+    h2, a2, c2 = bring_up(lab, etcd, tmp_path, 2)
+    assert a1.subnet != a2.subnet
+    assert a1.env()["FLANNEL_MTU"] == "1500"  # host-gw adds no header
+    assert a1.env()["FLANNEL_NETWORK"] == "10.5.0.0/16"
+
+    # Each host routes the other's subnet via the other's eth0 address.
+    wait_for(lambda: "via 192.168.100.2 dev eth0" in routes(h1, a2.subnet), what="route h1->h2")
+    wait_for(lambda: "via 192.168.100.1 dev eth0" in routes(h2, a1.subnet), what="route h2->h1")
+    assert ping(c1, c2.ip) and ping(c2, c1.ip)
+
+    # The leases in etcd are flanneld's JSON.
+    assert json.loads(etcd.get(subnet_key(a1.subnet))) == {
+        "PublicIP": "192.168.100.1", "PublicIPv6": None, "BackendType": "host-gw"
+    }
+
+    # A third host joins and is reachable from both.
+    _h3, a3, c3 = bring_up(lab, etcd, tmp_path, 3)
+    wait_for(lambda: "via 192.168.100.3" in routes(h1, a3.subnet), what="route h1->h3")
+    wait_for(lambda: "via 192.168.100.3" in routes(h2, a3.subnet), what="route h2->h3")
+    assert ping(c1, c3.ip) and ping(c3, c2.ip)
+
+    # A route deleted by hand comes back within the resync period (2 s here).
+    h1.exec(["ip", "route", "del", a2.subnet])
+    assert routes(h1, a2.subnet) == ""
+    wait_for(lambda: "via 192.168.100.2" in routes(h1, a2.subnet), timeout=2 + 3,
+             what="route restored by resync")
+    assert ping(c1, c2.ip)
+
+    # Host 3 stops (its lease stays), then its lease is deleted: the routes to it go.
+    assert a3.stop() == 0
+    assert etcd.get(subnet_key(a3.subnet)) is not None
+    etcd.delete(subnet_key(a3.subnet))
+    wait_for(lambda: routes(h1, a3.subnet) == "" and routes(h2, a3.subnet) == "",
+             timeout=2, what="routes to host 3 removed")
+    assert ping(c1, c2.ip)
+
+
+def test_sigterm_leaves_lease_and_routes_and_restart_keeps_the_subnet(lab, tmp_path):
+    etcd = lab.start_etcd()
+    put_config(etcd)
+    h1, a1, c1 = bring_up(lab, etcd, tmp_path, 1)
+    _h2, a2, c2 = bring_up(lab, etcd, tmp_path, 2)
+    wait_for(lambda: "via 192.168.100.2" in routes(h1, a2.subnet), what="route h1->h2")
+    subnet = a1.subnet
+
+    assert a1.stop(signal.SIGTERM, timeout=2) == 0  # clean stop within 2 s
+    assert "via 192.168.100.2" in routes(h1, a2.subnet)  # kernel state left in place
+    assert etcd.get(subnet_key(subnet)) is not None  # lease left in place
+    assert ping(c1, c2.ip)  # traffic still flows while the agent is down
+
+    a1.start()
+    wait_for(lambda: a1.log().count("holding subnet") == 2, what="restarted agent holds a lease")
+    assert a1.subnet == subnet
+    assert len(etcd.get_prefix(f"{subnet_key(subnet).rsplit('/', 1)[0]}/")) == 2
+
+    # SIGINT stops it cleanly too.
+    assert a1.stop(signal.SIGINT, timeout=2) == 0
+
+
+def test_unknown_backend_is_a_clear_startup_error(lab, tmp_path):
+    etcd = lab.start_etcd()
+    put_config(etcd, backend="wireguard")
+    host = lab.add_host(1)
+    agent = Agent(host, etcd.client_url, tmp_path).start()
+    status = agent.proc.wait(timeout=30)
+    assert status == 1
+    assert "Backend.Type 'wireguard' is not available" in agent.log()
+    assert "host-gw" in agent.log()
+
+
+def test_bad_flag_exits_2_with_one_line(lab, tmp_path):
+    host = lab.add_host(1)
+    agent = Agent(host, "http://192.168.100.254:2379", tmp_path,
+                  "--subnet-lease-renew-margin", "0").start()
+    assert agent.proc.wait(timeout=30) == 2
+    lines = agent.log().strip().splitlines()
+    assert len(lines) == 1 and "--subnet-lease-renew-margin" in lines[0]
+
+
+def test_twenty_agents_started_at_once_get_distinct_subnets(lab, tmp_path):
+    etcd = lab.start_etcd()
+    put_config(etcd)
+    hosts = [lab.add_host(i) for i in range(1, 21)]
+    agents = [Agent(h, etcd.client_url, tmp_path).start() for h in hosts]
+    envs = [a.wait_env(timeout=60) for a in agents]
+    subnets = {e["FLANNEL_SUBNET"] for e in envs}
+    assert len(subnets) == 20
+    assert len(etcd.get_prefix("/coreos.com/network/subnets/")) == 20
+    assert all(a.proc.poll() is None for a in agents)  # none exited
