@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 
 import pytest
 
@@ -114,3 +115,53 @@ def test_twenty_agents_started_at_once_get_distinct_subnets(lab, tmp_path):
     assert len(subnets) == 20
     assert len(etcd.get_prefix("/coreos.com/network/subnets/")) == 20
     assert all(a.proc.poll() is None for a in agents)  # none exited
+
+
+def test_agent_cut_off_from_etcd_catches_up_on_reconnect(lab, tmp_path):
+    """Peers join and leave while a host's agent cannot reach etcd (a firewall rule in its
+    namespace); once the rule goes, the agent applies every change, and its own traffic to
+    the host that stayed never stops."""
+    etcd = lab.start_etcd()
+    put_config(etcd)
+    h1, a1, c1 = bring_up(lab, etcd, tmp_path, 1, "--healthz-port", "9100")
+    _h2, a2, c2 = bring_up(lab, etcd, tmp_path, 2)
+    wait_for(lambda: "via 192.168.100.2" in routes(h1, a2.subnet), what="route h1->h2")
+    # Stand-ins for two more hosts' leases (written as flanneld writes them).
+    gone = "10.5.200.0/24"
+    etcd.put(subnet_key(gone), '{"PublicIP":"192.168.100.9","PublicIPv6":null,'
+                               '"BackendType":"host-gw"}')
+    wait_for(lambda: "via 192.168.100.9" in routes(h1, gone), what="route to stand-in")
+    assert readyz(h1, 9100) == (200, "ready")
+
+    rule = ["OUTPUT", "-d", "192.168.100.254", "-p", "tcp", "--dport", str(etcd.port),
+            "-j", "REJECT", "--reject-with", "tcp-reset"]
+    h1.exec(["iptables", "-I", *rule])
+    try:
+        wait_for(lambda: "etcd" in a1.log().split("holding subnet", 1)[-1]
+                 and "retrying" in a1.log(), timeout=30, what="agent notices the cut")
+        joined = "10.5.201.0/24"
+        etcd.delete(subnet_key(gone))
+        etcd.put(subnet_key(joined), '{"PublicIP":"192.168.100.8","PublicIPv6":null,'
+                                     '"BackendType":"host-gw"}')
+        assert ping(c1, c2.ip)  # the data path does not depend on etcd
+        assert "via 192.168.100.9" in routes(h1, gone)  # nothing applied while cut off
+    finally:
+        h1.exec(["iptables", "-D", *rule])
+    wait_for(lambda: routes(h1, gone) == "" and "via 192.168.100.8" in routes(h1, joined),
+             timeout=30, what="changes made during the cut applied")
+    assert ping(c1, c2.ip)
+    assert a1.proc.poll() is None
+    assert "recovered" in a1.log(), a1.log()
+
+
+def readyz(host, port: int) -> tuple[int, str]:
+    code = (
+        "import urllib.request, urllib.error\n"
+        f"try:\n r = urllib.request.urlopen('http://127.0.0.1:{port}/readyz', timeout=5)\n"
+        " print(r.status, r.read().decode().strip())\n"
+        "except urllib.error.HTTPError as e:\n"
+        " print(e.code, e.read().decode().strip())\n"
+    )
+    out = host.exec([sys.executable, "-c", code]).stdout.strip()
+    status, _, body = out.partition(" ")
+    return int(status), body
