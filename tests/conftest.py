@@ -5,10 +5,16 @@ from __future__ import annotations
 import os
 
 import pytest
+import uvloop
 
 from tests.support.etcd import EtcdServer
 from tests.support.netns import Lab
 from tests.support.proxy import TcpProxy
+
+
+def pytest_asyncio_loop_factories(config, item):
+    """Async tests run on uvloop, as the daemon does."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 def _require_root() -> None:
