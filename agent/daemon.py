@@ -81,6 +81,12 @@ def build_backend(
         from backends.hostgw import HostGwBackend
 
         return HostGwBackend(netlink, ext, resync=opts.resync_period)
+    if btype == "vxlan":
+        from backends.vxlan import VxlanBackend
+
+        # The VtepMAC is kept next to the subnet file, named after it.
+        sf = Path(opts.subnet_file)
+        return VxlanBackend(netlink, ext, sf.parent, sf.name, resync=opts.resync_period)
     raise StartupError(
         f"Backend.Type {btype!r} is not available in tweed (available: {', '.join(AVAILABLE)})"
     )
@@ -196,7 +202,10 @@ class Daemon:
         )
         lease = await self.manager.acquire()
         self._write_subnet_file(lease)
-        await self.network.setup(lease)
+        try:
+            await self.network.setup(lease)
+        except BackendError as exc:
+            raise StartupError(str(exc)) from None
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.manager.watch(self.network.apply), name="watch")
             tg.create_task(self.manager.hold(self._on_new_lease), name="hold")

@@ -79,14 +79,20 @@ def read_previous_subnet(path: Path) -> ipaddress.IPv4Network | None:
 
 def write_subnet_file(path: Path, env: SubnetEnv) -> None:
     """Write subnet.env atomically with mode 0644, creating the parent folder."""
+    atomic_write(path, render_subnet_env(env), 0o644)
+
+
+def atomic_write(path: Path, text: str, mode: int) -> None:
+    """Write a file so readers see the old or the new content, never a mix: temp file in
+    the same folder, fsync, chmod, rename, fsync the folder. Creates the parent folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(render_subnet_env(env))
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:

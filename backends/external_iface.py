@@ -26,6 +26,11 @@ class ExternalInterface:
     mtu: int
     iface_addr: ipaddress.IPv4Address  # the address on the interface
     public_ip: ipaddress.IPv4Address  # what peers send to (--public-ip, else iface_addr)
+    network: ipaddress.IPv4Network | None = None  # the L2 segment of iface_addr
+
+    def on_segment(self, ip: ipaddress.IPv4Address) -> bool:
+        """True if `ip` is directly reachable on this interface's segment."""
+        return self.network is not None and ip in self.network
 
 
 class InterfaceError(RuntimeError):
@@ -45,7 +50,8 @@ def _ext(link: Link, addr: ipaddress.IPv4Address | None, public_ip: str) -> Exte
     if addr is None:
         raise InterfaceError(f"interface {link.name} has no IPv4 address")
     pub = ipaddress.IPv4Address(public_ip) if public_ip else addr
-    return ExternalInterface(link.name, link.index, link.mtu, addr, pub)
+    network = next((a.network for a in link.addresses if a.ip == addr), None)
+    return ExternalInterface(link.name, link.index, link.mtu, addr, pub, network)
 
 
 def choose_interface(

@@ -10,20 +10,33 @@ route deleted by hand comes back within one period. Our lease says only
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-import logging
 
 from agent.config import NetworkConfig
 from agent.lease_codec import LeaseAttrs
 from agent.lease_manager import Lease, PeerEvent
 from backends.external_iface import ExternalInterface
-from backends.netlink import Netlink, Route
+from backends.kernel_sync import KernelSync
+from backends.netlink import ChangeSet, Netlink, Route
 from backends.route_table import diff_routes
 
-log = logging.getLogger(__name__)
-
 TYPE = "host-gw"
+
+
+def owns_peer_route(
+    r: Route, config: NetworkConfig, oif: int, own: ipaddress.IPv4Network | None
+) -> bool:
+    """Routes a backend manages on `oif`: a peer-sized subnet of the Network via a gateway,
+    never our own subnet."""
+    net = config.network
+    return (
+        net is not None
+        and r.gateway is not None
+        and r.oif == oif
+        and r.dst.prefixlen == config.subnet_len
+        and r.dst.subnet_of(net)
+        and r.dst != own
+    )
 
 
 class HostGwNetwork:
@@ -35,16 +48,23 @@ class HostGwNetwork:
         self.netlink = netlink
         self.ext = ext
         self.config = config
-        self.resync = resync
         self.lease_attrs = LeaseAttrs(ext.public_ip, None, TYPE, None)
         self.mtu = ext.mtu
         self.own: ipaddress.IPv4Network | None = None
         self.desired: dict[ipaddress.IPv4Network, Route] = {}
-        self.route_errors = 0
-        self.resyncs = 0
-        self._lock = asyncio.Lock()
-        self._ok = False
-        self._reported: set[tuple[ipaddress.IPv4Network, str]] = set()
+        self.kernel = KernelSync(netlink, self._plan, resync)
+
+    @property
+    def resync(self) -> float:
+        return self.kernel.resync
+
+    @property
+    def route_errors(self) -> int:
+        return self.kernel.errors
+
+    @property
+    def resyncs(self) -> int:
+        return self.kernel.repairs
 
     async def setup(self, lease: Lease) -> None:
         self.own = lease.subnet
@@ -52,23 +72,17 @@ class HostGwNetwork:
         await self.sync()
 
     def _owned(self, r: Route) -> bool:
-        """Routes this backend manages: a peer-sized subnet of the Network via a gateway."""
-        net = self.config.network
-        return (
-            net is not None
-            and r.gateway is not None
-            and r.oif == self.ext.index
-            and r.dst.prefixlen == self.config.subnet_len
-            and r.dst.subnet_of(net)
-            and r.dst != self.own
-        )
+        return owns_peer_route(r, self.config, self.ext.index, self.own)
+
+    async def _plan(self) -> ChangeSet:
+        actual = await self.netlink.routes(oif=self.ext.index)
+        diff = diff_routes(self.desired, actual, self._owned)
+        return ChangeSet(route_replace=list(diff.replace), route_delete=list(diff.delete))
 
     async def apply(self, events: list[PeerEvent]) -> None:
         for ev in events:
             subnet = ev.lease.subnet
-            if ev.kind == "removed":
-                self.desired.pop(subnet, None)
-            elif ev.lease.attrs.backend_type != TYPE:
+            if ev.kind == "removed" or ev.lease.attrs.backend_type != TYPE:
                 # vxlan/udp peers cannot be reached by a plain route; flanneld skips them too.
                 self.desired.pop(subnet, None)
             elif subnet != self.own:
@@ -77,40 +91,13 @@ class HostGwNetwork:
 
     async def sync(self) -> bool:
         """Diff the desired routes against the kernel and apply the difference."""
-        async with self._lock:
-            actual = await self.netlink.routes(oif=self.ext.index)
-            diff = diff_routes(self.desired, actual, self._owned)
-            if not diff:
-                self._ok = True
-                return False
-            errors = await self.netlink.apply_routes(diff.replace, diff.delete)
-            for r in diff.replace:
-                log.info("route %s via %s dev %s", r.dst, r.gateway, self.ext.name)
-            for r in diff.delete:
-                log.info("removed route %s via %s", r.dst, r.gateway)
-            for e in errors:
-                self.route_errors += 1
-                if (e.route.dst, e.error) not in self._reported:
-                    self._reported.add((e.route.dst, e.error))
-                    log.error(
-                        "cannot %s route %s via %s dev %s: %s",
-                        e.op, e.route.dst, e.route.gateway, self.ext.name, e.error,
-                    )
-            self._ok = not errors
-            return True
+        return await self.kernel.sync()
 
     def ready(self) -> bool:
-        return self._ok
+        return self.kernel.ready()
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.resync)
-            try:
-                if await self.sync():
-                    self.resyncs += 1
-                    log.info("resync repaired the route table")
-            except OSError as exc:
-                log.error("route resync failed: %s", exc)
+        await self.kernel.run()
 
     async def close(self) -> None:
         return None

@@ -14,7 +14,7 @@ import ipaddress
 import socket
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -22,6 +22,10 @@ T = TypeVar("T")
 MAIN_TABLE = 254
 RTPROT_BOOT = 3
 RTNH_F_ONLINK = 4
+NUD_PERMANENT = 0x80
+NTF_SELF = 0x02
+AF_BRIDGE = 7
+VXLAN_DEFAULT_PORT = 8472
 
 
 @dataclass(frozen=True, order=True)
@@ -43,15 +47,82 @@ class Link:
     mtu: int
     up: bool
     addresses: tuple[ipaddress.IPv4Interface, ...]
+    kind: str = ""
+    mac: str = ""
+
+
+@dataclass(frozen=True, order=True)
+class Neigh:
+    """A permanent ARP entry: `ip` has hardware address `mac` on device `index`."""
+
+    ip: ipaddress.IPv4Address
+    mac: str
+    index: int
+
+
+@dataclass(frozen=True, order=True)
+class Fdb:
+    """A forwarding entry of a vxlan device: frames for `mac` go to the VTEP at `dst`."""
+
+    mac: str
+    dst: ipaddress.IPv4Address
+    index: int
 
 
 @dataclass(frozen=True)
-class RouteError:
-    """One route change the kernel refused."""
+class VxlanSpec:
+    """What a vxlan device must look like; two specs equal means the device can be reused."""
 
-    route: Route
-    op: str
+    name: str
+    vni: int
+    local: ipaddress.IPv4Address
+    link: int  # index of the underlay device
+    port: int  # 0: the kernel's default (8472)
+    learning: bool = False
+    gbp: bool = False
+
+
+@dataclass(frozen=True)
+class VxlanDevice:
+    """A vxlan device found in the kernel."""
+
+    spec: VxlanSpec
+    index: int
+    mac: str
+    mtu: int
+    up: bool
+    addresses: tuple[ipaddress.IPv4Interface, ...]
+
+
+@dataclass
+class ChangeSet:
+    """Kernel changes applied in one hop, in an order that never leaves a route dangling:
+    routes are deleted first and added last, after the neighbours and FDB entries."""
+
+    route_replace: list[Route] = field(default_factory=list)
+    route_delete: list[Route] = field(default_factory=list)
+    neigh_replace: list[Neigh] = field(default_factory=list)
+    neigh_delete: list[Neigh] = field(default_factory=list)
+    fdb_replace: list[Fdb] = field(default_factory=list)
+    fdb_delete: list[Fdb] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return any((self.route_replace, self.route_delete, self.neigh_replace,
+                    self.neigh_delete, self.fdb_replace, self.fdb_delete))
+
+
+@dataclass(frozen=True)
+class KernelError:
+    """One change the kernel refused."""
+
+    what: str  # "route", "neigh" or "fdb"
+    op: str  # "replace" or "delete"
+    item: Route | Neigh | Fdb
     error: str
+
+
+#: Kept for callers that only deal with routes.
+RouteError = KernelError
 
 
 class Netlink:
@@ -82,6 +153,7 @@ class Netlink:
         out = []
         for msg in ipr.get_links():
             idx = msg["index"]
+            info = msg.get("IFLA_LINKINFO")
             out.append(
                 Link(
                     msg.get("IFLA_IFNAME"),
@@ -89,6 +161,8 @@ class Netlink:
                     msg.get("IFLA_MTU"),
                     bool(msg["flags"] & 1),
                     tuple(addrs.get(idx, ())),
+                    (info.get("IFLA_INFO_KIND") if info else "") or "",
+                    msg.get("IFLA_ADDRESS") or "",
                 )
             )
         return out
@@ -147,30 +221,149 @@ class Netlink:
         """Unicast IPv4 routes of the main table (optionally only via `oif`)."""
         return await self._run(lambda: self._routes_sync(oif))
 
-    def _apply_sync(self, replace: list[Route], delete: list[Route]) -> list[RouteError]:
+    def _apply_sync(self, cs: ChangeSet) -> list[KernelError]:
         ipr = self._ip()
-        errors = []
-        for r in delete:
+        errors: list[KernelError] = []
+
+        def run(what: str, op: str, item: Any, call: Callable[[], Any]) -> None:
             try:
-                ipr.route("del", **_route_kw(r))
-            except Exception as exc:  # noqa: BLE001 - reported to the caller per route
-                if getattr(exc, "code", None) != errno.ESRCH:
-                    errors.append(RouteError(r, "delete", _err(exc)))
-        for r in replace:
-            try:
-                ipr.route("replace", **_route_kw(r))
-            except Exception as exc:  # noqa: BLE001
-                errors.append(RouteError(r, "replace", _err(exc)))
+                call()
+            except Exception as exc:  # noqa: BLE001 - reported to the caller per change
+                if op == "delete" and getattr(exc, "code", None) in (errno.ESRCH, errno.ENOENT):
+                    return  # already gone: that is what we wanted
+                errors.append(KernelError(what, op, item, _err(exc)))
+
+        for r in cs.route_delete:
+            run("route", "delete", r, lambda r=r: ipr.route("del", **_route_kw(r)))
+        for n in cs.neigh_delete:
+            run("neigh", "delete", n, lambda n=n: ipr.neigh("del", **_neigh_kw(n)))
+        for f in cs.fdb_delete:
+            run("fdb", "delete", f, lambda f=f: ipr.fdb("del", **_fdb_kw(f)))
+        for f in cs.fdb_replace:
+            run("fdb", "replace", f, lambda f=f: ipr.fdb("replace", **_fdb_kw(f)))
+        for n in cs.neigh_replace:
+            run("neigh", "replace", n, lambda n=n: ipr.neigh("replace", **_neigh_kw(n)))
+        for r in cs.route_replace:
+            run("route", "replace", r, lambda r=r: ipr.route("replace", **_route_kw(r)))
         return errors
+
+    async def apply(self, cs: ChangeSet) -> list[KernelError]:
+        """Apply a change set in one hop to the netlink thread; returns what was refused."""
+        if not cs:
+            return []
+        return await self._run(lambda: self._apply_sync(cs))
 
     async def apply_routes(
         self, replace: Iterable[Route], delete: Iterable[Route]
-    ) -> list[RouteError]:
+    ) -> list[KernelError]:
         """Replace and delete routes in one hop; returns the changes the kernel refused."""
-        rep, dele = list(replace), list(delete)
-        if not rep and not dele:
-            return []
-        return await self._run(lambda: self._apply_sync(rep, dele))
+        return await self.apply(ChangeSet(route_replace=list(replace), route_delete=list(delete)))
+
+    # -- neighbours and FDB ------------------------------------------------------------
+    def _neigh_sync(self, index: int) -> list[Neigh]:
+        out = []
+        for msg in self._ip().get_neighbours(family=socket.AF_INET, ifindex=index):
+            if not msg["state"] & NUD_PERMANENT:
+                continue
+            dst, mac = msg.get("NDA_DST"), msg.get("NDA_LLADDR")
+            if dst and mac:
+                out.append(Neigh(ipaddress.IPv4Address(dst), mac, index))
+        return out
+
+    async def neighbours(self, index: int) -> list[Neigh]:
+        """Permanent IPv4 neighbour entries on device `index`."""
+        return await self._run(lambda: self._neigh_sync(index))
+
+    def _fdb_sync(self, index: int) -> list[Fdb]:
+        out = []
+        for msg in self._ip().fdb("dump", ifindex=index):
+            if msg["ifindex"] != index:
+                continue
+            dst, mac = msg.get("NDA_DST"), msg.get("NDA_LLADDR")
+            if dst and mac and ":" not in dst:
+                out.append(Fdb(mac, ipaddress.IPv4Address(dst), index))
+        return out
+
+    async def fdb_entries(self, index: int) -> list[Fdb]:
+        """Forwarding entries with an IPv4 destination on vxlan device `index`."""
+        return await self._run(lambda: self._fdb_sync(index))
+
+    # -- vxlan devices -----------------------------------------------------------------
+    def _vxlan_sync(self, name: str) -> VxlanDevice | None:
+        ipr = self._ip()
+        idx = ipr.link_lookup(ifname=name)
+        if not idx:
+            return None
+        msg = ipr.get_links(idx[0])[0]
+        info = msg.get("IFLA_LINKINFO")
+        if not info or info.get("IFLA_INFO_KIND") != "vxlan":
+            return VxlanDevice(VxlanSpec(name, -1, ipaddress.IPv4Address(0), 0, 0), idx[0],
+                               "", 0, False, ())
+        data = info.get("IFLA_INFO_DATA")
+        local = data.get("IFLA_VXLAN_LOCAL")
+        spec = VxlanSpec(
+            name,
+            int(data.get("IFLA_VXLAN_ID") or 0),
+            ipaddress.IPv4Address(local or 0),
+            int(data.get("IFLA_VXLAN_LINK") or 0),
+            int(data.get("IFLA_VXLAN_PORT") or 0),
+            bool(data.get("IFLA_VXLAN_LEARNING")),
+            data.get("IFLA_VXLAN_GBP") is not None,
+        )
+        addrs = tuple(
+            ipaddress.IPv4Interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
+            for a in ipr.get_addr(family=socket.AF_INET, index=idx[0])
+        )
+        return VxlanDevice(spec, idx[0], msg.get("IFLA_ADDRESS") or "", msg.get("IFLA_MTU"),
+                           bool(msg["flags"] & 1), addrs)
+
+    async def find_vxlan(self, name: str) -> VxlanDevice | None:
+        """The device called `name` (spec vni -1 when it is not vxlan), or None."""
+        return await self._run(lambda: self._vxlan_sync(name))
+
+    def _ensure_vxlan_sync(
+        self, spec: VxlanSpec, mac: str, mtu: int, address: ipaddress.IPv4Interface
+    ) -> VxlanDevice:
+        ipr = self._ip()
+        want = spec if spec.port else VxlanSpec(
+            spec.name, spec.vni, spec.local, spec.link, VXLAN_DEFAULT_PORT, spec.learning,
+            spec.gbp)
+        dev = self._vxlan_sync(spec.name)
+        if dev is not None and dev.spec != want:
+            ipr.link("del", index=dev.index)
+            dev = None
+        if dev is None:
+            kw: dict[str, Any] = {
+                "ifname": spec.name, "kind": "vxlan", "vxlan_id": spec.vni,
+                "vxlan_local": str(spec.local), "vxlan_link": spec.link,
+                "vxlan_port": want.port, "vxlan_learning": int(spec.learning),
+                "address": mac, "mtu": mtu,
+            }
+            if spec.gbp:
+                kw["vxlan_gbp"] = True
+            ipr.link("add", **kw)
+            dev = self._vxlan_sync(spec.name)
+            assert dev is not None
+        if dev.mac != mac or dev.mtu != mtu:
+            ipr.link("set", index=dev.index, address=mac, mtu=mtu)
+        for a in dev.addresses:
+            if a != address:
+                ipr.addr("del", index=dev.index, address=str(a.ip), prefixlen=a.network.prefixlen)
+        if address not in dev.addresses:
+            ipr.addr("add", index=dev.index, address=str(address.ip),
+                     prefixlen=address.network.prefixlen)
+        if not dev.up:
+            ipr.link("set", index=dev.index, state="up")
+        found = self._vxlan_sync(spec.name)
+        assert found is not None
+        return found
+
+    async def ensure_vxlan(
+        self, spec: VxlanSpec, mac: str, mtu: int, address: ipaddress.IPv4Interface
+    ) -> VxlanDevice:
+        """Make the vxlan device match: reuse a compatible one, recreate an incompatible one;
+        set MAC, MTU, the single address, and bring it up."""
+        return await self._run(lambda: self._ensure_vxlan_sync(spec, mac, mtu, address))
 
     async def close(self) -> None:
         def _close() -> None:
@@ -197,6 +390,16 @@ def _route_kw(r: Route) -> dict[str, Any]:
     return kw
 
 
+def _neigh_kw(n: Neigh) -> dict[str, Any]:
+    return {"dst": str(n.ip), "lladdr": n.mac, "ifindex": n.index, "state": NUD_PERMANENT,
+            "family": socket.AF_INET}
+
+
+def _fdb_kw(f: Fdb) -> dict[str, Any]:
+    return {"lladdr": f.mac, "dst": str(f.dst), "ifindex": f.index, "state": NUD_PERMANENT,
+            "flags": NTF_SELF}
+
+
 def _err(exc: Exception) -> str:
     code = getattr(exc, "code", None)
     if isinstance(code, int) and code in errno.errorcode:
@@ -205,13 +408,17 @@ def _err(exc: Exception) -> str:
 
 
 class FakeNetlink:
-    """In-memory stand-in for Netlink: keeps routes, records calls, fails on demand."""
+    """In-memory stand-in for Netlink: keeps routes, neighbours and FDB entries, records
+    calls, fails on demand (`fail(what, op, item)` returns an error text or None)."""
 
     def __init__(self, links: Iterable[Link] = ()) -> None:
         self._links = list(links)
         self.table: dict[ipaddress.IPv4Network, Route] = {}
-        self.calls: list[tuple[str, Route]] = []
-        self.fail: Callable[[str, Route], str | None] = lambda op, r: None
+        self.neigh: set[Neigh] = set()
+        self.fdb: set[Fdb] = set()
+        self.vxlan: dict[str, VxlanDevice] = {}
+        self.calls: list[tuple[str, object]] = []
+        self.fail: Callable[[str, object], str | None] = lambda op, item: None
 
     async def links(self) -> list[Link]:
         return list(self._links)
@@ -228,25 +435,56 @@ class FakeNetlink:
     async def routes(self, oif: int | None = None) -> list[Route]:
         return [r for r in self.table.values() if oif is None or r.oif == oif]
 
+    async def neighbours(self, index: int) -> list[Neigh]:
+        return sorted(n for n in self.neigh if n.index == index)
+
+    async def fdb_entries(self, index: int) -> list[Fdb]:
+        return sorted(f for f in self.fdb if f.index == index)
+
+    async def find_vxlan(self, name: str) -> VxlanDevice | None:
+        return self.vxlan.get(name)
+
+    async def ensure_vxlan(
+        self, spec: VxlanSpec, mac: str, mtu: int, address: ipaddress.IPv4Interface
+    ) -> VxlanDevice:
+        old = self.vxlan.get(spec.name)
+        index = old.index if old is not None and old.spec == spec else 100 + len(self.calls)
+        dev = VxlanDevice(spec, index, mac, mtu, True, (address,))
+        self.vxlan[spec.name] = dev
+        self.calls.append(("ensure_vxlan", dev))
+        return dev
+
+    async def apply(self, cs: ChangeSet) -> list[KernelError]:
+        errors: list[KernelError] = []
+        steps: list[tuple[str, str, Any, Callable[[Any], None]]] = [
+            *(("route", "delete", r, lambda r: self.table.pop(r.dst, None))
+              for r in cs.route_delete),
+            *(("neigh", "delete", n, self.neigh.discard) for n in cs.neigh_delete),
+            *(("fdb", "delete", f, self.fdb.discard) for f in cs.fdb_delete),
+            *(("fdb", "replace", f, self._fdb_replace) for f in cs.fdb_replace),
+            *(("neigh", "replace", n, self._neigh_replace) for n in cs.neigh_replace),
+            *(("route", "replace", r, lambda r: self.table.__setitem__(r.dst, r))
+              for r in cs.route_replace),
+        ]
+        for what, op, item, do in steps:
+            self.calls.append((op, item))
+            problem = self.fail(op, item)
+            if problem:
+                errors.append(KernelError(what, op, item, problem))
+            else:
+                do(item)
+        return errors
+
+    def _neigh_replace(self, n: Neigh) -> None:
+        self.neigh = {x for x in self.neigh if (x.ip, x.index) != (n.ip, n.index)} | {n}
+
+    def _fdb_replace(self, f: Fdb) -> None:
+        self.fdb = {x for x in self.fdb if (x.mac, x.index) != (f.mac, f.index)} | {f}
+
     async def apply_routes(
         self, replace: Iterable[Route], delete: Iterable[Route]
-    ) -> list[RouteError]:
-        errors = []
-        for r in delete:
-            self.calls.append(("delete", r))
-            problem = self.fail("delete", r)
-            if problem:
-                errors.append(RouteError(r, "delete", problem))
-            else:
-                self.table.pop(r.dst, None)
-        for r in replace:
-            self.calls.append(("replace", r))
-            problem = self.fail("replace", r)
-            if problem:
-                errors.append(RouteError(r, "replace", problem))
-            else:
-                self.table[r.dst] = r
-        return errors
+    ) -> list[KernelError]:
+        return await self.apply(ChangeSet(route_replace=list(replace), route_delete=list(delete)))
 
     async def close(self) -> None:
         return None

@@ -1,44 +1,66 @@
-"""Route table diff: the desired routes against the kernel's, as one set of changes.
+"""Desired-table diff: the entries we want against the kernel's, as one set of changes.
 
 Pure logic, no I/O (Calico Felix's shape: keep the desired table, diff on every event
-batch and on every periodic resync). Only routes the caller says it owns are ever
-deleted, so routes made by others are left alone.
+batch and on every periodic resync). Works for routes (keyed by destination), neighbours
+(keyed by IP) and FDB entries (keyed by MAC). Only entries the caller says it owns are
+ever deleted, so entries made by others are left alone.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from backends.netlink import Route
 
+T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
+
 
 @dataclass(frozen=True)
-class RouteDiff:
+class Diff(Generic[T]):
     """What to do to the kernel to reach the desired table."""
 
-    replace: tuple[Route, ...]
-    delete: tuple[Route, ...]
+    replace: tuple[T, ...]
+    delete: tuple[T, ...]
 
     def __bool__(self) -> bool:
         return bool(self.replace or self.delete)
+
+
+#: Kept as the name host-gw code and tests use.
+RouteDiff = Diff
+
+
+def diff_entries(
+    desired: Mapping[K, T],
+    actual: Iterable[T],
+    key: Callable[[T], K],
+    owned: Callable[[T], bool],
+) -> Diff[T]:
+    """Entries to replace (missing or different) and to delete (owned, not desired)."""
+    have: dict[K, list[T]] = {}
+    for item in actual:
+        have.setdefault(key(item), []).append(item)
+    replace = [item for k, item in desired.items() if have.get(k) != [item]]
+    delete = [
+        item
+        for k, items in have.items()
+        for item in items
+        if owned(item) and (k not in desired or item != desired[k])
+        # A differing owned entry under a desired key is replaced, not deleted, unless
+        # there are several (then the extras go).
+        and (k not in desired or len(items) > 1)
+    ]
+    return Diff(tuple(sorted(replace, key=key)), tuple(sorted(delete, key=key)))  # type: ignore[arg-type]
 
 
 def diff_routes(
     desired: Mapping[ipaddress.IPv4Network, Route],
     actual: Iterable[Route],
     owned: Callable[[Route], bool],
-) -> RouteDiff:
+) -> Diff[Route]:
     """Routes to replace (missing or different) and to delete (owned but not desired)."""
-    have: dict[ipaddress.IPv4Network, list[Route]] = {}
-    for r in actual:
-        have.setdefault(r.dst, []).append(r)
-    replace = [r for dst, r in sorted(desired.items()) if have.get(dst) != [r]]
-    delete = [
-        r
-        for dst, routes in sorted(have.items())
-        for r in routes
-        if owned(r) and dst not in desired
-    ]
-    return RouteDiff(tuple(replace), tuple(delete))
+    return diff_entries(desired, actual, lambda r: r.dst, owned)

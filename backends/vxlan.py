@@ -1,0 +1,291 @@
+"""vxlan backend: the kernel's VXLAN device carries container packets between hosts.
+
+On the wire: each packet is wrapped in Ethernet + VXLAN (VNI, default 1) + UDP (port 8472,
+the kernel's default) + IP to the peer's PublicIP: 50 bytes of overhead. Wire- and
+kernel-compatible with flanneld, so tweed and flanneld hosts mix.
+
+In the kernel: one device `flannel.<VNI>` (`local <iface IP> dev <iface> dstport <Port>
+nolearning`) holding our subnet's first address as a /32, MTU iface-50. Per peer lease of
+BackendType vxlan (others are ignored):
+- `neigh replace <peer subnet IP> lladdr <VtepMAC> nud permanent dev flannel.<VNI>`
+- `fdb replace <VtepMAC> dst <PublicIP> self permanent dev flannel.<VNI>`
+- `route replace <peer subnet> via <peer subnet IP> dev flannel.<VNI> onlink`
+With DirectRouting, a peer on our L2 segment gets `route <subnet> via <PublicIP>` on the
+external interface instead. Our lease carries `{"VNI":<n>,"VtepMAC":"<mac>"}`.
+
+Unlike flanneld, the device's MAC (the VtepMAC) is kept in a state file next to the subnet
+file, so it survives restarts and peers never hold stale neighbour/FDB entries for us.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.config import NetworkConfig
+from agent.lease_codec import LeaseAttrs
+from agent.lease_manager import Lease, PeerEvent
+from agent.subnet_file import atomic_write
+from backends.base import BackendError
+from backends.external_iface import ExternalInterface
+from backends.hostgw import owns_peer_route
+from backends.kernel_sync import KernelSync
+from backends.netlink import ChangeSet, Fdb, Neigh, Netlink, Route, VxlanSpec
+from backends.route_table import diff_entries, diff_routes
+
+log = logging.getLogger(__name__)
+
+TYPE = "vxlan"
+#: Outer Ethernet 14 + IP 20 + UDP 8 + VXLAN 8.
+OVERHEAD = 50
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+@dataclass(frozen=True)
+class VxlanOptions:
+    """The vxlan Backend options of the network config."""
+
+    vni: int = 1
+    port: int = 0  # 0: the kernel's default, 8472
+    gbp: bool = False
+    learning: bool = False
+    direct_routing: bool = False
+    mtu: int = 0  # 0: the external interface's MTU
+
+
+def _opt_int(backend: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
+    value = backend.get(name.lower(), default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise BackendError(f"Backend.{name}: must be an integer in {lo}..{hi}, got {value!r}")
+    return value
+
+
+def _opt_bool(backend: dict[str, Any], name: str) -> bool:
+    value = backend.get(name.lower(), False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise BackendError(f"Backend.{name}: must be true or false, got {value!r}")
+    return value
+
+
+def parse_options(backend: dict[str, Any]) -> VxlanOptions:
+    """Read the vxlan options (keys already lower-cased by the config parser)."""
+    return VxlanOptions(
+        vni=_opt_int(backend, "VNI", 1, 0, (1 << 24) - 1),
+        port=_opt_int(backend, "Port", 0, 0, 65535),
+        gbp=_opt_bool(backend, "GBP"),
+        learning=_opt_bool(backend, "Learning"),
+        direct_routing=_opt_bool(backend, "DirectRouting"),
+        mtu=_opt_int(backend, "MTU", 0, 0, 65535),
+    )
+
+
+def random_mac(rng: random.Random) -> str:
+    """A random unicast, locally administered MAC (as flanneld makes for its VTEP)."""
+    octets = [rng.randrange(256) for _ in range(6)]
+    octets[0] = (octets[0] & 0xFE) | 0x02
+    return ":".join(f"{o:02x}" for o in octets)
+
+
+def peer_mac(attrs: LeaseAttrs) -> str | None:
+    """The peer's VtepMAC from its BackendData, normalised; None if absent or malformed."""
+    data = attrs.backend_data
+    if not isinstance(data, dict):
+        return None
+    mac = data.get("VtepMAC")
+    if mac is None:
+        mac = next((v for k, v in data.items() if k.lower() == "vtepmac"), None)
+    if not isinstance(mac, str) or not _MAC_RE.match(mac.lower()):
+        return None
+    return mac.lower()
+
+
+class MacStore:
+    """The VtepMAC kept between runs, in a small JSON file (mode 0600)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> str | None:
+        try:
+            doc = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        mac = doc.get("VtepMAC") if isinstance(doc, dict) else None
+        if isinstance(mac, str) and _MAC_RE.match(mac):
+            return mac
+        log.warning("ignoring %s: no valid VtepMAC in it", self.path)
+        return None
+
+    def save(self, mac: str) -> None:
+        atomic_write(self.path, json.dumps({"VtepMAC": mac}) + "\n", 0o600)
+
+
+def desired_state(
+    peers: dict[ipaddress.IPv4Network, LeaseAttrs],
+    dev: int,
+    ext: ExternalInterface,
+    direct_routing: bool,
+) -> tuple[dict[Any, Route], dict[Any, Neigh], dict[Any, Fdb]]:
+    """Routes, neighbours and FDB entries for the vxlan peers (pure)."""
+    routes: dict[Any, Route] = {}
+    neigh: dict[Any, Neigh] = {}
+    fdb: dict[Any, Fdb] = {}
+    for subnet, attrs in sorted(peers.items()):
+        mac = peer_mac(attrs)
+        if mac is None:
+            continue
+        if direct_routing and ext.on_segment(attrs.public_ip):
+            routes[subnet] = Route(subnet, attrs.public_ip, ext.index)
+            continue
+        gw = subnet.network_address
+        neigh[gw] = Neigh(gw, mac, dev)
+        fdb[mac] = Fdb(mac, attrs.public_ip, dev)
+        routes[subnet] = Route(subnet, gw, dev, onlink=True)
+    return routes, neigh, fdb
+
+
+class VxlanNetwork:
+    """The flannel.<VNI> device and the per-peer kernel entries behind it."""
+
+    def __init__(
+        self,
+        netlink: Netlink,
+        ext: ExternalInterface,
+        config: NetworkConfig,
+        opts: VxlanOptions,
+        mac: str,
+        resync: float,
+    ) -> None:
+        self.netlink = netlink
+        self.ext = ext
+        self.config = config
+        self.opts = opts
+        self.mac = mac
+        self.dev_name = f"flannel.{opts.vni}"
+        self.lease_attrs = LeaseAttrs(
+            ext.public_ip, None, TYPE, {"VNI": opts.vni, "VtepMAC": mac}
+        )
+        self.mtu = (opts.mtu or ext.mtu) - OVERHEAD
+        self.dev_index = 0
+        self.own: ipaddress.IPv4Network | None = None
+        self.peers: dict[ipaddress.IPv4Network, LeaseAttrs] = {}
+        self.kernel = KernelSync(netlink, self._plan, resync)
+
+    def spec(self) -> VxlanSpec:
+        return VxlanSpec(self.dev_name, self.opts.vni, self.ext.iface_addr, self.ext.index,
+                         self.opts.port, self.opts.learning, self.opts.gbp)
+
+    async def setup(self, lease: Lease) -> None:
+        self.own = lease.subnet
+        self.peers.pop(lease.subnet, None)
+        address = ipaddress.IPv4Interface(f"{lease.subnet.network_address}/32")
+        try:
+            dev = await self.netlink.ensure_vxlan(self.spec(), self.mac, self.mtu, address)
+        except Exception as exc:  # noqa: BLE001 - netlink errors come in many types
+            raise BackendError(f"cannot set up vxlan device {self.dev_name}: {exc}") from exc
+        self.dev_index = dev.index
+        log.info("vxlan device %s (index %d, VNI %d, VtepMAC %s, MTU %d, address %s)",
+                 self.dev_name, dev.index, self.opts.vni, self.mac, self.mtu, address)
+        await self.sync()
+
+    def _owned_route(self, r: Route) -> bool:
+        if r.oif == self.dev_index:
+            return owns_peer_route(r, self.config, self.dev_index, self.own)
+        return owns_peer_route(r, self.config, self.ext.index, self.own)
+
+    async def _plan(self) -> ChangeSet:
+        if not self.dev_index:
+            return ChangeSet()
+        routes, neigh, fdb = desired_state(
+            self.peers, self.dev_index, self.ext, self.opts.direct_routing
+        )
+        actual_routes = await self.netlink.routes(oif=self.dev_index)
+        actual_routes += await self.netlink.routes(oif=self.ext.index)
+        rdiff = diff_routes(routes, actual_routes, self._owned_route)
+        ndiff = diff_entries(neigh, await self.netlink.neighbours(self.dev_index),
+                             lambda n: n.ip, lambda n: True)
+        fdiff = diff_entries(fdb, await self.netlink.fdb_entries(self.dev_index),
+                             lambda f: f.mac, lambda f: True)
+        return ChangeSet(
+            route_replace=list(rdiff.replace), route_delete=list(rdiff.delete),
+            neigh_replace=list(ndiff.replace), neigh_delete=list(ndiff.delete),
+            fdb_replace=list(fdiff.replace), fdb_delete=list(fdiff.delete),
+        )
+
+    async def apply(self, events: list[PeerEvent]) -> None:
+        for ev in events:
+            subnet, attrs = ev.lease.subnet, ev.lease.attrs
+            if ev.kind == "removed" or attrs.backend_type != TYPE or subnet == self.own:
+                self.peers.pop(subnet, None)
+                continue
+            if peer_mac(attrs) is None:
+                log.warning("ignoring the vxlan lease of %s (%s): BackendData has no valid"
+                            " VtepMAC", subnet, attrs.public_ip)
+                self.peers.pop(subnet, None)
+                continue
+            self.peers[subnet] = attrs
+        await self.sync()
+
+    async def sync(self) -> bool:
+        return await self.kernel.sync()
+
+    def ready(self) -> bool:
+        return bool(self.dev_index) and self.kernel.ready()
+
+    async def run(self) -> None:
+        await self.kernel.run()
+
+    async def close(self) -> None:
+        return None
+
+
+class VxlanBackend:
+    """Builds VxlanNetworks; owns the choice of a stable VtepMAC."""
+
+    name = TYPE
+
+    def __init__(
+        self,
+        netlink: Netlink,
+        ext: ExternalInterface,
+        state_dir: Path,
+        state_prefix: str,
+        resync: float = 10.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.netlink = netlink
+        self.ext = ext
+        self.state_dir = state_dir
+        self.state_prefix = state_prefix
+        self.resync = resync
+        self.rng = rng or random.SystemRandom()
+
+    async def register_network(self, config: NetworkConfig) -> VxlanNetwork:
+        opts = parse_options(config.backend)
+        if (opts.mtu or self.ext.mtu) - OVERHEAD < 68:
+            raise BackendError(
+                f"Backend.MTU: {opts.mtu or self.ext.mtu} leaves less than 68 bytes after"
+                f" the {OVERHEAD}-byte vxlan header"
+            )
+        store = MacStore(self.state_dir / f"{self.state_prefix}.flannel.{opts.vni}.json")
+        mac = store.load()
+        source = "state file"
+        if mac is None:
+            dev = await self.netlink.find_vxlan(f"flannel.{opts.vni}")
+            if dev is not None and dev.spec.vni == opts.vni and _MAC_RE.match(dev.mac or ""):
+                mac, source = dev.mac, "existing device"
+            else:
+                mac, source = random_mac(self.rng), "new"
+            store.save(mac)
+        log.info("VtepMAC %s (%s; kept in %s)", mac, source, store.path)
+        return VxlanNetwork(self.netlink, self.ext, config, opts, mac, self.resync)
