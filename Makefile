@@ -35,8 +35,9 @@ unit: setup
 lint: setup
 	$(VENV)/bin/ruff check agent backends tests
 
+BACKEND ?= host-gw
 demo: setup
-	$(PY) -m tests.demo
+	$(PY) -m tests.demo $(BACKEND)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -52,9 +52,11 @@ def free_subnets(
     out: list[ipaddress.IPv4Network] = []
     addr = int(config.subnet_min)
     last = int(config.subnet_max)
+    # Leases of another length (left from an older config) block every subnet they overlap.
+    others = [t for t in taken if t.prefixlen != config.subnet_len]
     while addr <= last and len(out) < limit:
         net = ipaddress.IPv4Network((addr, config.subnet_len))
-        if net not in taken:
+        if net not in taken and not any(net.overlaps(t) for t in others):
             out.append(net)
         addr += size
     return out
@@ -77,7 +79,11 @@ def choose_subnet(
         fitting.sort(key=lambda e: (e.ttl, e.subnet))
         return Choice(fitting[0].subnet, reuse=fitting[0], stale=stale)
     taken = {e.subnet for e in leases}
-    if previous is not None and previous not in taken and config.subnet_fits(previous):
+    if (
+        previous is not None
+        and config.subnet_fits(previous)
+        and not any(previous.overlaps(t) for t in taken)
+    ):
         return Choice(previous, stale=stale)
     free = free_subnets(config, taken)
     if not free:

@@ -198,10 +198,12 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> Options:
     env: dict[str, Any] = {}
     for flag in FLAGS:
         var = "FLANNELD_" + flag.name.upper().replace("-", "_")
-        if flag.name in cli or var not in environ:
+        # An empty variable is skipped, as flanneld's SetFlagsFromEnv does.
+        if flag.name in cli or not environ.get(var):
             continue
         text = environ[var]
-        parts = [p for p in text.split(",") if p] if flag.repeat else [text]
+        # Interface lists are comma lists; a regex may itself contain commas ({m,n}).
+        parts = [p for p in text.split(",") if p] if flag.name == "iface" else [text]
         for part in parts:
             _set(env, flag, part, var)
     merged = {**env, **cli}

@@ -120,9 +120,9 @@ class Daemon:
         o = self.opts
         links = await self.netlink.links()
         reach = None
-        if o.iface_can_reach and not o.iface and not o.iface_regex:
+        if o.iface_can_reach:
             reach = await self.netlink.route_get_oif(ipaddress.IPv4Address(o.iface_can_reach))
-            if reach is None:
+            if reach is None and not o.iface and not o.iface_regex:
                 raise StartupError(f"--iface-can-reach: no route to {o.iface_can_reach}")
         default = await self.netlink.default_route_oif()
         try:

@@ -36,7 +36,7 @@ class SubnetKey:
 
 def parse_subnet_key(name: str) -> SubnetKey:
     """Parse the last path element of a subnet key; raise LeaseDecodeError if malformed."""
-    m = _KEY_RE.match(name)
+    m = _KEY_RE.fullmatch(name)
     if not m:
         raise LeaseDecodeError(f"subnet key {name!r} is not <a.b.c.d>-<len>[&<v6>-<len>]")
     try:
@@ -91,13 +91,18 @@ def decode_lease(value: bytes | str) -> LeaseAttrs:
         raise LeaseDecodeError("lease value is not a JSON object")
     doc = {k.lower(): v for k, v in raw.items()}
     try:
-        public_ip = ipaddress.IPv4Address(doc.get("publicip"))
+        text = doc.get("publicip")
+        if not isinstance(text, str):
+            raise TypeError  # ipaddress would take an integer; flanneld wants a string
+        public_ip = ipaddress.IPv4Address(text)
     except (ValueError, TypeError):
         raise LeaseDecodeError(f"lease PublicIP {doc.get('publicip')!r} is not IPv4") from None
     v6 = doc.get("publicipv6")
     public_ipv6 = None
     if v6 not in (None, ""):
         try:
+            if not isinstance(v6, str):
+                raise TypeError
             public_ipv6 = ipaddress.IPv6Address(v6)
         except (ValueError, TypeError):
             raise LeaseDecodeError(f"lease PublicIPv6 {v6!r} is not IPv6") from None

@@ -265,11 +265,14 @@ class LeaseManager:
         return None
 
     # -- watch -----------------------------------------------------------------------
+    def _ours(self, attrs: LeaseAttrs | None) -> bool:
+        return attrs is not None and attrs.public_ip == self.attrs.public_ip
+
     def _own_event(self, ev_kind: str, attrs: LeaseAttrs | None, mod_revision: int) -> None:
         lease = self.lease
         if lease is None:
             return
-        if ev_kind == "delete" or attrs is None or attrs.public_ip != self.attrs.public_ip:
+        if ev_kind == "delete" or not self._ours(attrs):
             self._lost.set()
         else:
             # Our own write coming back, or an operator rewriting our key: track its revision
@@ -298,9 +301,12 @@ class LeaseManager:
         own_seen = False
         for rec in records:
             if lease is not None and rec.name == lease.name:
-                own_seen = True
-                self._own_event("put", self._decode(rec.name, rec.value), rec.mod_revision)
-                continue
+                attrs = self._decode(rec.name, rec.value)
+                self._own_event("put", attrs, rec.mod_revision)
+                if self._ours(attrs):
+                    own_seen = True
+                    continue
+                # Another host holds our old key now: it is a peer like any other.
             peer = self._peer_of(rec.name, rec.value)
             if peer is not None:
                 fresh[rec.name] = peer
@@ -321,7 +327,9 @@ class LeaseManager:
             if lease is not None and ev.name == lease.name:
                 attrs = self._decode(ev.name, ev.value) if ev.kind == "put" else None
                 self._own_event(ev.kind, attrs, ev.revision)
-                continue
+                if ev.kind == "delete" or attrs is None or self._ours(attrs):
+                    continue
+                # Another host took our key: we move, and it becomes a peer.
             old = self._peers.pop(ev.name, None)
             new = self._peer_of(ev.name, ev.value) if ev.kind == "put" else None
             if new is not None:

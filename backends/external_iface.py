@@ -54,6 +54,31 @@ def _ext(link: Link, addr: ipaddress.IPv4Address | None, public_ip: str) -> Exte
     return ExternalInterface(link.name, link.index, link.mtu, addr, pub, network)
 
 
+def _by_iface(links: Sequence[Link], want: str, public_ip: str) -> ExternalInterface | None:
+    try:
+        ip = ipaddress.IPv4Address(want)
+    except ValueError:
+        ip = None
+    for link in links:
+        if ip is not None and any(a.ip == ip for a in link.addresses):
+            return _ext(link, ip, public_ip)
+        if ip is None and link.name == want:
+            return _ext(link, None, public_ip)
+    return None
+
+
+def _by_regex(links: Sequence[Link], pattern: str, public_ip: str) -> ExternalInterface | None:
+    rx = re.compile(pattern)
+    for link in links:
+        for a in link.addresses:
+            if rx.search(str(a.ip)):
+                return _ext(link, a.ip, public_ip)
+    for link in links:
+        if rx.search(link.name) and _first_addr(link) is not None:
+            return _ext(link, None, public_ip)
+    return None
+
+
 def choose_interface(
     links: Sequence[Link],
     *,
@@ -63,37 +88,43 @@ def choose_interface(
     default_oif: int | None = None,
     public_ip: str = "",
 ) -> ExternalInterface:
-    """Apply flanneld's interface rules to `links`."""
-    if iface:
-        for want in iface:
-            try:
-                ip = ipaddress.IPv4Address(want)
-            except ValueError:
-                ip = None
-            for link in links:
-                if ip is not None and any(a.ip == ip for a in link.addresses):
-                    return _ext(link, ip, public_ip)
-                if ip is None and link.name == want:
+    """Apply flanneld's interface rules to `links`: each --iface in turn, then each
+    --iface-regex, then --iface-can-reach; the default route only when none is given."""
+    problems: list[str] = []
+    for want in iface:
+        try:
+            found = _by_iface(links, want, public_ip)
+        except InterfaceError as exc:
+            problems.append(f"--iface {want}: {exc}")
+            continue
+        if found is not None:
+            return found
+        problems.append(f"--iface {want}: no such interface or address")
+    for pattern in iface_regex:
+        try:
+            found = _by_regex(links, pattern, public_ip)
+        except InterfaceError as exc:
+            problems.append(f"--iface-regex {pattern}: {exc}")
+            continue
+        if found is not None:
+            return found
+        problems.append(f"--iface-regex {pattern}: nothing matches")
+    if can_reach_oif is not None:
+        for link in links:
+            if link.index == can_reach_oif:
+                try:
                     return _ext(link, None, public_ip)
-        raise InterfaceError(f"--iface: none of {', '.join(iface)} is an interface or address here")
-    if iface_regex:
-        for pattern in iface_regex:
-            rx = re.compile(pattern)
-            for link in links:
-                for a in link.addresses:
-                    if rx.search(str(a.ip)):
-                        return _ext(link, a.ip, public_ip)
-            for link in links:
-                if rx.search(link.name) and _first_addr(link) is not None:
-                    return _ext(link, None, public_ip)
-        raise InterfaceError(f"--iface-regex: no interface or address matches {list(iface_regex)}")
-    oif = can_reach_oif if can_reach_oif is not None else default_oif
-    if oif is None:
+                except InterfaceError as exc:
+                    problems.append(f"--iface-can-reach: {exc}")
+        problems.append("--iface-can-reach: no usable interface")
+    if problems:
+        raise InterfaceError("no usable interface: " + "; ".join(problems))
+    if default_oif is None:
         raise InterfaceError(
             "no default route: choose the interface with --iface, --iface-regex"
             " or --iface-can-reach"
         )
     for link in links:
-        if link.index == oif:
+        if link.index == default_oif:
             return _ext(link, None, public_ip)
-    raise InterfaceError(f"interface index {oif} vanished while choosing the interface")
+    raise InterfaceError(f"interface index {default_oif} vanished while choosing the interface")

@@ -24,16 +24,21 @@ TYPE = "host-gw"
 
 
 def owns_peer_route(
-    r: Route, config: NetworkConfig, oif: int, own: ipaddress.IPv4Network | None
+    r: Route,
+    config: NetworkConfig,
+    oif: int,
+    own: ipaddress.IPv4Network | None,
+    ours: set[ipaddress.IPv4Network] | frozenset[ipaddress.IPv4Network] = frozenset(),
 ) -> bool:
-    """Routes a backend manages on `oif`: a peer-sized subnet of the Network via a gateway,
-    never our own subnet."""
+    """Routes a backend manages on `oif`: via a gateway, inside the Network, never our own
+    subnet, and either peer-sized or one we installed in this run (a peer's lease may have
+    another length, left from an older config)."""
     net = config.network
     return (
         net is not None
         and r.gateway is not None
         and r.oif == oif
-        and r.dst.prefixlen == config.subnet_len
+        and (r.dst.prefixlen == config.subnet_len or r.dst in ours)
         and r.dst.subnet_of(net)
         and r.dst != own
     )
@@ -52,6 +57,7 @@ class HostGwNetwork:
         self.mtu = ext.mtu
         self.own: ipaddress.IPv4Network | None = None
         self.desired: dict[ipaddress.IPv4Network, Route] = {}
+        self.installed: set[ipaddress.IPv4Network] = set()  # every dst ever desired
         self.kernel = KernelSync(netlink, self._plan, resync)
 
     @property
@@ -72,7 +78,7 @@ class HostGwNetwork:
         await self.sync()
 
     def _owned(self, r: Route) -> bool:
-        return owns_peer_route(r, self.config, self.ext.index, self.own)
+        return owns_peer_route(r, self.config, self.ext.index, self.own, self.installed)
 
     async def _plan(self) -> ChangeSet:
         actual = await self.netlink.routes(oif=self.ext.index)
@@ -87,6 +93,7 @@ class HostGwNetwork:
                 self.desired.pop(subnet, None)
             elif subnet != self.own:
                 self.desired[subnet] = Route(subnet, ev.lease.attrs.public_ip, self.ext.index)
+                self.installed.add(subnet)
         await self.sync()
 
     async def sync(self) -> bool:

@@ -179,6 +179,7 @@ class VxlanNetwork:
         self.dev_index = 0
         self.own: ipaddress.IPv4Network | None = None
         self.peers: dict[ipaddress.IPv4Network, LeaseAttrs] = {}
+        self.installed: set[ipaddress.IPv4Network] = set()  # every peer subnet ever desired
         self.kernel = KernelSync(netlink, self._plan, resync)
 
     def spec(self) -> VxlanSpec:
@@ -199,9 +200,8 @@ class VxlanNetwork:
         await self.sync()
 
     def _owned_route(self, r: Route) -> bool:
-        if r.oif == self.dev_index:
-            return owns_peer_route(r, self.config, self.dev_index, self.own)
-        return owns_peer_route(r, self.config, self.ext.index, self.own)
+        oif = self.dev_index if r.oif == self.dev_index else self.ext.index
+        return owns_peer_route(r, self.config, oif, self.own, set(self.peers) | self.installed)
 
     async def _plan(self) -> ChangeSet:
         if not self.dev_index:
@@ -234,6 +234,7 @@ class VxlanNetwork:
                 self.peers.pop(subnet, None)
                 continue
             self.peers[subnet] = attrs
+            self.installed.add(subnet)
         await self.sync()
 
     async def sync(self) -> bool:

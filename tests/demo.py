@@ -1,4 +1,4 @@
-"""`make demo`: a two-host lab with host-gw, shown step by step, then torn down.
+"""`make demo [BACKEND=host-gw|vxlan]`: a two-host lab, shown step by step, then torn down.
 
 Builds an underlay bridge with etcd on it and two host namespaces, runs one tweed per
 host, gives each host a docker0 bridge and a container from its subnet.env, prints both
@@ -20,13 +20,13 @@ def say(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-def main() -> int:
+def main(backend: str = "host-gw") -> int:
     lab = Lab()
     try:
         with tempfile.TemporaryDirectory(prefix="tweed-demo-") as tmp:
             say("underlay bridge 192.168.100.0/24 with etcd on 192.168.100.254")
             etcd = lab.start_etcd()
-            put_config(etcd, backend="host-gw", network="10.5.0.0/16")
+            put_config(etcd, backend=backend, network="10.5.0.0/16")
             print(etcd.get("/coreos.com/network/config"))
             hosts, agents, containers = [], [], []
             for i in (1, 2):
@@ -46,6 +46,9 @@ def main() -> int:
             for host, other in ((h1, agents[1]), (h2, agents[0])):
                 say(f"route on {host.ns} to the other host's containers")
                 print(routes(host, other.subnet))
+                if backend == "vxlan":
+                    print(host.exec(["ip", "neigh", "show", "dev", "flannel.1"]).stdout, end="")
+                    print(host.exec(["bridge", "fdb", "show", "dev", "flannel.1"]).stdout, end="")
             say("leases in etcd")
             for key, value in sorted(etcd.get_prefix("/coreos.com/network/subnets/").items()):
                 print(f"{key} {value}")
@@ -65,4 +68,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(*sys.argv[1:2]))

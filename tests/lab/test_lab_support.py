@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import re
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -50,7 +51,7 @@ def test_etcd_put_get_and_restart_keeps_data_and_port(etcd: EtcdServer) -> None:
 
     etcd.stop()
     with pytest.raises(RuntimeError):
-        etcd.etcdctl("get", "/a/1", timeout=20)
+        etcd.etcdctl("get", "/a/1", command_timeout=1)
     etcd.start()
     assert etcd.get("/a/1") == "one"
 
@@ -223,7 +224,7 @@ def test_proxy_in_front_of_etcd(etcd: EtcdServer, tcp_proxy) -> None:
     assert via.get("/k") == "v"
     proxy.cut()
     with pytest.raises(RuntimeError):
-        via.get("/k")
+        via.etcdctl("get", "/k", command_timeout=1)
     proxy.restore()
     assert via.get("/k") == "v"
 
@@ -265,6 +266,12 @@ def test_lab_two_hosts_containers_and_etcd(lab: Lab) -> None:
     res = h2.exec(["etcdctl", f"--endpoints={etcd.client_url}", "get", "/from-underlay",
                    "--print-value-only"])
     assert res.stdout.strip() == "yes"
+    etcd.restart()  # same address and port, same data
+    res = h1.exec(["etcdctl", f"--endpoints={etcd.client_url}", "get", "/from-underlay",
+                   "--print-value-only"])
+    assert res.stdout.strip() == "yes"
+    with pytest.raises(subprocess.CalledProcessError, match="does not exist"):
+        h1.exec(["ip", "link", "show", "nosuchdev"])  # failures carry stderr
     # Tracked processes are stopped by PID when a host is removed.
     sleeper = h2.popen(["sleep", "300"])
     h2.remove()

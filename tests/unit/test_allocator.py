@@ -226,13 +226,6 @@ def test_exhaustion_with_previous_taken() -> None:
         choose_subnet(c, ME, [lease("10.5.10.0/24")], net("10.5.10.0/24"), rng())
 
 
-@pytest.mark.xfail(
-    reason="BUG: free_subnets() checks taken subnets by equality, not overlap; a lease of "
-    "another length (e.g. a /24 left from an older config) does not block the /25s inside "
-    "it, so two hosts get overlapping subnets. flanneld skips any candidate that Overlaps "
-    "a lease.",
-    strict=True,
-)
 def test_lease_of_other_length_blocks_overlapping_subnets() -> None:
     c = config(SubnetLen=25, SubnetMin="10.5.1.0", SubnetMax="10.5.1.128")
     with pytest.raises(OutOfSubnets):

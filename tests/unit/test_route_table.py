@@ -80,6 +80,13 @@ def test_not_owned_is_never_deleted() -> None:
     assert not diff
 
 
+def test_not_owned_duplicate_at_desired_dst_is_kept() -> None:
+    want = route("10.5.2.0/24")
+    other = route("10.5.2.0/24", oif=3)
+    diff = diff_routes(table(want), [want, other], lambda r: r.oif == 2)
+    assert other not in diff.delete
+
+
 def test_owned_predicate_is_per_route() -> None:
     mine = route("10.5.9.0/24")
     theirs = route("10.5.10.0/25")
@@ -109,8 +116,7 @@ def test_mixed() -> None:
     stale = route("10.5.4.0/24")
     foreign = route("172.16.0.0/16")
     actual = [keep, route("10.5.2.0/24", "192.168.100.99"), stale, foreign]
-    diff = diff_routes(
-        table(keep, change, add), actual, lambda r: r.dst.subnet_of(ipaddress.ip_network("10.5.0.0/16"))
-    )
+    network = ipaddress.IPv4Network("10.5.0.0/16")
+    diff = diff_routes(table(keep, change, add), actual, lambda r: r.dst.subnet_of(network))
     assert diff.replace == (change, add)
     assert diff.delete == (stale,)
