@@ -235,3 +235,25 @@ def test_peers_of_another_backend_type_are_ignored(lab, tmp_path):
              '"BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:08"}}')
     wait_for(lambda: "onlink" in routes(h1, "10.5.221.0/24"), what="vxlan peer programmed")
     assert routes(h1, "10.5.220.0/24") == ""
+
+
+def test_direct_routing_routes_same_segment_peers_without_encapsulation(lab, tmp_path):
+    etcd = lab.start_etcd()
+    etcd.put("/coreos.com/network/config", json.dumps(
+        {"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan", "DirectRouting": True}}))
+    h1, _a1, c1 = bring_up(lab, etcd, tmp_path, 1)
+    _h2, a2, c2 = bring_up(lab, etcd, tmp_path, 2)
+    # Host 2 shares host 1's segment: a plain route via its PublicIP, no vxlan entries.
+    wait_for(lambda: "via 192.168.100.2 dev eth0" in routes(h1, a2.subnet),
+             what="direct route to a same-segment peer")
+    assert vtep_mac(etcd, a2.subnet) not in neigh(h1) + fdb(h1)
+    before = link_json(h1, "flannel.1")["stats64"]["tx"]["packets"]
+    assert ping(c1, c2.ip) and ping(c2, c1.ip)
+    assert link_json(h1, "flannel.1")["stats64"]["tx"]["packets"] == before
+    # A peer on another segment still goes through the vxlan device.
+    etcd.put(subnet_key("10.5.230.0/24"),
+             '{"PublicIP":"172.31.0.9","PublicIPv6":null,"BackendType":"vxlan",'
+             '"BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:09"}}')
+    wait_for(lambda: "via 10.5.230.0 dev flannel.1 onlink" in routes(h1, "10.5.230.0/24"),
+             what="vxlan route to an off-segment peer")
+    assert "0e:00:00:00:00:09 dst 172.31.0.9" in fdb(h1)
