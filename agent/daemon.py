@@ -81,6 +81,10 @@ def build_backend(
         from backends.hostgw import HostGwBackend
 
         return HostGwBackend(netlink, ext, resync=opts.resync_period)
+    if btype == "udp":
+        from backends.udp import UdpBackend
+
+        return UdpBackend(netlink, ext, resync=opts.resync_period)
     if btype == "vxlan":
         from backends.vxlan import VxlanBackend
 
@@ -257,6 +261,8 @@ class Daemon:
         return code
 
     async def _close(self) -> None:
+        if self.network is not None:
+            await self.network.close()
         if self.registry is not None:
             await self.registry.close()
         await self.netlink.close()

@@ -7,4 +7,4 @@ from __future__ import annotations
 
 #: Backend.Type -> module holding a Backend class. Types flanneld has that tweed does not
 #: build yet (udp, vxlan, ipip, wireguard, ...) are a clear startup error.
-AVAILABLE = ("host-gw", "vxlan")
+AVAILABLE = ("host-gw", "udp", "vxlan")

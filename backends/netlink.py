@@ -22,6 +22,7 @@ T = TypeVar("T")
 MAIN_TABLE = 254
 RTPROT_BOOT = 3
 RTNH_F_ONLINK = 4
+RT_SCOPE_LINK = 253
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 AF_BRIDGE = 7
@@ -288,6 +289,36 @@ class Netlink:
         """Forwarding entries with an IPv4 destination on vxlan device `index`."""
         return await self._run(lambda: self._fdb_sync(index))
 
+    # -- plain devices -----------------------------------------------------------------
+    def _configure_sync(
+        self, name: str, address: ipaddress.IPv4Interface, mtu: int, txqlen: int
+    ) -> int:
+        ipr = self._ip()
+        idx = ipr.link_lookup(ifname=name)
+        if not idx:
+            raise OSError(errno.ENODEV, f"no device {name}")
+        index = idx[0]
+        ipr.link("set", index=index, mtu=mtu, txqlen=txqlen)
+        have = [
+            ipaddress.IPv4Interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
+            for a in ipr.get_addr(family=socket.AF_INET, index=index)
+        ]
+        for a in have:
+            if a != address:
+                ipr.addr("del", index=index, address=str(a.ip), prefixlen=a.network.prefixlen)
+        if address not in have:
+            ipr.addr("add", index=index, address=str(address.ip),
+                     prefixlen=address.network.prefixlen)
+        ipr.link("set", index=index, state="up")
+        return index
+
+    async def configure_link(
+        self, name: str, address: ipaddress.IPv4Interface, mtu: int, txqlen: int
+    ) -> int:
+        """Give device `name` exactly this address, this MTU and queue length, and bring it
+        up; returns its index."""
+        return await self._run(lambda: self._configure_sync(name, address, mtu, txqlen))
+
     # -- vxlan devices -----------------------------------------------------------------
     def _vxlan_sync(self, name: str) -> VxlanDevice | None:
         ipr = self._ip()
@@ -385,6 +416,8 @@ def _route_kw(r: Route) -> dict[str, Any]:
     }
     if r.gateway is not None:
         kw["gateway"] = str(r.gateway)
+    else:
+        kw["scope"] = RT_SCOPE_LINK  # a device route, as `ip route add <net> dev <dev>`
     if r.onlink:
         kw["flags"] = RTNH_F_ONLINK
     return kw
@@ -443,6 +476,12 @@ class FakeNetlink:
 
     async def find_vxlan(self, name: str) -> VxlanDevice | None:
         return self.vxlan.get(name)
+
+    async def configure_link(
+        self, name: str, address: ipaddress.IPv4Interface, mtu: int, txqlen: int
+    ) -> int:
+        self.calls.append(("configure_link", (name, address, mtu, txqlen)))
+        return 200
 
     async def ensure_vxlan(
         self, spec: VxlanSpec, mac: str, mtu: int, address: ipaddress.IPv4Interface

@@ -37,6 +37,7 @@ from backends.external_iface import ExternalInterface
 from backends.hostgw import owns_peer_route
 from backends.kernel_sync import KernelSync
 from backends.netlink import ChangeSet, Fdb, Neigh, Netlink, Route, VxlanSpec
+from backends.options import opt_bool, opt_int
 from backends.route_table import diff_entries, diff_routes
 
 log = logging.getLogger(__name__)
@@ -59,33 +60,15 @@ class VxlanOptions:
     mtu: int = 0  # 0: the external interface's MTU
 
 
-def _opt_int(backend: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
-    value = backend.get(name.lower(), default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise BackendError(f"Backend.{name}: must be an integer in {lo}..{hi}, got {value!r}")
-    return value
-
-
-def _opt_bool(backend: dict[str, Any], name: str) -> bool:
-    value = backend.get(name.lower(), False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise BackendError(f"Backend.{name}: must be true or false, got {value!r}")
-    return value
-
-
 def parse_options(backend: dict[str, Any]) -> VxlanOptions:
     """Read the vxlan options (keys already lower-cased by the config parser)."""
     return VxlanOptions(
-        vni=_opt_int(backend, "VNI", 1, 0, (1 << 24) - 1),
-        port=_opt_int(backend, "Port", 0, 0, 65535),
-        gbp=_opt_bool(backend, "GBP"),
-        learning=_opt_bool(backend, "Learning"),
-        direct_routing=_opt_bool(backend, "DirectRouting"),
-        mtu=_opt_int(backend, "MTU", 0, 0, 65535),
+        vni=opt_int(backend, "VNI", 1, 0, (1 << 24) - 1),
+        port=opt_int(backend, "Port", 0, 0, 65535),
+        gbp=opt_bool(backend, "GBP"),
+        learning=opt_bool(backend, "Learning"),
+        direct_routing=opt_bool(backend, "DirectRouting"),
+        mtu=opt_int(backend, "MTU", 0, 0, 65535),
     )
 
 

@@ -1,0 +1,78 @@
+"""IPv4 packet surgery for the udp backend: header checks, TTL decrement, ICMP replies.
+
+Pure logic, no I/O, working in place on bytearrays so the data path copies nothing.
+The TTL decrement patches the header checksum incrementally (RFC 1624, eqn. 3), as a
+router does, instead of summing the header again.
+"""
+
+from __future__ import annotations
+
+import struct
+
+IPV4_MIN_HEADER = 20
+PROTO_ICMP = 1
+ICMP_DEST_UNREACH = 3
+ICMP_NET_UNREACH = 0
+
+
+def checksum(data: bytes | bytearray | memoryview) -> int:
+    """The Internet checksum (RFC 1071) of `data`."""
+    if len(data) % 2:
+        data = bytes(data) + b"\x00"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def valid_header(buf: bytes | bytearray | memoryview, length: int) -> bool:
+    """An IPv4 header that is complete and consistent with a datagram of `length` bytes."""
+    if length < IPV4_MIN_HEADER or buf[0] >> 4 != 4:
+        return False
+    ihl = (buf[0] & 0x0F) * 4
+    total = (buf[2] << 8) | buf[3]
+    return IPV4_MIN_HEADER <= ihl <= total <= length
+
+
+def decrement_ttl(buf: bytearray | memoryview) -> bool:
+    """Decrement the TTL and patch the checksum in place; False if the TTL reaches 0
+    (the packet must be dropped; the buffer is then left as it was)."""
+    ttl = buf[8]
+    if ttl <= 1:
+        return False
+    buf[8] = ttl - 1
+    # The 16-bit word holding TTL (high byte) and protocol went down by 0x0100, so the
+    # one's complement checksum goes up by 0x0100, with end-around carry.
+    csum = ((buf[10] << 8) | buf[11]) + 0x0100
+    csum = (csum & 0xFFFF) + (csum >> 16)
+    buf[10] = csum >> 8
+    buf[11] = csum & 0xFF
+    return True
+
+
+def is_first_fragment(buf: bytes | bytearray | memoryview) -> bool:
+    """True unless the packet is a fragment with a non-zero offset."""
+    return ((buf[6] & 0x1F) << 8 | buf[7]) == 0
+
+
+def net_unreachable(offender: bytes | bytearray | memoryview, src: bytes) -> bytes | None:
+    """An ICMP destination-unreachable (net unreachable) answering `offender`, from `src`.
+
+    None when no answer may be sent: the offender is ICMP, a non-first fragment, or
+    not a valid IPv4 header.
+    """
+    if not valid_header(offender, len(offender)):
+        return None
+    if offender[9] == PROTO_ICMP or not is_first_fragment(offender):
+        return None
+    ihl = (offender[0] & 0x0F) * 4
+    quote = bytes(offender[: ihl + 8])  # the header and 8 bytes of payload (RFC 792)
+    icmp = bytearray(struct.pack("!BBHI", ICMP_DEST_UNREACH, ICMP_NET_UNREACH, 0, 0) + quote)
+    struct.pack_into("!H", icmp, 2, checksum(icmp))
+    total = IPV4_MIN_HEADER + len(icmp)
+    header = bytearray(
+        struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, 0, 64, PROTO_ICMP, 0, src,
+                    bytes(offender[12:16]))
+    )
+    struct.pack_into("!H", header, 10, checksum(header))
+    return bytes(header + icmp)

@@ -1,0 +1,215 @@
+"""udp backend: tweed itself carries every container packet inside a UDP datagram.
+
+On the wire (flanneld's format): one raw inner IPv4 packet per UDP datagram, nothing
+else, sent from `<iface IP>:<Port>` (default 8285) to `<peer PublicIP>:<Port>`; 28 bytes of
+overhead (outer IP + UDP), so containers get MTU iface-28.
+
+In the kernel: a TUN device `flannel0` (IFF_TUN | IFF_NO_PI) holding our subnet's first
+address as a /32, MTU iface-28, a long transmit queue, and `route <Network> dev flannel0`.
+Every peer lease (whatever its BackendType, as flanneld does) becomes a datapath route
+`<peer subnet> -> <peer PublicIP>`. The packets themselves are moved by a Datapath
+(backends/datapath.py). Our lease carries neither BackendType nor BackendData.
+
+Options: `Port` (8285), `Datapath` (`auto`/`python`/`c`; TWEED_DATAPATH wins),
+`CheckSource` (true; false accepts datagrams from any address and any inner source, for
+NATed setups), `MTU` (the underlay MTU to plan for; default the interface's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from agent.config import NetworkConfig
+from agent.lease_codec import LeaseAttrs
+from agent.lease_manager import Lease, PeerEvent
+from backends.base import BackendError
+from backends.datapath import Datapath, choose_datapath
+from backends.external_iface import ExternalInterface
+from backends.kernel_sync import KernelSync
+from backends.netlink import ChangeSet, Netlink, Route
+from backends.options import opt_bool, opt_int, opt_str
+from backends.route_table import diff_routes
+
+log = logging.getLogger(__name__)
+
+TYPE = "udp"
+OVERHEAD = 28  # outer IPv4 20 + UDP 8
+DEVICE = "flannel0"
+TXQUEUELEN = 5000
+SOCKET_BUFFER = 8 * 1024 * 1024
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+
+
+@dataclass(frozen=True)
+class UdpOptions:
+    port: int = 8285
+    datapath: str = "auto"
+    check_source: bool = True
+    mtu: int = 0
+
+
+def parse_options(backend: dict[str, Any]) -> UdpOptions:
+    """Read the udp options (keys already lower-cased by the config parser)."""
+    return UdpOptions(
+        port=opt_int(backend, "Port", 8285, 1, 65535),
+        datapath=opt_str(backend, "Datapath", "auto"),
+        check_source=opt_bool(backend, "CheckSource", True),
+        mtu=opt_int(backend, "MTU", 0, 0, 65535),
+    )
+
+
+def open_socket(addr: ipaddress.IPv4Address, port: int, size: int = SOCKET_BUFFER) -> socket.socket:
+    """The UDP socket bound to <iface IP>:<port>, with big buffers; warns if the kernel
+    gives less than asked."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind((str(addr), port))
+    except OSError as exc:
+        sock.close()
+        raise BackendError(f"Backend.Port: cannot bind UDP {addr}:{port}: {exc.strerror}") from None
+    for force, plain, name in ((SO_SNDBUFFORCE, socket.SO_SNDBUF, "send"),
+                               (SO_RCVBUFFORCE, socket.SO_RCVBUF, "receive")):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)  # root may exceed *mem_max
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, plain, size)
+        got = sock.getsockopt(socket.SOL_SOCKET, plain) // 2  # the kernel reports double
+        if got < size:
+            log.warning("UDP %s buffer is %d bytes, less than the %d asked for; raise"
+                        " net.core.%cmem_max to avoid drops under load",
+                        name, got, size, "w" if name == "send" else "r")
+    sock.setblocking(False)
+    return sock
+
+
+def open_tun(name: str) -> Any:
+    """The TUN device, IFF_TUN | IFF_NO_PI: packets are raw IP, no header."""
+    import pytun
+
+    try:
+        return pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+    except pytun.Error as exc:
+        raise BackendError(f"cannot open TUN device {name}: {exc}") from None
+
+
+class UdpNetwork:
+    """flannel0, the UDP socket and the datapath between them."""
+
+    def __init__(
+        self, netlink: Netlink, ext: ExternalInterface, config: NetworkConfig,
+        opts: UdpOptions, datapath_cls: type, resync: float,
+    ) -> None:
+        self.netlink = netlink
+        self.ext = ext
+        self.config = config
+        self.opts = opts
+        self.datapath_cls = datapath_cls
+        self.lease_attrs = LeaseAttrs(ext.public_ip)  # flanneld's udp writes no backend data
+        self.mtu = (opts.mtu or ext.mtu) - OVERHEAD
+        self.own: ipaddress.IPv4Network | None = None
+        self.tun: Any = None
+        self.sock: socket.socket | None = None
+        self.datapath: Datapath | None = None
+        self.tun_index = 0
+        self.peers: dict[ipaddress.IPv4Network, ipaddress.IPv4Address] = {}
+        self.kernel = KernelSync(netlink, self._plan, resync)
+
+    async def setup(self, lease: Lease) -> None:
+        self.own = lease.subnet
+        if self.tun is None:
+            self.tun = open_tun(DEVICE)
+            self.sock = open_socket(self.ext.iface_addr, self.opts.port)
+            self.datapath = self.datapath_cls(
+                self.tun.fileno(), self.sock, port=self.opts.port, mtu=self.mtu,
+                check_source=self.opts.check_source,
+            )
+        address = ipaddress.IPv4Interface(f"{lease.subnet.network_address}/32")
+        self.tun_index = await self.netlink.configure_link(DEVICE, address, self.mtu, TXQUEUELEN)
+        assert self.datapath is not None
+        self.datapath.set_local(address.ip)
+        if self.peers.pop(lease.subnet, None) is not None:
+            self.datapath.del_route(lease.subnet)
+        log.info("udp: %s (index %d, MTU %d, address %s), socket %s:%d, %s datapath%s",
+                 DEVICE, self.tun_index, self.mtu, address, self.ext.iface_addr,
+                 self.opts.port, self.datapath.name,
+                 "" if self.opts.check_source else ", source checks off")
+        await self.sync()
+
+    async def _plan(self) -> ChangeSet:
+        net = self.config.network
+        if not self.tun_index or net is None:
+            return ChangeSet()
+        desired = {net: Route(net, None, self.tun_index)}
+        actual = await self.netlink.routes(oif=self.tun_index)
+        diff = diff_routes(desired, actual, lambda r: r.gateway is None and r.dst == net)
+        return ChangeSet(route_replace=list(diff.replace), route_delete=list(diff.delete))
+
+    async def apply(self, events: list[PeerEvent]) -> None:
+        dp = self.datapath
+        assert dp is not None
+        for ev in events:
+            subnet = ev.lease.subnet
+            if ev.kind == "removed" or subnet == self.own:
+                if self.peers.pop(subnet, None) is not None:
+                    dp.del_route(subnet)
+                    log.info("udp: removed peer %s", subnet)
+                continue
+            peer = ev.lease.attrs.public_ip
+            if self.peers.get(subnet) != peer:
+                self.peers[subnet] = peer
+                dp.set_route(subnet, peer)
+                log.info("udp: peer %s at %s:%d", subnet, peer, self.opts.port)
+        await self.sync()
+
+    async def sync(self) -> bool:
+        return await self.kernel.sync()
+
+    def ready(self) -> bool:
+        return self.datapath is not None and self.kernel.ready()
+
+    def counters(self) -> dict[str, int]:
+        return self.datapath.counters() if self.datapath is not None else {}
+
+    async def run(self) -> None:
+        assert self.datapath is not None
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.datapath.run(), name="datapath")
+            tg.create_task(self.kernel.run(), name="udp-resync")
+
+    async def close(self) -> None:
+        if self.datapath is not None:
+            self.datapath.stop()
+        if self.sock is not None:
+            self.sock.close()
+        if self.tun is not None:
+            with contextlib.suppress(Exception):
+                self.tun.close()
+
+
+class UdpBackend:
+    """Builds UdpNetworks."""
+
+    name = TYPE
+
+    def __init__(self, netlink: Netlink, ext: ExternalInterface, resync: float = 10.0) -> None:
+        self.netlink = netlink
+        self.ext = ext
+        self.resync = resync
+
+    async def register_network(self, config: NetworkConfig) -> UdpNetwork:
+        opts = parse_options(config.backend)
+        try:
+            cls = choose_datapath(opts.datapath, dict(os.environ))
+        except ValueError as exc:
+            raise BackendError(str(exc)) from None
+        if (opts.mtu or self.ext.mtu) - OVERHEAD < 68:
+            raise BackendError(f"Backend.MTU: {opts.mtu or self.ext.mtu} is too small for udp")
+        return UdpNetwork(self.netlink, self.ext, config, opts, cls, self.resync)
