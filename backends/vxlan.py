@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 TYPE = "vxlan"
 #: Outer Ethernet 14 + IP 20 + UDP 8 + VXLAN 8.
 OVERHEAD = 50
-_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def peer_mac(attrs: LeaseAttrs) -> str | None:
     mac = data.get("VtepMAC")
     if mac is None:
         mac = next((v for k, v in data.items() if k.lower() == "vtepmac"), None)
-    if not isinstance(mac, str) or not _MAC_RE.match(mac.lower()):
+    if not isinstance(mac, str) or not _MAC_RE.fullmatch(mac.lower()):
         return None
     return mac.lower()
 
@@ -104,7 +104,7 @@ class MacStore:
         except (OSError, ValueError):
             return None
         mac = doc.get("VtepMAC") if isinstance(doc, dict) else None
-        if isinstance(mac, str) and _MAC_RE.match(mac):
+        if isinstance(mac, str) and _MAC_RE.fullmatch(mac):
             return mac
         log.warning("ignoring %s: no valid VtepMAC in it", self.path)
         return None
@@ -183,6 +183,8 @@ class VxlanNetwork:
         await self.sync()
 
     def _owned_route(self, r: Route) -> bool:
+        if r.oif == self.dev_index and r.dst == self.own and r.gateway is not None:
+            return True  # a peer's old route to what is now our own subnet
         oif = self.dev_index if r.oif == self.dev_index else self.ext.index
         return owns_peer_route(r, self.config, oif, self.own, set(self.peers) | self.installed)
 
@@ -266,7 +268,7 @@ class VxlanBackend:
         source = "state file"
         if mac is None:
             dev = await self.netlink.find_vxlan(f"flannel.{opts.vni}")
-            if dev is not None and dev.spec.vni == opts.vni and _MAC_RE.match(dev.mac or ""):
+            if dev is not None and dev.spec.vni == opts.vni and _MAC_RE.fullmatch(dev.mac or ""):
                 mac, source = dev.mac, "existing device"
             else:
                 mac, source = random_mac(self.rng), "new"
