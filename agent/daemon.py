@@ -224,10 +224,12 @@ class Daemon:
         health = None
         if self.opts.healthz_port:
             from agent.health import start_health_server
+            from agent.metrics import render
 
             try:
                 health = await start_health_server(
-                    self.opts.healthz_ip, self.opts.healthz_port, self.not_ready_reason
+                    self.opts.healthz_ip, self.opts.healthz_port, self.not_ready_reason,
+                    lambda: render(self),
                 )
             except OSError as exc:
                 log.error("--healthz-port: cannot listen on %s:%d: %s",

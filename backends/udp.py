@@ -66,7 +66,9 @@ def parse_options(backend: dict[str, Any]) -> UdpOptions:
     )
 
 
-def open_socket(addr: ipaddress.IPv4Address, port: int, size: int = SOCKET_BUFFER) -> socket.socket:
+def open_socket(
+    addr: ipaddress.IPv4Address, port: int, size: int = SOCKET_BUFFER
+) -> socket.socket:
     """The UDP socket bound to <iface IP>:<port>, with big buffers; warns if the kernel
     gives less than asked."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -74,7 +76,9 @@ def open_socket(addr: ipaddress.IPv4Address, port: int, size: int = SOCKET_BUFFE
         sock.bind((str(addr), port))
     except OSError as exc:
         sock.close()
-        raise BackendError(f"Backend.Port: cannot bind UDP {addr}:{port}: {exc.strerror}") from None
+        raise BackendError(
+            f"Backend.Port: cannot bind UDP {addr}:{port}: {exc.strerror}"
+        ) from None
     for force, plain, name in ((SO_SNDBUFFORCE, socket.SO_SNDBUF, "send"),
                                (SO_RCVBUFFORCE, socket.SO_RCVBUF, "receive")):
         try:
@@ -139,7 +143,7 @@ class UdpNetwork:
             self.datapath.del_route(lease.subnet)
         log.info("udp: %s (index %d, MTU %d, address %s), socket %s:%d, %s datapath%s",
                  DEVICE, self.tun_index, self.mtu, address, self.ext.iface_addr,
-                 self.opts.port, self.datapath.name,
+                 self.opts.port, _mode(self.datapath),
                  "" if self.opts.check_source else ", source checks off")
         await self.sync()
 
@@ -192,6 +196,11 @@ class UdpNetwork:
         if self.tun is not None:
             with contextlib.suppress(Exception):
                 self.tun.close()
+
+
+def _mode(dp: object) -> str:
+    mode = getattr(dp, "mode", None)
+    return mode() if callable(mode) else str(getattr(dp, "name", "?"))
 
 
 class UdpBackend:
