@@ -62,10 +62,6 @@ class Datapath(Protocol):
     def del_route(self, subnet: ipaddress.IPv4Network) -> None:
         ...
 
-    def set_local(self, address: ipaddress.IPv4Address) -> None:
-        """Our TUN address: the source of the ICMP errors we generate."""
-        ...
-
     async def run(self) -> None:
         """Move packets until stop()."""
         ...
@@ -94,7 +90,6 @@ class PythonDatapath:
         self.routes: RouteTable[tuple[str, int]] = RouteTable()
         # PublicIP -> [(network int, mask)] of that peer's subnets, for the source check.
         self.sources: dict[str, list[tuple[int, int]]] = {}
-        self.local = b"\x00\x00\x00\x00"
         self._stopped: asyncio.Future[None] | None = None
         for name in COUNTERS:
             setattr(self, name, 0)
@@ -124,9 +119,6 @@ class PythonDatapath:
             nets.remove(entry)
         if not nets:
             self.sources.pop(old[0], None)
-
-    def set_local(self, address: ipaddress.IPv4Address) -> None:
-        self.local = address.packed
 
     def counters(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in COUNTERS}
@@ -212,7 +204,7 @@ class PythonDatapath:
                         break
                 if addr is None:
                     self.tx_drop_no_route += 1
-                    reply = net_unreachable(view[off:off + n], self.local)
+                    reply = net_unreachable(view[off:off + n])
                     if reply is not None:
                         try:
                             write(fd, reply)

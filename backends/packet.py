@@ -55,8 +55,12 @@ def is_first_fragment(buf: bytes | bytearray | memoryview) -> bool:
     return ((buf[6] & 0x1F) << 8 | buf[7]) == 0
 
 
-def net_unreachable(offender: bytes | bytearray | memoryview, src: bytes) -> bytes | None:
-    """An ICMP destination-unreachable (net unreachable) answering `offender`, from `src`.
+def net_unreachable(
+    offender: bytes | bytearray | memoryview, src: bytes | None = None
+) -> bytes | None:
+    """An ICMP destination-unreachable (net unreachable) answering `offender`, from `src`
+    (default: the unreachable destination itself, as flanneld does; our own address would
+    be dropped by the kernel as a martian when it comes back in through the TUN).
 
     None when no answer may be sent: the offender is ICMP, a non-first fragment, or
     not a valid IPv4 header.
@@ -71,8 +75,8 @@ def net_unreachable(offender: bytes | bytearray | memoryview, src: bytes) -> byt
     struct.pack_into("!H", icmp, 2, checksum(icmp))
     total = IPV4_MIN_HEADER + len(icmp)
     header = bytearray(
-        struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, 0, 64, PROTO_ICMP, 0, src,
-                    bytes(offender[12:16]))
+        struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, 0, 64, PROTO_ICMP, 0,
+                    bytes(offender[16:20]) if src is None else src, bytes(offender[12:16]))
     )
     struct.pack_into("!H", header, 10, checksum(header))
     return bytes(header + icmp)

@@ -138,7 +138,6 @@ class UdpNetwork:
         address = ipaddress.IPv4Interface(f"{lease.subnet.network_address}/32")
         self.tun_index = await self.netlink.configure_link(DEVICE, address, self.mtu, TXQUEUELEN)
         assert self.datapath is not None
-        self.datapath.set_local(address.ip)
         if self.peers.pop(lease.subnet, None) is not None:
             self.datapath.del_route(lease.subnet)
         log.info("udp: %s (index %d, MTU %d, address %s), socket %s:%d, %s datapath%s",
