@@ -76,7 +76,7 @@ def test_udp_carries_container_traffic_both_ways(lab, tmp_path):
     etcd = lab.start_etcd()
     put_config(etcd, backend="udp")
     h1, a1, c1 = bring_up(lab, etcd, tmp_path, 1)
-    h2, a2, c2 = bring_up(lab, etcd, tmp_path, 2)
+    h2, _a2, c2 = bring_up(lab, etcd, tmp_path, 2)
     assert a1.env()["FLANNEL_MTU"] == "1472"
     assert etcd.get(subnet_key(a1.subnet)) == '{"PublicIP":"192.168.100.1","PublicIPv6":null}'
     link = json.loads(h1.exec(["ip", "-d", "-j", "link", "show", "flannel0"]).stdout)[0]
@@ -135,7 +135,7 @@ def test_non_peer_and_spoofed_datagrams_are_dropped_and_counted(lab, tmp_path):
     etcd = lab.start_etcd()
     put_config(etcd, backend="udp")
     h1, a1, c1 = bring_up(lab, etcd, tmp_path, 1)
-    h2, a2, c2 = bring_up(lab, etcd, tmp_path, 2)
+    h2, _a2, c2 = bring_up(lab, etcd, tmp_path, 2)
     wait_for(lambda: ping(c1, c2.ip, count=1), timeout=10, what="overlay up")
     # Host 3 is not a peer: it has no lease.
     h3 = lab.add_host(3)
@@ -164,7 +164,8 @@ def test_random_datagrams_leave_the_agent_running_and_counters_consistent(lab, t
         if kind == 0:  # pure noise, any length
             datagrams.append(rng.randbytes(rng.randrange(0, 1600)))
         elif kind == 1:  # an IPv4-looking header with random fields
-            datagrams.append(bytes([0x40 | rng.randrange(16)]) + rng.randbytes(rng.randrange(0, 60)))
+            head = bytes([0x40 | rng.randrange(16)])
+            datagrams.append(head + rng.randbytes(rng.randrange(0, 60)))
         elif kind == 2:  # valid packets from host 2's subnet to a container on host 1
             datagrams.append(ip_packet(f"{net2}.{rng.randrange(2, 250)}", c1.ip,
                                        rng.randbytes(rng.randrange(0, 200)),
@@ -196,7 +197,7 @@ def test_exchanges_traffic_with_a_flanneld_style_stand_in(lab, tmp_path):
     requests that arrive in datagrams, and originates one echo request itself."""
     etcd = lab.start_etcd()
     put_config(etcd, backend="udp")
-    h1, a1, c1 = bring_up(lab, etcd, tmp_path, 1)
+    h1, _a1, c1 = bring_up(lab, etcd, tmp_path, 1)
     h3 = lab.add_host(3)
     etcd.put_with_lease(subnet_key("10.5.200.0/24"),
                         '{"PublicIP":"192.168.100.3","PublicIPv6":null}', 86400)
