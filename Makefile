@@ -5,7 +5,7 @@ PYTHON    ?= python3
 DEB_PKGS  := etcd-server etcd-client iproute2 iptables iputils-ping iperf3 tcpdump
 STAMP     := $(VENV)/.installed
 
-.PHONY: setup packages test unit lint demo clean
+.PHONY: setup packages test unit lint demo bench clean
 
 setup: packages $(STAMP)
 
@@ -38,6 +38,10 @@ lint: setup
 BACKEND ?= host-gw
 demo: setup
 	$(PY) -m tests.demo $(BACKEND)
+
+# Throughput and latency per backend, measured in one run (a command, not a test).
+bench: setup
+	BENCH_JSON=$(CURDIR)/bench-results.json $(PY) -m tests.bench python
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
