@@ -85,6 +85,12 @@ def udp_families(values: dict[str, int]) -> Iterator[Any]:
             if key.startswith(prefix):
                 drops.add_metric([direction, key[len(prefix):]], value)
     yield drops
+    for key, help_ in (("gso_sends", "UDP GSO sends (several datagrams in one call)"),
+                       ("gro_receives", "coalesced UDP receives (UDP GRO)"),
+                       ("coalesced_writes", "TCP super-packets written to the TUN")):
+        fam = CounterMetricFamily(f"tweed_udp_{key}", help_)
+        fam.add_metric([], values.get(key, 0))
+        yield fam
     icmp = CounterMetricFamily("tweed_udp_icmp_unreachable_sent",
                                "ICMP net-unreachable replies written to the TUN")
     icmp.add_metric([], values.get("icmp_unreachable_sent", 0))

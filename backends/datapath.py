@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from backends.lpm import RouteTable
-from backends.packet import net_unreachable
+from backends.packet import checksum, net_unreachable
 
 #: Counter names, in the order they are reported.
 COUNTERS = (
@@ -38,7 +38,7 @@ COUNTERS = (
     "tx_drop_malformed", "tx_drop_no_route", "tx_drop_ttl", "tx_drop_send_error",
     "rx_drop_unknown_source", "rx_drop_malformed", "rx_drop_oversized",
     "rx_drop_spoofed_source", "rx_drop_ttl", "rx_drop_tun_error", "icmp_unreachable_sent",
-    "gso_sends", "gro_receives",
+    "gso_sends", "gro_receives", "coalesced_writes",
 )
 BUF_SIZE = 65536
 SOL_UDP = 17
@@ -47,6 +47,12 @@ UDP_GRO = 104
 #: Linux accepts at most 64 segments per UDP GSO send, and 64 KiB in all.
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
+#: struct virtio_net_hdr (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset),
+#: in the host's byte order, as a TUN opened with IFF_VNET_HDR reads and writes it.
+VNET_HDR = struct.Struct("=BBHHHH")
+VNET_NONE = VNET_HDR.pack(0, 0, 0, 0, 0, 0)
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
 
 
 class Datapath(Protocol):
@@ -81,8 +87,12 @@ class PythonDatapath:
     def __init__(
         self, tun_fd: int, sock: socket.socket, *, port: int, mtu: int,
         check_source: bool = True, gso: bool = True, gro: bool = True,
+        vnet_hdr: bool = False,
     ) -> None:
         self.tun_fd = tun_fd
+        # The TUN was opened with IFF_VNET_HDR: every read and write starts with a
+        # virtio_net_hdr, which lets us write coalesced TCP super-packets.
+        self.vnet_hdr = vnet_hdr
         self.sock = sock
         self.port = port
         self.mtu = mtu
@@ -98,7 +108,9 @@ class PythonDatapath:
 
     def mode(self) -> str:
         """Which offloads are in use, for logs and counters."""
-        return f"python (udp gso {'on' if self.gso else 'off'}, gro {'on' if self.gro else 'off'})"
+        on = {True: "on", False: "off"}
+        return (f"python (udp gso {on[self.gso]}, gro {on[self.gro]},"
+                f" tun coalescing {on[self.vnet_hdr]})")
 
     # -- control -------------------------------------------------------------------
     def set_route(self, subnet: ipaddress.IPv4Network, peer: ipaddress.IPv4Address) -> None:
@@ -152,7 +164,10 @@ class PythonDatapath:
         cap = GSO_MAX_SEGMENTS * mtu + mtu
         buf = bytearray(cap)
         view = memoryview(buf)
-        readv, write, fd = os.readv, os.write, self.tun_fd
+        readv, writev, fd = os.readv, os.writev, self.tun_fd
+        head = [bytearray(VNET_HDR.size)] if self.vnet_hdr else []
+        hlen = VNET_HDR.size if self.vnet_hdr else 0
+        plain = [VNET_NONE] if self.vnet_hdr else []
         sendto, sendmsg = self.sock.sendto, self.sock.sendmsg
         pack = struct.Struct("=H").pack
         from_bytes = int.from_bytes
@@ -190,7 +205,7 @@ class PythonDatapath:
             raddr: tuple[str, int] | None = None
             while True:
                 try:
-                    n = readv(fd, [view[off:off + mtu]])
+                    n = readv(fd, [*head, view[off:off + mtu]]) - hlen
                 except (BlockingIOError, InterruptedError):
                     break
                 if n < 20 or buf[off] >> 4 != 4:
@@ -207,7 +222,7 @@ class PythonDatapath:
                     reply = net_unreachable(view[off:off + n])
                     if reply is not None:
                         try:
-                            write(fd, reply)
+                            writev(fd, [*plain, reply])
                             self.icmp_unreachable_sent += 1
                         except OSError:
                             pass
@@ -244,52 +259,136 @@ class PythonDatapath:
         view = memoryview(buf)
         recvmsg_into = self.sock.recvmsg_into
         bufs = [buf]
-        write, fd = os.write, self.tun_fd
+        writev, fd = os.writev, self.tun_fd
         mtu = self.mtu
         from_bytes = int.from_bytes
         ancsize = socket.CMSG_SPACE(4)
+        vnet = self.vnet_hdr
+        plain = [VNET_NONE] if vnet else []
+        pack_vnet = VNET_HDR.pack
 
-        def deliver(pos: int, n: int, nets: list[tuple[int, int]] | None, check: bool) -> None:
-            """One inner packet at buf[pos:pos+n]: check it, patch it, write it."""
+        def check(pos: int, n: int, nets: list[tuple[int, int]] | None, strict: bool) -> int:
+            """Validate and TTL-patch the packet at buf[pos:pos+n]; its length, 0 if dropped."""
             if n > mtu:
                 self.rx_drop_oversized += 1
-                return
+                return 0
             if n < 20 or buf[pos] >> 4 != 4:
                 self.rx_drop_malformed += 1
-                return
+                return 0
             ihl = (buf[pos] & 0x0F) << 2
             total = (buf[pos + 2] << 8) | buf[pos + 3]
             if ihl < 20 or total < ihl or total > n:
                 self.rx_drop_malformed += 1
-                return
-            if check:
+                return 0
+            if strict:
                 inner = from_bytes(buf[pos + 12:pos + 16], "big")
                 for net, mask in nets:  # type: ignore[union-attr]
                     if inner & mask == net:
                         break
                 else:
                     self.rx_drop_spoofed_source += 1
-                    return
+                    return 0
             ttl = buf[pos + 8]
             if ttl <= 1:
                 self.rx_drop_ttl += 1
-                return
+                return 0
             buf[pos + 8] = ttl - 1
             csum = ((buf[pos + 10] << 8) | buf[pos + 11]) + 0x0100
             csum = (csum & 0xFFFF) + (csum >> 16)
             buf[pos + 10] = csum >> 8
             buf[pos + 11] = csum & 0xFF
+            return total
+
+        def write(parts: list, count: int, nbytes: int) -> None:
             try:
-                write(fd, view[pos:pos + total])
+                writev(fd, parts)
             except OSError:
-                self.rx_drop_tun_error += 1
+                self.rx_drop_tun_error += count
                 return
-            self.rx_packets += 1
-            self.rx_bytes += total
+            self.rx_packets += count
+            self.rx_bytes += nbytes
+
+        def write_batch(pkts: list[tuple[int, int]]) -> None:
+            """Write packets to the TUN; with a vnet header, runs of in-order segments of
+            one TCP flow go as one GSO super-packet (the kernel's GRO, done here)."""
+            if not vnet or len(pkts) == 1:
+                for pos, total in pkts:
+                    write([*plain, view[pos:pos + total]], 1, total)
+                return
+            i = 0
+            while i < len(pkts):
+                j = coalescible_run(pkts, i)
+                if j - i == 1:
+                    pos, total = pkts[i]
+                    write([*plain, view[pos:pos + total]], 1, total)
+                else:
+                    write_super(pkts[i:j])
+                i = j
+
+        def tcp_key(pos: int, total: int) -> tuple | None:
+            # Plain IPv4 (no options), TCP, not a fragment, flags ACK or ACK|PSH, payload.
+            if buf[pos] != 0x45 or buf[pos + 9] != 6 or (buf[pos + 6] & 0x3F) or buf[pos + 7]:
+                return None
+            thl = (buf[pos + 32] >> 4) << 2
+            flags = buf[pos + 33]
+            if thl < 20 or total <= 20 + thl or flags not in (0x10, 0x18):
+                return None
+            # Flow, ack, window and options must match for segments to merge.
+            return (bytes(view[pos + 12:pos + 24]), bytes(view[pos + 28:pos + 32]),
+                    bytes(view[pos + 34:pos + 36]), bytes(view[pos + 40:pos + 20 + thl]))
+
+        def coalescible_run(pkts: list[tuple[int, int]], i: int) -> int:
+            pos, total = pkts[i]
+            key = tcp_key(pos, total)
+            if key is None:
+                return i + 1
+            thl = (buf[pos + 32] >> 4) << 2
+            mss = total - 20 - thl
+            seq = from_bytes(buf[pos + 24:pos + 28], "big") + mss
+            size = total
+            j = i + 1
+            while j < len(pkts) and buf[pkts[j - 1][0] + 33] == 0x10:
+                pos, total = pkts[j]
+                payload = total - 20 - thl
+                if (payload > mss or size + payload > 65000 or tcp_key(pos, total) != key
+                        or from_bytes(buf[pos + 24:pos + 28], "big") != seq & 0xFFFFFFFF):
+                    break
+                size += payload
+                seq += payload
+                j += 1
+                if payload < mss:
+                    break  # only the last segment may be short
+            return j
+
+        def write_super(run: list[tuple[int, int]]) -> None:
+            pos, total = run[0]
+            thl = (buf[pos + 32] >> 4) << 2
+            hl = 20 + thl
+            mss = total - hl
+            payload = sum(t - hl for _, t in run)
+            ip = bytearray(view[pos:pos + 20])
+            ip[2], ip[3] = (hl + payload) >> 8, (hl + payload) & 0xFF
+            ip[10] = ip[11] = 0
+            c = checksum(ip)
+            ip[10], ip[11] = c >> 8, c & 0xFF
+            tcp = bytearray(view[pos + 20:pos + hl])
+            tcp[13] |= buf[run[-1][0] + 33] & 0x08  # PSH of the last segment
+            # NEEDS_CSUM: the kernel completes the checksum from the pseudo-header sum.
+            pseudo = (from_bytes(ip[12:14], "big") + from_bytes(ip[14:16], "big")
+                      + from_bytes(ip[16:18], "big") + from_bytes(ip[18:20], "big")
+                      + 6 + thl + payload)
+            while pseudo >> 16:
+                pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
+            tcp[16], tcp[17] = pseudo >> 8, pseudo & 0xFF
+            hdr = pack_vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, hl, mss,
+                            20, 16)
+            write([hdr, ip, tcp, *(view[p + hl:p + t] for p, t in run)], len(run),
+                  hl * len(run) + payload)
+            self.coalesced_writes += 1
 
         def on_readable() -> None:
             sources = self.sources
-            check = self.check_source
+            strict = self.check_source
             while True:
                 try:
                     n, anc, _flags, (src_ip, _port) = recvmsg_into(bufs, ancsize)
@@ -305,14 +404,21 @@ class PythonDatapath:
                 datagrams = (n + seg - 1) // seg if n else 1
                 self.rx_datagrams += datagrams
                 nets = sources.get(src_ip)
-                if check and nets is None:
+                if strict and nets is None:
                     self.rx_drop_unknown_source += datagrams
                     continue
                 if seg == n:
-                    deliver(0, n, nets, check)
+                    total = check(0, n, nets, strict)
+                    if total:
+                        write([*plain, view[:total]], 1, total)
                     continue
+                pkts = []
                 for pos in range(0, n, seg):
-                    deliver(pos, min(seg, n - pos), nets, check)
+                    total = check(pos, min(seg, n - pos), nets, strict)
+                    if total:
+                        pkts.append((pos, total))
+                if pkts:
+                    write_batch(pkts)
 
         return on_readable
 

@@ -12,7 +12,9 @@ Every peer lease (whatever its BackendType, as flanneld does) becomes a datapath
 
 Options: `Port` (8285), `Datapath` (`auto`/`python`/`c`; TWEED_DATAPATH wins),
 `CheckSource` (true; false accepts datagrams from any address and any inner source, for
-NATed setups), `MTU` (the underlay MTU to plan for; default the interface's).
+NATed setups), `MTU` (the underlay MTU to plan for; default the interface's), `Coalesce`
+(true: open the TUN with a virtio_net_hdr and write in-order TCP segments of one flow
+that arrived together as one GSO super-packet; the wire format is unchanged).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class UdpOptions:
     datapath: str = "auto"
     check_source: bool = True
     mtu: int = 0
+    coalesce: bool = True
 
 
 def parse_options(backend: dict[str, Any]) -> UdpOptions:
@@ -63,6 +66,7 @@ def parse_options(backend: dict[str, Any]) -> UdpOptions:
         datapath=opt_str(backend, "Datapath", "auto"),
         check_source=opt_bool(backend, "CheckSource", True),
         mtu=opt_int(backend, "MTU", 0, 0, 65535),
+        coalesce=opt_bool(backend, "Coalesce", True),
     )
 
 
@@ -94,12 +98,15 @@ def open_socket(
     return sock
 
 
-def open_tun(name: str) -> Any:
-    """The TUN device, IFF_TUN | IFF_NO_PI: packets are raw IP, no header."""
+def open_tun(name: str, vnet_hdr: bool = False) -> Any:
+    """The TUN device, IFF_TUN | IFF_NO_PI: packets are raw IP. With `vnet_hdr`, each read
+    and write also carries a virtio_net_hdr (local to this host; nothing on the wire
+    changes), so that coalesced TCP segments can be written as one."""
     import pytun
 
+    flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if vnet_hdr else 0)
     try:
-        return pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+        return pytun.TunTapDevice(name=name, flags=flags)
     except pytun.Error as exc:
         raise BackendError(f"cannot open TUN device {name}: {exc}") from None
 
@@ -129,11 +136,11 @@ class UdpNetwork:
     async def setup(self, lease: Lease) -> None:
         self.own = lease.subnet
         if self.tun is None:
-            self.tun = open_tun(DEVICE)
+            self.tun = open_tun(DEVICE, vnet_hdr=self.opts.coalesce)
             self.sock = open_socket(self.ext.iface_addr, self.opts.port)
             self.datapath = self.datapath_cls(
                 self.tun.fileno(), self.sock, port=self.opts.port, mtu=self.mtu,
-                check_source=self.opts.check_source,
+                check_source=self.opts.check_source, vnet_hdr=self.opts.coalesce,
             )
         address = ipaddress.IPv4Interface(f"{lease.subnet.network_address}/32")
         self.tun_index = await self.netlink.configure_link(DEVICE, address, self.mtu, TXQUEUELEN)

@@ -72,9 +72,11 @@ def send_from(ns_obj, src_ip: str, dst: tuple[str, int], datagrams: list[bytes])
                    input=pickle.dumps(datagrams), check=True, timeout=60)
 
 
-def test_udp_carries_container_traffic_both_ways(lab, tmp_path):
+@pytest.mark.parametrize("coalesce", [True, False], ids=["coalesce", "plain-tun"])
+def test_udp_carries_container_traffic_both_ways(lab, tmp_path, coalesce):
     etcd = lab.start_etcd()
-    put_config(etcd, backend="udp")
+    etcd.put("/coreos.com/network/config", json.dumps(
+        {"Network": "10.5.0.0/16", "Backend": {"Type": "udp", "Coalesce": coalesce}}))
     h1, a1, c1 = bring_up(lab, etcd, tmp_path, 1)
     h2, _a2, c2 = bring_up(lab, etcd, tmp_path, 2)
     assert a1.env()["FLANNEL_MTU"] == "1472"
@@ -110,6 +112,11 @@ def test_udp_carries_container_traffic_both_ways(lab, tmp_path):
     # counters: every datagram became exactly one packet, none was dropped).
     m = metrics(h2)
     assert m["tweed_udp_rx_datagrams_total"] == m['tweed_udp_packets_total{direction="rx"}']
+    # The offloads were used: batched sends on host 1, coalesced receives and TCP
+    # super-packets written to host 2's TUN.
+    assert metrics(h1)["tweed_udp_gso_sends_total"] > 0
+    assert m["tweed_udp_gro_receives_total"] > 0
+    assert (m["tweed_udp_coalesced_writes_total"] > 0) == coalesce
 
 
 def test_no_route_gets_icmp_net_unreachable(lab, tmp_path):
