@@ -17,6 +17,7 @@ from agent.daemon import wait_for_config
 from agent.etcd_registry import EtcdRegistry, EtcdSettings
 from agent.lease_codec import LeaseAttrs, encode_lease
 from agent.lease_manager import LeaseManager, PeerEvent
+from tests.support.aio import background, until
 
 pytestmark = pytest.mark.etcd
 
@@ -34,34 +35,6 @@ def peer_json(n: int) -> str:
 
 def registry_for(url: str) -> EtcdRegistry:
     return EtcdRegistry(EtcdSettings((url,), PREFIX))
-
-
-async def until(pred, limit: float = 10.0, step: float = 0.05):
-    """Wait for pred() to be truthy; fail with a clear message after `timeout` s."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + limit
-    while True:
-        value = pred()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if loop.time() > end:
-            raise AssertionError(f"condition not met within {limit} s")
-        await asyncio.sleep(step)
-
-
-@contextlib.asynccontextmanager
-async def background(*coros):
-    tasks = [asyncio.create_task(c) for c in coros]
-    try:
-        yield tasks
-    finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
 
 
 @contextlib.asynccontextmanager

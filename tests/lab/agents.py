@@ -101,3 +101,14 @@ def routes(host, subnet: str) -> str:
 def ping(ns_obj, ip: str, count: int = 3) -> bool:
     res = ns_obj.exec(["ping", "-c", str(count), "-W", "2", "-i", "0.2", ip], check=False)
     return res.returncode == 0
+
+
+def bring_up(lab, etcd, workdir: Path, i: int, *extra: str, resync: str = "2"):
+    """Host i with a running tweed (resync period `resync` s), docker0 from its
+    subnet.env and one container; returns (host, agent, container)."""
+    host = lab.add_host(i)
+    agent = Agent(host, etcd.client_url, workdir, "--resync-period", resync, *extra).start()
+    env = agent.wait_env()
+    host.add_docker0(env["FLANNEL_SUBNET"], int(env["FLANNEL_MTU"]))
+    container = host.add_container("a", int(env["FLANNEL_MTU"]))
+    return host, agent, container

@@ -8,18 +8,9 @@ import sys
 
 import pytest
 
-from tests.lab.agents import Agent, ping, put_config, routes, subnet_key, wait_for
+from tests.lab.agents import Agent, bring_up, ping, put_config, routes, subnet_key, wait_for
 
 pytestmark = pytest.mark.lab
-
-
-def bring_up(lab, etcd, tmp_path, i: int, *extra: str):
-    host = lab.add_host(i)
-    agent = Agent(host, etcd.client_url, tmp_path, "--resync-period", "2", *extra).start()
-    env = agent.wait_env()
-    host.add_docker0(env["FLANNEL_SUBNET"], int(env["FLANNEL_MTU"]))
-    container = host.add_container("a", int(env["FLANNEL_MTU"]))
-    return host, agent, container
 
 
 def test_hosts_carry_container_traffic_over_host_gw(lab, tmp_path):

@@ -138,14 +138,15 @@ def test_proxy_forwards_cuts_and_restores(echo_server, tcp_proxy) -> None:
         a.sendall(b"more")  # in case the RST only arrives after the first send
         a.recv(10)
     a.close()
-    assert proxy.active == 0
+    _until(lambda: proxy.active == 0)
     # New connections are refused with a reset, nothing reaches the target.
     b = connect(proxy)
     with pytest.raises((ConnectionResetError, BrokenPipeError)):
         echo(b, b"x")
         echo(b, b"x")
     b.close()
-    assert proxy.accepted == 2 and proxy.refused == 1
+    # The proxy thread counts after it sends the reset: wait for it rather than race it.
+    _until(lambda: proxy.accepted == 2 and proxy.refused == 1)
 
     proxy.restore()
     c = connect(proxy)

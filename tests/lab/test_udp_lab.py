@@ -14,7 +14,8 @@ import time
 import pytest
 
 from backends.packet import checksum
-from tests.lab.agents import Agent, ping, put_config, routes, subnet_key, wait_for
+from tests.lab.agents import bring_up as lab_bring_up
+from tests.lab.agents import ping, put_config, routes, subnet_key, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -22,13 +23,7 @@ METRICS_PORT = 9101
 
 
 def bring_up(lab, etcd, tmp_path, i: int, *extra: str):
-    host = lab.add_host(i)
-    agent = Agent(host, etcd.client_url, tmp_path, "--healthz-port", str(METRICS_PORT),
-                  *extra).start()
-    env = agent.wait_env()
-    host.add_docker0(env["FLANNEL_SUBNET"], int(env["FLANNEL_MTU"]))
-    container = host.add_container("a", int(env["FLANNEL_MTU"]))
-    return host, agent, container
+    return lab_bring_up(lab, etcd, tmp_path, i, "--healthz-port", str(METRICS_PORT), *extra)
 
 
 def metrics(host) -> dict[str, float]:

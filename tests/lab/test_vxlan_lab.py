@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.lab.agents import Agent, ping, put_config, routes, subnet_key, wait_for
+from tests.lab.agents import Agent, bring_up, ping, put_config, routes, subnet_key, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -19,15 +19,6 @@ FLANNEL_LEASE = re.compile(
     r'^\{"PublicIP":"[0-9.]+","PublicIPv6":null,"BackendType":"vxlan",'
     r'"BackendData":\{"VNI":1,"VtepMAC":"([0-9a-f]{2}(?::[0-9a-f]{2}){5})"\}\}$'
 )
-
-
-def bring_up(lab, etcd, tmp_path, i: int, *extra: str):
-    host = lab.add_host(i)
-    agent = Agent(host, etcd.client_url, tmp_path, "--resync-period", "2", *extra).start()
-    env = agent.wait_env()
-    host.add_docker0(env["FLANNEL_SUBNET"], int(env["FLANNEL_MTU"]))
-    container = host.add_container("a", int(env["FLANNEL_MTU"]))
-    return host, agent, container
 
 
 def vtep_mac(etcd, subnet: str) -> str:

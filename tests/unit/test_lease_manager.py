@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import json
 import random
-from collections.abc import Callable
 
 import pytest
 
@@ -15,6 +13,7 @@ from agent.config import parse_config
 from agent.lease_codec import LeaseAttrs, encode_lease
 from agent.lease_manager import Lease, LeaseManager, PeerEvent
 from agent.registry import MemoryRegistry, Record
+from tests.support.aio import background, until
 
 TIMEOUT = 5.0
 CONFIG = parse_config('{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}')
@@ -42,39 +41,6 @@ def manager(reg: MemoryRegistry, n: int = 1, config=CONFIG, **kw) -> LeaseManage
 async def record(reg: MemoryRegistry, name: str) -> Record | None:
     snap = await reg.list_subnets()
     return next((r for r in snap.records if r.name == name), None)
-
-
-async def until(pred: Callable[[], object], limit: float = TIMEOUT) -> object:
-    """Wait until pred() is truthy; fail after `limit` seconds."""
-
-    async def poll() -> object:
-        while True:
-            got = pred()
-            if got:
-                return got
-            await asyncio.sleep(0.01)
-
-    try:
-        return await asyncio.wait_for(poll(), limit)
-    except TimeoutError:
-        raise AssertionError(f"condition not met within {limit} s") from None
-
-
-@contextlib.asynccontextmanager
-async def background(*coros):
-    tasks = [asyncio.create_task(c) for c in coros]
-    try:
-        yield tasks
-    finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        for t in tasks:
-            # A background task that died on its own is a test failure.
-            if not t.cancelled() and t.exception() is not None:
-                raise t.exception()
 
 
 class Collector:

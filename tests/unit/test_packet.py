@@ -1,0 +1,334 @@
+"""Unit tests for backends.packet: checksum, header checks, TTL decrement, ICMP net-unreachable."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+
+from backends.packet import (
+    checksum,
+    decrement_ttl,
+    is_first_fragment,
+    net_unreachable,
+    valid_header,
+)
+
+CLASSIC = bytes.fromhex("450000730000400040110000c0a80001c0a800c7")
+SRC = bytes([10, 5, 1, 2])
+DST = bytes([10, 9, 3, 4])
+
+
+def header(
+    *, ihl: int = 5, total: int | None = None, ident: int = 0x1234, frag: int = 0x4000,
+    ttl: int = 64, proto: int = 6, src: bytes = SRC, dst: bytes = DST,
+    options: bytes = b"", version: int = 4,
+) -> bytearray:
+    """An IPv4 header with a correct checksum (options padded to ihl*4 bytes)."""
+    opts = options.ljust(ihl * 4 - 20, b"\x00")
+    if total is None:
+        total = ihl * 4
+    h = bytearray(struct.pack("!BBHHHBBH4s4s", version << 4 | ihl, 0, total, ident, frag, ttl,
+                              proto, 0, src, dst) + opts)
+    struct.pack_into("!H", h, 10, checksum(h))
+    return h
+
+
+def packet(payload: bytes = b"ABCDEFGHIJKLMNOP", **kw) -> bytearray:
+    ihl = kw.get("ihl", 5)
+    return header(total=ihl * 4 + len(payload), **kw) + payload
+
+
+def recomputed(h: bytes | bytearray) -> int:
+    """The header checksum computed from scratch."""
+    copy = bytearray(h)
+    copy[10] = copy[11] = 0
+    return checksum(copy)
+
+
+def with_checksum(h: bytearray, target: int) -> bytearray | None:
+    """Tune the ID field so that the full checksum of `h` is `target`; None if unreachable."""
+    h = bytearray(h)
+    h[4] = h[5] = h[10] = h[11] = 0
+    rest = (~checksum(h)) & 0xFFFF  # one's complement sum of the other words
+    ident = ((~target) & 0xFFFF) + ((~rest) & 0xFFFF)
+    ident = (ident & 0xFFFF) + (ident >> 16)
+    struct.pack_into("!H", h, 4, ident & 0xFFFF)
+    struct.pack_into("!H", h, 10, checksum(h))
+    return h if ((h[10] << 8) | h[11]) == target else None
+
+
+def random_header(rng: random.Random) -> bytearray:
+    ihl = rng.choice([5, 5, 5, 6, 7, 15])
+    return header(
+        ihl=ihl, total=rng.randint(ihl * 4, 65535), ident=rng.getrandbits(16),
+        frag=rng.getrandbits(16), ttl=rng.randint(2, 255), proto=rng.getrandbits(8),
+        src=rng.randbytes(4), dst=rng.randbytes(4), options=rng.randbytes(ihl * 4 - 20),
+    )
+
+
+# -- checksum -------------------------------------------------------------------------
+def test_checksum_classic_header():
+    assert checksum(CLASSIC) == 0xB861
+
+
+def test_checksum_of_header_with_its_checksum_is_zero():
+    h = bytearray(CLASSIC)
+    struct.pack_into("!H", h, 10, 0xB861)
+    assert checksum(h) == 0
+    assert checksum(memoryview(h)) == 0
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"", 0xFFFF),
+        (b"\x00\x00", 0xFFFF),
+        (b"\xff\xff", 0x0000),
+        (b"\x00\x01\xf2\x03\xf4\xf5\xf6\xf7", 0x220D),  # RFC 1071 example, sum 0xddf2
+        (b"\x01", 0xFEFF),  # odd length: padded with a zero byte
+        (b"\x12\x34\x56", 0xA9CB),
+    ],
+)
+def test_checksum_known_values(data, expected):
+    assert checksum(data) == expected
+
+
+def test_checksum_end_around_carry():
+    # 0xFFFF + 0x0002 = 0x10001 -> 0x0002 after the carry, complement 0xFFFD.
+    assert checksum(b"\xff\xff\x00\x02") == 0xFFFD
+
+
+# -- decrement_ttl ----------------------------------------------------------------------
+# Checksums near the wrap-around, where an incremental update can go wrong. 0xFEFF is
+# left out here: see test_decrement_ttl_from_checksum_feff_matches_recomputation.
+EDGE_CHECKSUMS = (0x0000, 0x0001, 0x00FE, 0x00FF, 0x0100, 0x0101, 0x7FFF, 0x8000,
+                  0xFEFE, 0xFF00, 0xFF01, 0xFFFD, 0xFFFE)
+
+
+def _random_headers(n: int, seed: int, edges: tuple[int, ...]) -> list[bytearray]:
+    rng = random.Random(seed)
+    out: list[bytearray] = []
+    while len(out) < n:
+        h = random_header(rng)
+        if rng.random() < 0.3:
+            tuned = with_checksum(h, rng.choice(edges))
+            if tuned is None:
+                continue
+            h = tuned
+        out.append(h)
+    return out
+
+
+def test_decrement_ttl_matches_full_recomputation():
+    headers = _random_headers(10_000, 1624, EDGE_CHECKSUMS)
+    seen = {(h[10] << 8) | h[11] for h in headers}
+    assert set(EDGE_CHECKSUMS) <= seen  # the edge cases were really generated
+    for h in headers:
+        old_csum = (h[10] << 8) | h[11]
+        if old_csum == 0xFEFF:  # the known bug, pinned separately
+            continue
+        before = bytes(h)
+        assert decrement_ttl(h) is True
+        assert h[8] == before[8] - 1
+        assert h[:8] == before[:8] and h[9] == before[9] and h[12:] == before[12:]
+        assert ((h[10] << 8) | h[11]) == recomputed(h), before.hex()
+        assert checksum(h) == 0
+
+
+def test_decrement_ttl_result_always_verifies():
+    """Whatever the starting checksum, the patched header still checks out."""
+    for h in _random_headers(2_000, 1141, (*EDGE_CHECKSUMS, 0xFEFF)):
+        ttl = h[8]
+        assert decrement_ttl(h)
+        assert h[8] == ttl - 1
+        assert checksum(h) == 0
+
+
+@pytest.mark.xfail(
+    reason="BUG: decrement_ttl adds 0x0100 to the checksum (RFC 1141 style), so a header "
+    "whose checksum is 0xFEFF gets 0xFFFF (-0) instead of 0x0000; RFC 1624 eqn. 3, as "
+    "the docstring promises, and a full recomputation both give 0x0000",
+    strict=True,
+)
+def test_decrement_ttl_from_checksum_feff_matches_recomputation():
+    h = with_checksum(header(ttl=64), 0xFEFF)
+    assert h is not None
+    assert decrement_ttl(h)
+    assert ((h[10] << 8) | h[11]) == recomputed(h) == 0x0000
+
+
+def test_decrement_ttl_works_on_memoryview_slice():
+    buf = bytearray(b"\xee" * 4) + header(ttl=10) + b"tail"
+    view = memoryview(buf)[4:24]
+    assert decrement_ttl(view)
+    assert buf[4 + 8] == 9
+    assert checksum(buf[4:24]) == 0
+    assert buf[:4] == b"\xee" * 4 and buf[24:] == b"tail"
+
+
+@pytest.mark.parametrize("ttl", [0, 1])
+def test_decrement_ttl_expired_leaves_buffer(ttl):
+    h = header(ttl=ttl)
+    before = bytes(h)
+    assert decrement_ttl(h) is False
+    assert bytes(h) == before
+
+
+def test_decrement_ttl_two_reaches_one():
+    h = header(ttl=2)
+    assert decrement_ttl(h) is True
+    assert h[8] == 1
+    assert decrement_ttl(h) is False
+    assert h[8] == 1
+
+
+# -- valid_header ---------------------------------------------------------------------
+def test_valid_header_accepts_whole_packet():
+    p = packet(b"x" * 30)
+    assert valid_header(p, len(p))
+    assert valid_header(p + b"padding", len(p) + 7)  # trailing bytes beyond total are fine
+
+
+def test_valid_header_accepts_options():
+    p = packet(b"x" * 8, ihl=6, options=b"\x94\x04\x00\x00")
+    assert valid_header(p, len(p))
+
+
+def test_valid_header_short():
+    p = packet(b"")
+    assert valid_header(p, 20)
+    assert not valid_header(p[:19], 19)
+    assert not valid_header(b"", 0)
+
+
+def test_valid_header_version_6():
+    p = packet(version=6)
+    assert not valid_header(p, len(p))
+
+
+@pytest.mark.parametrize("ihl", [0, 1, 4])
+def test_valid_header_ihl_below_5(ihl):
+    p = packet()
+    p[0] = 0x40 | ihl
+    assert not valid_header(p, len(p))
+
+
+def test_valid_header_total_length_beyond_datagram():
+    p = packet(b"x" * 10)
+    assert not valid_header(p[:-1], len(p) - 1)
+    struct.pack_into("!H", p, 2, len(p) + 1)
+    assert not valid_header(p, len(p))
+
+
+def test_valid_header_total_below_ihl():
+    p = packet(b"x" * 8, ihl=6)
+    struct.pack_into("!H", p, 2, 20)  # total 20 < header length 24
+    assert not valid_header(p, len(p))
+
+
+def test_valid_header_ihl_beyond_datagram():
+    p = header(ihl=15, total=60)
+    assert not valid_header(p[:40], 40)
+
+
+# -- is_first_fragment ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("frag", "first"),
+    [
+        (0x0000, True),  # not fragmented
+        (0x4000, True),  # DF
+        (0x2000, True),  # MF, offset 0: the first fragment
+        (0x2001, False),  # MF, offset 8
+        (0x0001, False),  # last fragment
+        (0x1FFF, False),  # largest offset
+        (0x0100, False),  # offset bits in the high byte
+        (0x8000, True),  # the reserved bit is not part of the offset
+    ],
+)
+def test_is_first_fragment(frag, first):
+    assert is_first_fragment(header(frag=frag)) is first
+
+
+# -- net_unreachable ------------------------------------------------------------------
+def parse_reply(reply: bytes) -> dict:
+    assert reply[0] == 0x45
+    total = struct.unpack_from("!H", reply, 2)[0]
+    assert total == len(reply)
+    icmp = reply[20:]
+    return {
+        "ttl": reply[8], "proto": reply[9], "src": reply[12:16], "dst": reply[16:20],
+        "ip_ok": checksum(reply[:20]) == 0, "type": icmp[0], "code": icmp[1],
+        "icmp_ok": checksum(icmp) == 0, "unused": icmp[4:8], "quote": icmp[8:],
+    }
+
+
+@pytest.mark.parametrize("ihl", [5, 6])
+def test_net_unreachable_reply(ihl):
+    offender = packet(b"PAYLOAD-BYTES-AND-MORE", ihl=ihl, options=b"\x01\x01\x01\x00")
+    me = bytes([10, 5, 1, 0])
+    reply = net_unreachable(offender, me)
+    assert reply is not None
+    r = parse_reply(reply)
+    assert r["proto"] == 1
+    assert r["src"] == me
+    assert r["dst"] == SRC  # back to the offender's source
+    assert r["ttl"] == 64
+    assert r["ip_ok"]
+    assert (r["type"], r["code"]) == (3, 0)
+    assert r["icmp_ok"]
+    assert r["unused"] == b"\x00" * 4
+    assert r["quote"] == bytes(offender[: ihl * 4 + 8])
+    assert r["quote"][-8:] == b"PAYLOAD-"
+    assert len(reply) == 20 + 8 + ihl * 4 + 8
+
+
+def test_net_unreachable_default_source_is_unreachable_destination():
+    reply = net_unreachable(packet(b"12345678"))
+    assert reply is not None
+    r = parse_reply(reply)
+    assert r["src"] == DST
+    assert r["dst"] == SRC
+    assert r["ip_ok"] and r["icmp_ok"]
+
+
+def test_net_unreachable_short_payload_quotes_what_there_is():
+    offender = packet(b"abc", proto=17)
+    reply = net_unreachable(memoryview(offender))
+    assert reply is not None
+    r = parse_reply(reply)
+    assert r["quote"] == bytes(offender)
+    assert r["icmp_ok"]  # odd-length ICMP message summed with padding
+
+
+def test_net_unreachable_first_fragment_is_answered():
+    assert net_unreachable(packet(frag=0x2000)) is not None
+
+
+@pytest.mark.parametrize(
+    "offender",
+    [
+        packet(proto=1),  # ICMP
+        packet(frag=0x2001),  # non-first fragment
+        packet(frag=0x0010),
+        packet(version=6),
+        b"",
+        b"\x45\x00\x00",
+        bytes(range(40)),  # version 0
+        packet()[:-1],  # total length beyond the datagram
+    ],
+)
+def test_net_unreachable_refuses(offender):
+    assert net_unreachable(offender) is None
+
+
+def test_net_unreachable_random_garbage_never_raises():
+    rng = random.Random(792)
+    for _ in range(2_000):
+        data = rng.randbytes(rng.randint(0, 80))
+        reply = net_unreachable(data)
+        if reply is not None:
+            assert valid_header(data, len(data))
+            assert data[9] != 1
+            assert checksum(reply[:20]) == 0 and checksum(reply[20:]) == 0
