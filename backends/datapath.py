@@ -234,6 +234,8 @@ class PythonDatapath:
                 buf[off + 8] = ttl - 1
                 csum = ((buf[off + 10] << 8) | buf[off + 11]) + 0x0100
                 csum = (csum & 0xFFFF) + (csum >> 16)
+                if csum == 0xFFFF:  # RFC 1624: never -0
+                    csum = 0
                 buf[off + 10] = csum >> 8
                 buf[off + 11] = csum & 0xFF
                 if count and (addr != raddr or n > seg or short or count >= GSO_MAX_SEGMENTS
@@ -295,6 +297,8 @@ class PythonDatapath:
             buf[pos + 8] = ttl - 1
             csum = ((buf[pos + 10] << 8) | buf[pos + 11]) + 0x0100
             csum = (csum & 0xFFFF) + (csum >> 16)
+            if csum == 0xFFFF:  # RFC 1624: never -0
+                csum = 0
             buf[pos + 10] = csum >> 8
             buf[pos + 11] = csum & 0xFF
             return total

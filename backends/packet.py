@@ -42,9 +42,13 @@ def decrement_ttl(buf: bytearray | memoryview) -> bool:
         return False
     buf[8] = ttl - 1
     # The 16-bit word holding TTL (high byte) and protocol went down by 0x0100, so the
-    # one's complement checksum goes up by 0x0100, with end-around carry.
+    # one's complement checksum goes up by 0x0100, with end-around carry (RFC 1141), and
+    # the one case where that differs from RFC 1624's eqn. 3 (a result of 0xFFFF) is fixed.
     csum = ((buf[10] << 8) | buf[11]) + 0x0100
     csum = (csum & 0xFFFF) + (csum >> 16)
+    if csum == 0xFFFF:
+        # RFC 1624: a computed checksum is never 0xFFFF (that is "-0"); eqn. 3 gives 0.
+        csum = 0
     buf[10] = csum >> 8
     buf[11] = csum & 0xFF
     return True
