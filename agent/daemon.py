@@ -25,7 +25,7 @@ from agent.lease_manager import Lease, LeaseManager
 from agent.registry import Registry, RegistryUnavailable
 from agent.subnet_file import SubnetEnv, read_previous_subnet, write_subnet_file
 from backends import AVAILABLE
-from backends.base import BackendError, Network
+from backends.base import Backend, BackendError, Network
 from backends.external_iface import ExternalInterface, InterfaceError, choose_interface
 from backends.netlink import Netlink
 
@@ -74,7 +74,7 @@ async def wait_for_config(registry: Registry, key: str) -> NetworkConfig:
 
 def build_backend(
     config: NetworkConfig, netlink: Netlink, ext: ExternalInterface, opts: Options
-) -> object:
+) -> Backend:
     """The backend named by the config; StartupError if this build has no such backend."""
     btype = config.backend_type
     if btype == "host-gw":
@@ -196,7 +196,7 @@ class Daemon:
                  self.config.network, self.config.subnet_len, self.config.backend_type)
         backend = build_backend(self.config, self.netlink, ext, o)
         try:
-            self.network = await backend.register_network(self.config)  # type: ignore[attr-defined]
+            self.network = await backend.register_network(self.config)
         except BackendError as exc:
             raise StartupError(str(exc)) from None
         self.manager = LeaseManager(

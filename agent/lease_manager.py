@@ -22,7 +22,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from agent.allocator import Existing, OutOfSubnets, choose_subnet
 from agent.backoff import Backoff, OutageLog
@@ -92,7 +92,6 @@ class Counters:
     events: int = 0
     bad_keys: int = 0
     bad_values: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class LeaseManager:

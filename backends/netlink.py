@@ -122,9 +122,6 @@ class KernelError:
     error: str
 
 
-#: Kept for callers that only deal with routes.
-RouteError = KernelError
-
 
 class Netlink:
     """Real kernel access through pyroute2, serialised on one worker thread."""

@@ -30,9 +30,6 @@ class Diff(Generic[T]):
         return bool(self.replace or self.delete)
 
 
-#: Kept as the name host-gw code and tests use.
-RouteDiff = Diff
-
 
 def diff_entries(
     desired: Mapping[K, T],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 from backends.netlink import Route
-from backends.route_table import RouteDiff, diff_routes
+from backends.route_table import Diff, diff_routes
 
 
 def route(dst: str, gw: str | None = "192.168.100.2", oif: int = 2, onlink: bool = False) -> Route:
@@ -28,7 +28,7 @@ def nothing(_r: Route) -> bool:
 
 def test_empty_diff_is_false() -> None:
     diff = diff_routes({}, [], everything)
-    assert diff == RouteDiff((), ())
+    assert diff == Diff((), ())
     assert not diff
 
 
