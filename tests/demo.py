@@ -1,4 +1,4 @@
-"""`make demo [BACKEND=host-gw|vxlan]`: a two-host lab, shown step by step, then torn down.
+"""`make demo [BACKEND=host-gw|vxlan|udp]`: a two-host lab, shown step by step, then torn down.
 
 Builds an underlay bridge with etcd on it and two host namespaces, runs one tweed per
 host, gives each host a docker0 bridge and a container from its subnet.env, prints both
@@ -41,11 +41,15 @@ def main(backend: str = "host-gw") -> int:
                 say(f"{agent.host.ns}: {agent.subnet_file.name}")
                 print(agent.subnet_file.read_text(), end="")
             h1, h2 = hosts
-            wait_for(lambda: "via" in routes(h1, agents[1].subnet), what="route on host 1")
-            wait_for(lambda: "via" in routes(h2, agents[0].subnet), what="route on host 2")
+            # udp routes the whole Network into flannel0; the others route each peer.
+            def shown(host, other):
+                return routes(host, "10.5.0.0/16" if backend == "udp" else other.subnet)
+
+            wait_for(lambda: "dev" in shown(h1, agents[1]), what="route on host 1")
+            wait_for(lambda: "dev" in shown(h2, agents[0]), what="route on host 2")
             for host, other in ((h1, agents[1]), (h2, agents[0])):
                 say(f"route on {host.ns} to the other host's containers")
-                print(routes(host, other.subnet))
+                print(shown(host, other))
                 if backend == "vxlan":
                     print(host.exec(["ip", "neigh", "show", "dev", "flannel.1"]).stdout, end="")
                     print(host.exec(["bridge", "fdb", "show", "dev", "flannel.1"]).stdout, end="")
