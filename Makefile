@@ -5,7 +5,7 @@ PYTHON    ?= python3
 DEB_PKGS  := etcd-server etcd-client iproute2 iptables iputils-ping iperf3 tcpdump
 STAMP     := $(VENV)/.installed
 
-.PHONY: setup packages test unit lint demo bench clean
+.PHONY: setup packages test unit lint demo bench asan clean
 
 setup: packages $(STAMP)
 
@@ -41,7 +41,20 @@ demo: setup
 
 # Throughput and latency per backend, measured in one run (a command, not a test).
 bench: setup
-	BENCH_JSON=$(CURDIR)/bench-results.json $(PY) -m tests.bench python
+	BENCH_JSON=$(CURDIR)/bench-results.json $(PY) -m tests.bench python c
+
+# The C datapath built with AddressSanitizer and UBSan, and its tests run against that
+# build (in a copy of the tree, so the normal build is left alone).
+ASAN_DIR := build/asan
+asan: setup
+	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)
+	cp -r agent backends tests setup.py pyproject.toml README.md $(ASAN_DIR)/
+	rm -f $(ASAN_DIR)/backends/*.so
+	cd $(ASAN_DIR) && CFLAGS="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1" \
+	  $(CURDIR)/$(PY) setup.py -q build_ext --inplace
+	cd $(ASAN_DIR) && LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	  ASAN_OPTIONS=detect_leaks=0 TWEED_EXPECT_FASTPATH=$(CURDIR)/$(ASAN_DIR)/backends \
+	  $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_c_datapath.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

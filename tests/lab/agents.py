@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -29,8 +30,10 @@ def wait_for(pred, timeout: float = 20.0, step: float = 0.05, what: str = "condi
 class Agent:
     """One tweed process in a host namespace, with its log and subnet file."""
 
-    def __init__(self, host, etcd_url: str, workdir: Path, *extra: str) -> None:
+    def __init__(self, host, etcd_url: str, workdir: Path, *extra: str,
+                 env: dict[str, str] | None = None) -> None:
         self.host = host
+        self.env_vars = env
         self.subnet_file = workdir / f"{host.ns}.subnet.env"
         self.log_path = workdir / f"{host.ns}.tweed.log"
         self.args = [
@@ -44,7 +47,8 @@ class Agent:
 
     def start(self) -> Agent:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
-        self.proc = self.host.popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+        env = {**os.environ, **self.env_vars} if self.env_vars else None
+        self.proc = self.host.popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         return self
 
@@ -103,11 +107,13 @@ def ping(ns_obj, ip: str, count: int = 3) -> bool:
     return res.returncode == 0
 
 
-def bring_up(lab, etcd, workdir: Path, i: int, *extra: str, resync: str = "2"):
+def bring_up(lab, etcd, workdir: Path, i: int, *extra: str, resync: str = "2",
+             env: dict[str, str] | None = None):
     """Host i with a running tweed (resync period `resync` s), docker0 from its
     subnet.env and one container; returns (host, agent, container)."""
     host = lab.add_host(i)
-    agent = Agent(host, etcd.client_url, workdir, "--resync-period", resync, *extra).start()
+    agent = Agent(host, etcd.client_url, workdir, "--resync-period", resync, *extra,
+                  env=env).start()
     env = agent.wait_env()
     host.add_docker0(env["FLANNEL_SUBNET"], int(env["FLANNEL_MTU"]))
     container = host.add_container("a", int(env["FLANNEL_MTU"]))

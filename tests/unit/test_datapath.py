@@ -10,8 +10,6 @@ import random
 import re
 import socket
 import struct
-import sys
-import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -597,23 +595,19 @@ def test_stop_before_run_is_harmless(make_rig):
 # -- choose_datapath ----------------------------------------------------------------------
 @pytest.fixture
 def no_fastpath(monkeypatch):
-    """backends._fastpath cannot be imported."""
-    monkeypatch.setitem(sys.modules, "backends._fastpath", None)
-    import backends
+    """The C datapath is not built."""
+    import backends.datapath
 
-    monkeypatch.delattr(backends, "_fastpath", raising=False)
+    monkeypatch.setattr(backends.datapath, "_c_datapath", lambda: None)
 
 
 @pytest.fixture
 def fake_fastpath(monkeypatch) -> type:
-    """A built C datapath stands in as backends._fastpath.CDatapath."""
-    import backends
+    """A built C datapath, whatever the build here."""
+    import backends.datapath
 
     cls = type("CDatapath", (), {"name": "c"})
-    mod = types.ModuleType("backends._fastpath")
-    mod.CDatapath = cls  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "backends._fastpath", mod)
-    monkeypatch.setattr(backends, "_fastpath", mod, raising=False)
+    monkeypatch.setattr(backends.datapath, "_c_datapath", lambda: cls)
     return cls
 
 
@@ -643,9 +637,10 @@ def test_choose_python_even_when_c_built(fake_fastpath):
     assert choose_datapath("python", {}) is PythonDatapath
 
 
-def test_choose_auto_and_c_take_c_when_built(fake_fastpath):
-    assert choose_datapath("auto", {}) is fake_fastpath
+def test_choose_c_when_built_and_auto_stays_python(fake_fastpath):
+    # `auto` moves to c once the C datapath has the offloads the python one has.
     assert choose_datapath("c", {}) is fake_fastpath
+    assert choose_datapath("auto", {}) is PythonDatapath
 
 
 def test_env_wins_over_option(fake_fastpath):
