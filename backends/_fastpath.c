@@ -1,5 +1,6 @@
 /*
- * _fastpath: the C datapath of the udp backend (step 1: batches, no offloads yet).
+ * _fastpath: the C datapath of the udp backend (batches and UDP GSO; no GRO or TUN
+ * offloads yet).
  *
  * One packet thread per datapath moves packets between the TUN fd and the UDP socket
  * with the GIL released: it never calls into Python. Python only changes routes (under a
@@ -9,7 +10,8 @@
  * one inner IPv4 packet per datagram, TTL decremented on both ends with an incremental
  * checksum fix, ICMP net-unreachable for packets no peer subnet matches (never for ICMP
  * or non-first fragments), receive drops by reason. Batching: TUN reads are gathered
- * into up to BATCH packets, sent with one sendmmsg; receives use recvmmsg.
+ * into up to BATCH packets, sent with one sendmmsg (runs for one peer as UDP GSO
+ * messages); receives use recvmmsg.
  */
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
@@ -31,6 +33,12 @@
 
 #define BATCH 64
 #define VNET_HDR_LEN 10
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
 
 /* Counter order: must match COUNTERS in backends/datapath.py. */
 enum {
@@ -50,7 +58,7 @@ typedef struct {
     PyObject_HEAD
     int tun, udp, efd;
     uint16_t port;
-    int mtu, check_source, vnet;
+    int mtu, check_source, vnet, gso;
     size_t slot; /* bytes per packet buffer */
     pthread_t thread;
     int running;
@@ -187,16 +195,24 @@ static void net_unreachable(Core *c, const uint8_t *off, size_t n)
     write_tun(c, pkt, len, ICMP_UNREACHABLE_SENT);
 }
 
-/* Drain the TUN: read packets into the slots, then send them in one sendmmsg. */
+/* Drain the TUN: read packets into the slots, then send them with one sendmmsg. With UDP
+ * GSO, consecutive packets for one peer of one size (the last may be shorter) go as one
+ * message with a UDP_SEGMENT cmsg; the kernel cuts it into one datagram per packet, so
+ * the wire format is unchanged. */
 static void from_tun(Core *c)
 {
     struct mmsghdr m[BATCH];
     struct iovec v[BATCH];
     struct sockaddr_in to[BATCH];
+    union {
+        char buf[CMSG_SPACE(sizeof(uint16_t))];
+        struct cmsghdr align;
+    } cm[BATCH];
+    int npkts[BATCH];
+    uint32_t peers[BATCH];
     uint8_t hdr[VNET_HDR_LEN];
     for (;;) {
         int k = 0, eagain = 0;
-        uint64_t bytes = 0;
         pthread_mutex_lock(&c->lock);
         while (k < BATCH) {
             uint8_t *p = c->txbuf + (size_t)k * c->slot;
@@ -225,35 +241,67 @@ static void from_tun(Core *c)
             }
             v[k].iov_base = p;
             v[k].iov_len = n;
-            memset(&to[k], 0, sizeof to[k]);
-            to[k].sin_family = AF_INET;
-            to[k].sin_port = htons(c->port);
-            to[k].sin_addr.s_addr = htonl(peer);
-            memset(&m[k], 0, sizeof m[k]);
-            m[k].msg_hdr.msg_iov = &v[k];
-            m[k].msg_hdr.msg_iovlen = 1;
-            m[k].msg_hdr.msg_name = &to[k];
-            m[k].msg_hdr.msg_namelen = sizeof to[k];
-            bytes += n;
+            peers[k] = peer;
             k++;
         }
         pthread_mutex_unlock(&c->lock);
+        /* Group the packets into messages. */
+        int nm = 0;
+        for (int i = 0; i < k;) {
+            size_t seg = v[i].iov_len, total = seg;
+            int j = i + 1;
+            while (c->gso && j < k && peers[j] == peers[i] && v[j - 1].iov_len == seg &&
+                   v[j].iov_len <= seg && total + v[j].iov_len <= 65000 && j - i < 64) {
+                total += v[j].iov_len;
+                j++;
+            }
+            struct msghdr *h = &m[nm].msg_hdr;
+            memset(&m[nm], 0, sizeof m[nm]);
+            memset(&to[nm], 0, sizeof to[nm]);
+            to[nm].sin_family = AF_INET;
+            to[nm].sin_port = htons(c->port);
+            to[nm].sin_addr.s_addr = htonl(peers[i]);
+            h->msg_name = &to[nm];
+            h->msg_namelen = sizeof to[nm];
+            h->msg_iov = &v[i];
+            h->msg_iovlen = (size_t)(j - i);
+            if (j - i > 1) {
+                h->msg_control = cm[nm].buf;
+                h->msg_controllen = sizeof cm[nm].buf;
+                struct cmsghdr *cmsg = CMSG_FIRSTHDR(h);
+                cmsg->cmsg_level = SOL_UDP;
+                cmsg->cmsg_type = UDP_SEGMENT;
+                cmsg->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+                uint16_t s16 = (uint16_t)seg;
+                memcpy(CMSG_DATA(cmsg), &s16, sizeof s16);
+            }
+            npkts[nm++] = j - i;
+            i = j;
+        }
         int sent = 0;
-        while (sent < k) {
-            int r = sendmmsg(c->udp, m + sent, (unsigned)(k - sent), MSG_DONTWAIT);
+        while (sent < nm) {
+            int r = sendmmsg(c->udp, m + sent, (unsigned)(nm - sent), MSG_DONTWAIT);
             if (r < 0) {
                 if (errno == EINTR)
                     continue;
+                if (errno != EAGAIN && errno != ENOBUFS && npkts[sent] > 1)
+                    c->gso = 0; /* the path cannot segment: one datagram per call from now */
                 /* Buffer full or unreachable: drop the rest, as a router would. */
-                for (int i = sent; i < k; i++)
-                    bytes -= v[i].iov_len;
-                count(c, TX_DROP_SEND_ERROR, (uint64_t)(k - sent));
+                for (int i = sent; i < nm; i++)
+                    count(c, TX_DROP_SEND_ERROR, (uint64_t)npkts[i]);
                 break;
+            }
+            for (int i = sent; i < sent + r; i++) {
+                uint64_t bytes = 0;
+                for (size_t q = 0; q < m[i].msg_hdr.msg_iovlen; q++)
+                    bytes += m[i].msg_hdr.msg_iov[q].iov_len;
+                count(c, TX_PACKETS, (uint64_t)npkts[i]);
+                count(c, TX_BYTES, bytes);
+                if (npkts[i] > 1)
+                    count(c, GSO_SENDS, 1);
             }
             sent += r;
         }
-        count(c, TX_PACKETS, (uint64_t)sent);
-        count(c, TX_BYTES, bytes);
         if (eagain)
             return;
     }
@@ -347,11 +395,14 @@ static void *loop(void *arg)
 static int Core_init(Core *c, PyObject *args, PyObject *kw)
 {
     static char *names[] = {"tun_fd", "sock_fd", "port", "mtu", "check_source", "vnet_hdr",
-                            NULL};
-    int port, check = 1, vnet = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiii|pp", names, &c->tun, &c->udp, &port,
-                                     &c->mtu, &check, &vnet))
+                            "gso", NULL};
+    int port, check = 1, vnet = 0, gso = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiii|ppp", names, &c->tun, &c->udp, &port,
+                                     &c->mtu, &check, &vnet, &gso))
         return -1;
+    /* Probe UDP GSO once: a kernel without it refuses the option. */
+    int zero = 0;
+    c->gso = gso && setsockopt(c->udp, SOL_UDP, UDP_SEGMENT, &zero, sizeof zero) == 0;
     if (c->mtu < 68 || c->mtu > 65535 || port < 1 || port > 65535) {
         PyErr_SetString(PyExc_ValueError, "bad mtu or port");
         return -1;
@@ -470,6 +521,12 @@ static PyObject *Core_stop(Core *c, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+static PyObject *Core_gso(Core *c, PyObject *unused)
+{
+    (void)unused;
+    return PyBool_FromLong(c->gso);
+}
+
 static PyObject *Core_counters(Core *c, PyObject *unused)
 {
     (void)unused;
@@ -494,6 +551,7 @@ static PyMethodDef Core_methods[] = {
     {"start", (PyCFunction)Core_start, METH_NOARGS, "start the packet thread"},
     {"stop", (PyCFunction)Core_stop, METH_NOARGS, "stop and join the packet thread"},
     {"counters", (PyCFunction)Core_counters, METH_NOARGS, "counters as a tuple"},
+    {"gso", (PyCFunction)Core_gso, METH_NOARGS, "whether UDP GSO is in use"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -2,8 +2,8 @@
 
 The loop runs in its own thread with the GIL released; this wrapper turns subnets into
 integers for it, starts and stops the thread, and names its counters. Step 1 of the fast
-path: recvmmsg/sendmmsg batches of up to 64 packets; the offloads (UDP GSO/GRO, TUN
-coalescing) are still the Python datapath's alone, so `auto` keeps choosing `python`.
+path so far: recvmmsg/sendmmsg batches of up to 64 packets and UDP GSO on send; UDP GRO
+and TUN coalescing are still the Python datapath's alone, so `auto` keeps `python`.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ class CDatapath:
         check_source: bool = True, gso: bool = True, gro: bool = True,
         vnet_hdr: bool = False,
     ) -> None:
-        del gso, gro  # not in step 1
+        del gro  # not yet in C
         self.sock = sock
         self.vnet_hdr = vnet_hdr
-        self._core = _fastpath.Core(tun_fd, sock.fileno(), port, mtu, check_source, vnet_hdr)
+        self._core = _fastpath.Core(tun_fd, sock.fileno(), port, mtu, check_source, vnet_hdr,
+                                    gso)
         self._stopped: asyncio.Future[None] | None = None
 
     def set_route(self, subnet: ipaddress.IPv4Network, peer: ipaddress.IPv4Address) -> None:
@@ -39,7 +40,8 @@ class CDatapath:
         self._core.del_route(int(subnet.network_address), int(subnet.netmask))
 
     def mode(self) -> str:
-        return f"c (recvmmsg/sendmmsg batches of {_fastpath.BATCH}, no offloads yet)"
+        gso = "on" if self._core.gso() else "off"
+        return f"c (recvmmsg/sendmmsg batches of {_fastpath.BATCH}, udp gso {gso})"
 
     def counters(self) -> dict[str, int]:
         return dict(zip(COUNTERS, self._core.counters(), strict=True))

@@ -116,6 +116,22 @@ async def test_many_packets_leave_as_one_datagram_each():
         assert [g[20:] for g in got] == [p[20:] for p in pkts]
 
 
+async def test_a_run_for_one_peer_goes_as_one_gso_send_of_one_packet_per_datagram():
+    rig = Rig()
+    # Queued before the loop starts, so the loop reads them in one batch (a unix datagram
+    # socket queues at most 10 by default).
+    pkts = [ip_packet("10.5.1.2", "10.5.2.9", bytes([i]) * 300) for i in range(7)]
+    pkts.append(ip_packet("10.5.1.2", "10.5.2.9", b"short"))  # the last may be shorter
+    for p in pkts:
+        rig.to_tun(p)
+    async with rig:
+        got = [await asyncio.to_thread(rig.peer.recv, 2000) for _ in pkts]
+        assert [g[20:] for g in got] == [p[20:] for p in pkts]
+        assert rig.dp._core.gso()
+        c = await settle(rig.dp, "tx_packets", len(pkts))
+        assert c["gso_sends"] == 1
+
+
 async def test_no_route_icmp_and_drops():
     async with Rig() as rig:
         rig.to_tun(ip_packet("10.5.1.2", "10.5.77.1", proto=6))
