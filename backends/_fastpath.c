@@ -1,5 +1,5 @@
 /*
- * _fastpath: the C datapath of the udp backend (batches and UDP GSO; no GRO or TUN
+ * _fastpath: the C datapath of the udp backend (batches, UDP GSO and GRO; no TUN
  * offloads yet).
  *
  * One packet thread per datapath moves packets between the TUN fd and the UDP socket
@@ -39,6 +39,12 @@
 #ifndef UDP_SEGMENT
 #define UDP_SEGMENT 103
 #endif
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
+/* Receive buffers: with UDP GRO one buffer may hold up to 64 KiB of coalesced datagrams. */
+#define RX_BATCH 16
+#define RX_SLOT 65536
 
 /* Counter order: must match COUNTERS in backends/datapath.py. */
 enum {
@@ -59,7 +65,9 @@ typedef struct {
     int tun, udp, efd;
     uint16_t port;
     int mtu, check_source, vnet, gso;
-    size_t slot; /* bytes per packet buffer */
+    size_t slot;   /* bytes per send buffer slot */
+    size_t rxslot; /* bytes per receive buffer slot */
+    int gro;
     pthread_t thread;
     int running;
     pthread_mutex_t lock;
@@ -307,65 +315,99 @@ static void from_tun(Core *c)
     }
 }
 
-/* Drain the socket with recvmmsg; check, patch and write each packet to the TUN. */
+/* One received inner packet at p (n bytes) from `peer`: check, patch, write to the TUN.
+ * Caller holds the lock. */
+static void deliver(Core *c, uint8_t *p, size_t n, uint32_t peer, int truncated)
+{
+    int known = source_ok(c, peer, n >= 16 ? be32(p + 12) : 0);
+    if (c->check_source && known == 0) {
+        count(c, RX_DROP_UNKNOWN_SOURCE, 1);
+        return;
+    }
+    if (truncated || n > (size_t)c->mtu) {
+        count(c, RX_DROP_OVERSIZED, 1);
+        return;
+    }
+    if (n < 20 || p[0] >> 4 != 4) {
+        count(c, RX_DROP_MALFORMED, 1);
+        return;
+    }
+    size_t ihl = (size_t)(p[0] & 0x0F) * 4;
+    size_t total = (size_t)p[2] << 8 | p[3];
+    if (ihl < 20 || total < ihl || total > n) {
+        count(c, RX_DROP_MALFORMED, 1);
+        return;
+    }
+    if (c->check_source && known != 2) {
+        count(c, RX_DROP_SPOOFED_SOURCE, 1);
+        return;
+    }
+    if (!decrement_ttl(p)) {
+        count(c, RX_DROP_TTL, 1);
+        return;
+    }
+    write_tun(c, p, total, RX_PACKETS);
+}
+
+/* Drain the socket with recvmmsg. With UDP GRO the kernel may hand over several
+ * datagrams of one sender in one buffer, with their size in a cmsg: split it again. */
 static void from_udp(Core *c)
 {
-    struct mmsghdr m[BATCH];
-    struct iovec v[BATCH];
-    struct sockaddr_in from[BATCH];
+    struct mmsghdr m[RX_BATCH];
+    struct iovec v[RX_BATCH];
+    struct sockaddr_in from[RX_BATCH];
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } cm[RX_BATCH];
     for (;;) {
-        for (int i = 0; i < BATCH; i++) {
-            v[i].iov_base = c->rxbuf + (size_t)i * c->slot;
-            v[i].iov_len = c->slot;
+        for (int i = 0; i < RX_BATCH; i++) {
+            v[i].iov_base = c->rxbuf + (size_t)i * c->rxslot;
+            v[i].iov_len = c->rxslot;
             memset(&m[i], 0, sizeof m[i]);
             m[i].msg_hdr.msg_iov = &v[i];
             m[i].msg_hdr.msg_iovlen = 1;
             m[i].msg_hdr.msg_name = &from[i];
             m[i].msg_hdr.msg_namelen = sizeof from[i];
+            m[i].msg_hdr.msg_control = cm[i].buf;
+            m[i].msg_hdr.msg_controllen = sizeof cm[i].buf;
         }
-        int r = recvmmsg(c->udp, m, BATCH, MSG_DONTWAIT, NULL);
+        int r = recvmmsg(c->udp, m, RX_BATCH, MSG_DONTWAIT, NULL);
         if (r <= 0) {
             if (r < 0 && errno == EINTR)
                 continue;
             return;
         }
-        count(c, RX_DATAGRAMS, (uint64_t)r);
         pthread_mutex_lock(&c->lock);
         for (int i = 0; i < r; i++) {
             uint8_t *p = v[i].iov_base;
             size_t n = m[i].msg_len;
-            int known = source_ok(c, ntohl(from[i].sin_addr.s_addr),
-                                  n >= 16 ? be32(p + 12) : 0);
-            if (c->check_source && known == 0) {
-                count(c, RX_DROP_UNKNOWN_SOURCE, 1);
+            size_t seg = n;
+            for (struct cmsghdr *cmsg = CMSG_FIRSTHDR(&m[i].msg_hdr); cmsg;
+                 cmsg = CMSG_NXTHDR(&m[i].msg_hdr, cmsg)) {
+                if (cmsg->cmsg_level == SOL_UDP && cmsg->cmsg_type == UDP_GRO) {
+                    int gs;
+                    memcpy(&gs, CMSG_DATA(cmsg), sizeof gs);
+                    if (gs > 0 && (size_t)gs < n) {
+                        seg = (size_t)gs;
+                        count(c, GRO_RECEIVES, 1);
+                    }
+                }
+            }
+            uint32_t peer = ntohl(from[i].sin_addr.s_addr);
+            int truncated = (m[i].msg_hdr.msg_flags & MSG_TRUNC) != 0;
+            if (seg == n || n == 0) {
+                count(c, RX_DATAGRAMS, 1);
+                deliver(c, p, n, peer, truncated);
                 continue;
             }
-            if ((m[i].msg_hdr.msg_flags & MSG_TRUNC) || n > (size_t)c->mtu) {
-                count(c, RX_DROP_OVERSIZED, 1);
-                continue;
+            for (size_t pos = 0; pos < n; pos += seg) {
+                count(c, RX_DATAGRAMS, 1);
+                deliver(c, p + pos, n - pos < seg ? n - pos : seg, peer, 0);
             }
-            if (n < 20 || p[0] >> 4 != 4) {
-                count(c, RX_DROP_MALFORMED, 1);
-                continue;
-            }
-            size_t ihl = (size_t)(p[0] & 0x0F) * 4;
-            size_t total = (size_t)p[2] << 8 | p[3];
-            if (ihl < 20 || total < ihl || total > n) {
-                count(c, RX_DROP_MALFORMED, 1);
-                continue;
-            }
-            if (c->check_source && known != 2) {
-                count(c, RX_DROP_SPOOFED_SOURCE, 1);
-                continue;
-            }
-            if (!decrement_ttl(p)) {
-                count(c, RX_DROP_TTL, 1);
-                continue;
-            }
-            write_tun(c, p, total, RX_PACKETS);
         }
         pthread_mutex_unlock(&c->lock);
-        if (r < BATCH)
+        if (r < RX_BATCH)
             return;
     }
 }
@@ -395,11 +437,13 @@ static void *loop(void *arg)
 static int Core_init(Core *c, PyObject *args, PyObject *kw)
 {
     static char *names[] = {"tun_fd", "sock_fd", "port", "mtu", "check_source", "vnet_hdr",
-                            "gso", NULL};
-    int port, check = 1, vnet = 0, gso = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiii|ppp", names, &c->tun, &c->udp, &port,
-                                     &c->mtu, &check, &vnet, &gso))
+                            "gso", "gro", NULL};
+    int port, check = 1, vnet = 0, gso = 1, gro = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiii|pppp", names, &c->tun, &c->udp, &port,
+                                     &c->mtu, &check, &vnet, &gso, &gro))
         return -1;
+    int one = 1;
+    c->gro = gro && setsockopt(c->udp, SOL_UDP, UDP_GRO, &one, sizeof one) == 0;
     /* Probe UDP GSO once: a kernel without it refuses the option. */
     int zero = 0;
     c->gso = gso && setsockopt(c->udp, SOL_UDP, UDP_SEGMENT, &zero, sizeof zero) == 0;
@@ -421,7 +465,9 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw)
     c->vnet = vnet;
     c->slot = (size_t)c->mtu + 64; /* room to see a datagram is oversized (MSG_TRUNC) */
     c->txbuf = PyMem_RawMalloc(c->slot * BATCH);
-    c->rxbuf = PyMem_RawMalloc(c->slot * BATCH);
+    /* Without GRO a slot a little over the MTU shows oversized datagrams by MSG_TRUNC. */
+    c->rxslot = c->gro ? RX_SLOT : c->slot;
+    c->rxbuf = PyMem_RawMalloc(c->rxslot * RX_BATCH);
     c->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (!c->txbuf || !c->rxbuf || c->efd < 0) {
         PyErr_NoMemory();
@@ -527,6 +573,12 @@ static PyObject *Core_gso(Core *c, PyObject *unused)
     return PyBool_FromLong(c->gso);
 }
 
+static PyObject *Core_gro(Core *c, PyObject *unused)
+{
+    (void)unused;
+    return PyBool_FromLong(c->gro);
+}
+
 static PyObject *Core_counters(Core *c, PyObject *unused)
 {
     (void)unused;
@@ -552,6 +604,7 @@ static PyMethodDef Core_methods[] = {
     {"stop", (PyCFunction)Core_stop, METH_NOARGS, "stop and join the packet thread"},
     {"counters", (PyCFunction)Core_counters, METH_NOARGS, "counters as a tuple"},
     {"gso", (PyCFunction)Core_gso, METH_NOARGS, "whether UDP GSO is in use"},
+    {"gro", (PyCFunction)Core_gro, METH_NOARGS, "whether UDP GRO is in use"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -2,8 +2,8 @@
 
 The loop runs in its own thread with the GIL released; this wrapper turns subnets into
 integers for it, starts and stops the thread, and names its counters. Step 1 of the fast
-path so far: recvmmsg/sendmmsg batches of up to 64 packets and UDP GSO on send; UDP GRO
-and TUN coalescing are still the Python datapath's alone, so `auto` keeps `python`.
+path so far: recvmmsg/sendmmsg batches of up to 64 packets, UDP GSO on send and UDP GRO
+on receive; TUN coalescing is still the Python datapath's alone, so `auto` keeps `python`.
 """
 
 from __future__ import annotations
@@ -26,11 +26,10 @@ class CDatapath:
         check_source: bool = True, gso: bool = True, gro: bool = True,
         vnet_hdr: bool = False,
     ) -> None:
-        del gro  # not yet in C
         self.sock = sock
         self.vnet_hdr = vnet_hdr
         self._core = _fastpath.Core(tun_fd, sock.fileno(), port, mtu, check_source, vnet_hdr,
-                                    gso)
+                                    gso, gro)
         self._stopped: asyncio.Future[None] | None = None
 
     def set_route(self, subnet: ipaddress.IPv4Network, peer: ipaddress.IPv4Address) -> None:
@@ -40,8 +39,9 @@ class CDatapath:
         self._core.del_route(int(subnet.network_address), int(subnet.netmask))
 
     def mode(self) -> str:
-        gso = "on" if self._core.gso() else "off"
-        return f"c (recvmmsg/sendmmsg batches of {_fastpath.BATCH}, udp gso {gso})"
+        on = {True: "on", False: "off"}
+        return (f"c (recvmmsg/sendmmsg batches of {_fastpath.BATCH}, udp gso"
+                f" {on[self._core.gso()]}, gro {on[self._core.gro()]})")
 
     def counters(self) -> dict[str, int]:
         return dict(zip(COUNTERS, self._core.counters(), strict=True))

@@ -188,3 +188,19 @@ async def test_random_datagrams_keep_counters_consistent():
         pkt = ip_packet("10.5.1.2", "10.5.2.9")
         rig.to_tun(pkt)
         assert (await asyncio.to_thread(rig.peer.recv, 2000))[20:] == pkt[20:]
+
+
+async def test_a_coalesced_receive_is_split_into_its_packets():
+    async with Rig() as rig:
+        pkts = [ip_packet("10.5.2.9", "10.5.1.2", bytes([i]) * 200) for i in range(5)]
+        # The peer sends them as one UDP GSO message; loopback hands them to our GRO
+        # socket as one buffer with their size, which the datapath must cut again.
+        seg = struct.pack("=H", len(pkts[0]))
+        rig.peer.sendmsg([b"".join(pkts)], [(socket.SOL_UDP, 103, seg)], 0,
+                         rig.udp.getsockname())
+        got = [await rig.from_tun() for _ in pkts]
+        assert [g[20:] for g in got] == [p[20:] for p in pkts]
+        assert all(g[8] == 63 for g in got)
+        c = await settle(rig.dp, "rx_packets", 5)
+        assert rig.dp._core.gro()
+        assert c["gro_receives"] >= 1 and c["rx_datagrams"] == 5
