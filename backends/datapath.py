@@ -467,8 +467,10 @@ def choose_datapath(option: str, environ: dict[str, str]) -> type:
         if c is None:
             raise ValueError(f"{where}: the C datapath is not built in this installation")
         return c
-    # `auto` stays with python until the C datapath has the offloads too (issue 5 steps
-    # 2 and 3): today the python one with UDP GSO/GRO and TUN coalescing is the faster.
+    # `auto` takes the C datapath when it is built: with batches and UDP GSO/GRO it
+    # outruns the python one (docs/benchmarks.md) even before TUN coalescing.
+    if name == "auto" and c is not None:
+        return c
     return PythonDatapath
 
 

@@ -637,10 +637,9 @@ def test_choose_python_even_when_c_built(fake_fastpath):
     assert choose_datapath("python", {}) is PythonDatapath
 
 
-def test_choose_c_when_built_and_auto_stays_python(fake_fastpath):
-    # `auto` moves to c once the C datapath has the offloads the python one has.
+def test_choose_auto_and_c_take_c_when_built(fake_fastpath):
+    assert choose_datapath("auto", {}) is fake_fastpath
     assert choose_datapath("c", {}) is fake_fastpath
-    assert choose_datapath("auto", {}) is PythonDatapath
 
 
 def test_env_wins_over_option(fake_fastpath):
