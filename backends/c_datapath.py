@@ -28,7 +28,6 @@ class CDatapath:
         vnet_hdr: bool = False,
     ) -> None:
         self.sock = sock
-        self.vnet_hdr = vnet_hdr
         self._core = _fastpath.Core(tun_fd, sock.fileno(), port, mtu, check_source, vnet_hdr,
                                     gso, gro)
         self._stopped: asyncio.Future[None] | None = None

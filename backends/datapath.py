@@ -78,6 +78,10 @@ class Datapath(Protocol):
     def counters(self) -> dict[str, int]:
         ...
 
+    def mode(self) -> str:
+        """Which datapath and offloads are in use, for the log."""
+        ...
+
 
 class PythonDatapath:
     """The pure-Python datapath on the asyncio (uv)loop."""

@@ -149,7 +149,7 @@ class UdpNetwork:
             self.datapath.del_route(lease.subnet)
         log.info("udp: %s (index %d, MTU %d, address %s), socket %s:%d, %s datapath%s",
                  DEVICE, self.tun_index, self.mtu, address, self.ext.iface_addr,
-                 self.opts.port, _mode(self.datapath),
+                 self.opts.port, self.datapath.mode(),
                  "" if self.opts.check_source else ", source checks off")
         await self.sync()
 
@@ -202,11 +202,6 @@ class UdpNetwork:
         if self.tun is not None:
             with contextlib.suppress(Exception):
                 self.tun.close()
-
-
-def _mode(dp: object) -> str:
-    mode = getattr(dp, "mode", None)
-    return mode() if callable(mode) else str(getattr(dp, "name", "?"))
 
 
 class UdpBackend:

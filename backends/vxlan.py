@@ -162,7 +162,8 @@ class VxlanNetwork:
         self.dev_index = 0
         self.own: ipaddress.IPv4Network | None = None
         self.peers: dict[ipaddress.IPv4Network, LeaseAttrs] = {}
-        self.installed: set[ipaddress.IPv4Network] = set()  # every peer subnet ever desired
+        # Every peer subnet ever desired (a superset of self.peers).
+        self.installed: set[ipaddress.IPv4Network] = set()
         self.kernel = KernelSync(netlink, self._plan, resync)
 
     def spec(self) -> VxlanSpec:
@@ -186,7 +187,7 @@ class VxlanNetwork:
         if r.oif == self.dev_index and r.dst == self.own and r.gateway is not None:
             return True  # a peer's old route to what is now our own subnet
         oif = self.dev_index if r.oif == self.dev_index else self.ext.index
-        return owns_peer_route(r, self.config, oif, self.own, set(self.peers) | self.installed)
+        return owns_peer_route(r, self.config, oif, self.own, self.installed)
 
     async def _plan(self) -> ChangeSet:
         if not self.dev_index:
