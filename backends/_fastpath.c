@@ -1,17 +1,31 @@
 /*
- * _fastpath: the C datapath of the udp backend (batches, UDP GSO and GRO; no TUN
- * offloads yet).
+ * _fastpath: the C datapath of the udp backend.
  *
  * One packet thread per datapath moves packets between the TUN fd and the UDP socket
  * with the GIL released: it never calls into Python. Python only changes routes (under a
- * mutex held for one batch at a time) and reads counters (relaxed atomics).
+ * mutex) and reads counters (relaxed atomics).
  *
  * Semantics are the pure-Python datapath's (backends/datapath.py), counter for counter:
  * one inner IPv4 packet per datagram, TTL decremented on both ends with an incremental
  * checksum fix, ICMP net-unreachable for packets no peer subnet matches (never for ICMP
- * or non-first fragments), receive drops by reason. Batching: TUN reads are gathered
- * into up to BATCH packets, sent with one sendmmsg (runs for one peer as UDP GSO
- * messages); receives use recvmmsg.
+ * or non-first fragments), receive drops by reason.
+ *
+ * What makes it fast, each step probed at start and turned off when the kernel refuses:
+ *  - batches: each fd is drained until EAGAIN; sends go out with one sendmmsg, receives
+ *    come in with recvmmsg, into buffers allocated once;
+ *  - TUN offloads (vnet header + TUNSETOFFLOAD TSO4/CSUM): the kernel hands us TCP
+ *    super-packets of up to 64 KiB; we cut them into MTU-sized packets ourselves, each
+ *    with its own IP and TCP header, the payload never copied (scatter-gather iovecs);
+ *  - UDP GSO: a run of equal-sized packets for one peer leaves in one message with
+ *    UDP_SEGMENT, the kernel cutting it into one datagram per packet (the wire format
+ *    does not change);
+ *  - UDP GRO: several datagrams of one sender arrive in one buffer, cut by segment size;
+ *  - coalesced TUN writes: in-order TCP segments of one flow are written to the TUN as one
+ *    GSO super-packet with a virtio_net_hdr, so the kernel runs its receive path once.
+ *
+ * The segmentation and coalescing functions are pure (no I/O) and exposed to Python as
+ * `segment` and `coalesce` so that tests can check them against an independent
+ * implementation.
  */
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
@@ -25,14 +39,14 @@
 #include <stdint.h>
 #include <string.h>
 #include <arpa/inet.h>
+#include <linux/if_tun.h>
 #include <netinet/in.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
-#define BATCH 64
-#define VNET_HDR_LEN 10
 #ifndef SOL_UDP
 #define SOL_UDP 17
 #endif
@@ -42,9 +56,36 @@
 #ifndef UDP_GRO
 #define UDP_GRO 104
 #endif
-/* Receive buffers: with UDP GRO one buffer may hold up to 64 KiB of coalesced datagrams. */
+
+/* struct virtio_net_hdr as the TUN reads and writes it (host byte order). */
+struct vnet_hdr {
+    uint8_t flags;
+    uint8_t gso_type;
+    uint16_t hdr_len;
+    uint16_t gso_size;
+    uint16_t csum_start;
+    uint16_t csum_offset;
+};
+#define VNET_HDR_LEN 10
+#define VNET_F_NEEDS_CSUM 1
+#define VNET_GSO_NONE 0
+#define VNET_GSO_TCPV4 1
+#define VNET_GSO_ECN 0x80
+
+#define BATCH 64          /* TUN reads per send batch */
+#define READ_MAX 65536    /* one TUN read: the largest IPv4 packet */
+#define TX_ARENA (8 * READ_MAX)
+#define MAX_SEGS 1024     /* packets per send batch */
+#define HDR_SLOT 128      /* room for one segment's IP + TCP headers (60 + 60 at most) */
+#define GSO_SEGS 64       /* Linux takes at most 64 segments per UDP GSO send... */
+#define GSO_BYTES 65000   /* ...and about 64 KiB */
 #define RX_BATCH 16
-#define RX_SLOT 65536
+#define RX_SLOT 65536     /* with UDP GRO one buffer may hold up to 64 KiB of datagrams */
+#define PEND_MAX 2048     /* received packets waiting to be written to the TUN */
+#define MERGE_MAX 64      /* segments per coalesced write */
+#define MERGE_BYTES 65000
+#define CMSG_SLOT CMSG_SPACE(sizeof(uint16_t))
+#define SEND_WAIT_MS 20   /* how long a full socket buffer may hold up the TUN side */
 
 /* Counter order: must match COUNTERS in backends/datapath.py. */
 enum {
@@ -52,7 +93,7 @@ enum {
     TX_DROP_MALFORMED, TX_DROP_NO_ROUTE, TX_DROP_TTL, TX_DROP_SEND_ERROR,
     RX_DROP_UNKNOWN_SOURCE, RX_DROP_MALFORMED, RX_DROP_OVERSIZED,
     RX_DROP_SPOOFED_SOURCE, RX_DROP_TTL, RX_DROP_TUN_ERROR, ICMP_UNREACHABLE_SENT,
-    GSO_SENDS, GRO_RECEIVES, COALESCED_WRITES,
+    GSO_SENDS, GRO_RECEIVES, COALESCED_WRITES, TSO_READS,
     NCOUNTERS
 };
 
@@ -60,21 +101,45 @@ struct route {
     uint32_t net, mask, peer; /* host byte order */
 };
 
+/* One packet to send: two iovecs (headers, payload; a plain packet leaves the second
+ * empty) in the batch's iovec array at 2 * index. */
+struct seg {
+    uint32_t peer;
+    uint32_t len;
+};
+
+/* One packet to write to the TUN. */
+struct pend {
+    uint8_t *p;
+    uint32_t len;
+};
+
 typedef struct {
     PyObject_HEAD
     int tun, udp, efd;
     uint16_t port;
-    int mtu, check_source, vnet, gso;
-    size_t slot;   /* bytes per send buffer slot */
-    size_t rxslot; /* bytes per receive buffer slot */
-    int gro;
+    int mtu, check_source, vnet, gso, gro, tso, coalesce;
     pthread_t thread;
     int running;
     pthread_mutex_t lock;
     struct route *routes;
     int nroutes, cap;
     _Atomic uint64_t counters[NCOUNTERS];
-    uint8_t *txbuf, *rxbuf;
+    /* send side */
+    uint8_t *txbuf;        /* TX_ARENA: packets as read from the TUN */
+    uint8_t *hdrs;         /* MAX_SEGS * HDR_SLOT: headers of cut segments */
+    struct seg *segs;      /* MAX_SEGS */
+    struct iovec *iov;     /* 2 * MAX_SEGS */
+    struct mmsghdr *msgs;  /* MAX_SEGS */
+    struct sockaddr_in *to;
+    int *npkts;
+    uint8_t *cmsgs;        /* MAX_SEGS * CMSG_SLOT: UDP_SEGMENT control data */
+    int nsegs;
+    /* receive side */
+    uint8_t *rxbuf;        /* RX_BATCH * rxslot */
+    size_t rxslot;
+    struct pend *pend;     /* PEND_MAX */
+    int npend;
 } Core;
 
 static void count(Core *c, int i, uint64_t n)
@@ -82,16 +147,60 @@ static void count(Core *c, int i, uint64_t n)
     atomic_fetch_add_explicit(&c->counters[i], n, memory_order_relaxed);
 }
 
-static uint16_t csum(const uint8_t *p, size_t n)
+/* ---- checksums ------------------------------------------------------------------
+ * The Internet checksum is a ones' complement sum of 16-bit words. Summing native-order
+ * 32-bit words into 64 bits and folding gives the same sum (2^16 = 1 mod 0xFFFF) in the
+ * host's byte order; stored back with memcpy it is right in network order on any host. */
+
+static uint64_t sum_add(uint64_t acc, const uint8_t *p, size_t n)
 {
-    uint32_t s = 0;
-    for (size_t i = 0; i + 1 < n; i += 2)
-        s += (uint32_t)p[i] << 8 | p[i + 1];
-    if (n & 1)
-        s += (uint32_t)p[n - 1] << 8;
-    while (s >> 16)
-        s = (s & 0xFFFF) + (s >> 16);
-    return (uint16_t)~s;
+    while (n >= 4) {
+        uint32_t w;
+        memcpy(&w, p, 4);
+        acc += w;
+        p += 4;
+        n -= 4;
+    }
+    if (n >= 2) {
+        uint16_t w;
+        memcpy(&w, p, 2);
+        acc += w;
+        p += 2;
+        n -= 2;
+    }
+    if (n) { /* an odd last byte is the high half of a zero-padded word */
+        uint16_t w = 0;
+        memcpy(&w, p, 1);
+        acc += w;
+    }
+    return acc;
+}
+
+static uint16_t sum_fold(uint64_t acc)
+{
+    while (acc >> 16)
+        acc = (acc & 0xFFFF) + (acc >> 16);
+    return (uint16_t)acc;
+}
+
+/* Store the checksum of a sum at p (two bytes). */
+static void put_csum(uint8_t *p, uint64_t acc)
+{
+    uint16_t v = (uint16_t)~sum_fold(acc);
+    memcpy(p, &v, 2);
+}
+
+/* The pseudo-header sum of an IPv4 packet's TCP or UDP segment of `len` bytes. */
+static uint64_t pseudo_sum(const uint8_t *ip, uint8_t proto, size_t len)
+{
+    uint64_t acc = sum_add(0, ip + 12, 8);
+    return acc + htons(proto) + htons((uint16_t)len);
+}
+
+static void ip_csum(uint8_t *ip, size_t ihl)
+{
+    ip[10] = ip[11] = 0;
+    put_csum(ip + 10, sum_add(0, ip, ihl));
 }
 
 /* TTL - 1 with the checksum patched in place (RFC 1141, and never 0xFFFF: RFC 1624).
@@ -114,6 +223,175 @@ static uint32_t be32(const uint8_t *p)
 {
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
+
+static void put_be16(uint8_t *p, uint32_t v)
+{
+    p[0] = (v >> 8) & 0xFF;
+    p[1] = v & 0xFF;
+}
+
+static void put_be32(uint8_t *p, uint32_t v)
+{
+    p[0] = v >> 24;
+    p[1] = (v >> 16) & 0xFF;
+    p[2] = (v >> 8) & 0xFF;
+    p[3] = v & 0xFF;
+}
+
+/* ---- segmentation (TUN TSO -> packets on the wire) -------------------------------- */
+
+/* Cut what one TUN read gave (`h`, then p[0..n)) into wire packets: iov gets two entries
+ * per packet, len[] their sizes, hdrs room for HDR_SLOT bytes per packet. A plain packet
+ * is one entry (its checksum completed if the kernel left it partial); a TCP
+ * super-packet becomes ceil(payload / gso_size) packets with the super-packet's headers,
+ * the IP id and TCP sequence advanced, FIN and PSH on the last only, CWR on the first
+ * only, and both checksums computed. Returns the count, -1 if malformed, -2 if more than
+ * `max` packets would be needed. */
+static int tso_split(const struct vnet_hdr *h, uint8_t *p, size_t n, uint8_t *hdrs,
+                     struct iovec *iov, uint32_t *len, int max)
+{
+    if (n < 20 || p[0] >> 4 != 4 || max < 1)
+        return max < 1 ? -2 : -1;
+    if (h->gso_type == VNET_GSO_NONE) {
+        if (h->flags & VNET_F_NEEDS_CSUM) {
+            size_t at = (size_t)h->csum_start + h->csum_offset;
+            if (h->csum_start < 20 || at + 2 > n)
+                return -1;
+            /* The field holds the pseudo-header sum: summing over it finishes the job. */
+            put_csum(p + at, sum_add(0, p + h->csum_start, n - h->csum_start));
+        }
+        iov[0].iov_base = p;
+        iov[0].iov_len = n;
+        iov[1].iov_base = NULL;
+        iov[1].iov_len = 0;
+        len[0] = (uint32_t)n;
+        return 1;
+    }
+    if ((h->gso_type & ~VNET_GSO_ECN) != VNET_GSO_TCPV4 || h->gso_size == 0)
+        return -1;
+    size_t ihl = (size_t)(p[0] & 0x0F) * 4;
+    if (ihl < 20 || p[9] != 6 || ihl + 20 > n)
+        return -1;
+    size_t thl = (size_t)(p[ihl + 12] >> 4) * 4;
+    size_t hl = ihl + thl;
+    if (thl < 20 || hl >= n || hl > HDR_SLOT)
+        return -1;
+    size_t mss = h->gso_size, payload = n - hl;
+    size_t nseg = (payload + mss - 1) / mss;
+    if (nseg > (size_t)max)
+        return -2;
+    uint32_t id = (uint32_t)p[4] << 8 | p[5];
+    uint32_t seq = be32(p + ihl + 4);
+    uint8_t flags = p[ihl + 13];
+    for (size_t k = 0; k < nseg; k++) {
+        size_t plen = k + 1 < nseg ? mss : payload - k * mss;
+        uint8_t *s = hdrs + k * HDR_SLOT, *tcp = s + ihl;
+        const uint8_t *data = p + hl + k * mss;
+        memcpy(s, p, hl);
+        put_be16(s + 2, (uint32_t)(hl + plen));
+        put_be16(s + 4, id + (uint32_t)k);
+        ip_csum(s, ihl);
+        put_be32(tcp + 4, seq + (uint32_t)(k * mss));
+        uint8_t f = flags;
+        if (k + 1 < nseg)
+            f &= (uint8_t)~0x09; /* FIN, PSH: last segment only */
+        if (k > 0)
+            f &= (uint8_t)~0x80; /* CWR: first segment only */
+        tcp[13] = f;
+        tcp[16] = tcp[17] = 0;
+        uint64_t acc = pseudo_sum(s, 6, thl + plen);
+        acc = sum_add(acc, tcp, thl);
+        acc = sum_add(acc, data, plen);
+        put_csum(tcp + 16, acc);
+        iov[2 * k].iov_base = s;
+        iov[2 * k].iov_len = hl;
+        iov[2 * k + 1].iov_base = (void *)data;
+        iov[2 * k + 1].iov_len = plen;
+        len[k] = (uint32_t)(hl + plen);
+    }
+    return (int)nseg;
+}
+
+/* ---- coalescing (packets from the wire -> TCP super-packets on the TUN) ----------- */
+
+/* The TCP header length if the packet may be merged with its neighbours: plain IPv4 (no
+ * options), TCP, not a fragment, flags ACK or ACK|PSH, some payload. Else 0. */
+static size_t mergeable(const uint8_t *p, size_t n)
+{
+    if (n < 40 || p[0] != 0x45 || p[9] != 6 || (p[6] & 0x3F) || p[7])
+        return 0;
+    size_t thl = (size_t)(p[32] >> 4) * 4;
+    uint8_t f = p[33];
+    if (thl < 20 || n <= 20 + thl || (f != 0x10 && f != 0x18))
+        return 0;
+    return thl;
+}
+
+/* Two segments belong to one merge when everything but the IP id, lengths, checksums,
+ * sequence number and PSH matches: TOS, TTL, DF, addresses, ports, ack, window, TCP
+ * options. */
+static int same_flow(const uint8_t *a, const uint8_t *b, size_t thl)
+{
+    return a[1] == b[1] && a[8] == b[8] && (a[6] & 0x40) == (b[6] & 0x40) &&
+           (size_t)(b[32] >> 4) * 4 == thl && memcmp(a + 12, b + 12, 12) == 0 &&
+           memcmp(a + 28, b + 28, 4) == 0 && memcmp(a + 34, b + 34, 2) == 0 &&
+           memcmp(a + 40, b + 40, thl - 20) == 0;
+}
+
+/* How many packets from pk[i] on can be written as one super-packet (at least 1):
+ * in-order segments of one flow, each as long as the first except the last, PSH only
+ * on the last, within MERGE_MAX segments and MERGE_BYTES. */
+static int merge_run(const struct pend *pk, int i, int n)
+{
+    size_t thl = mergeable(pk[i].p, pk[i].len);
+    if (!thl)
+        return 1;
+    const uint8_t *first = pk[i].p;
+    size_t mss = pk[i].len - 20 - thl, size = pk[i].len;
+    uint32_t seq = be32(first + 24) + (uint32_t)mss;
+    int j = i + 1;
+    while (j < n && j - i < MERGE_MAX && pk[j - 1].p[33] == 0x10) {
+        const uint8_t *q = pk[j].p;
+        size_t plen = pk[j].len - 20 - thl;
+        if (mergeable(q, pk[j].len) != thl || plen > mss || size + plen > MERGE_BYTES ||
+            !same_flow(first, q, thl) || be32(q + 24) != seq)
+            break;
+        size += plen;
+        seq += (uint32_t)plen;
+        j++;
+        if (plen < mss)
+            break; /* only the last segment may be short */
+    }
+    return j - i;
+}
+
+/* The vnet header and the IP + TCP headers (into hdr) of the super-packet merging
+ * pk[i..i+k). The kernel finishes the TCP checksum (NEEDS_CSUM) from the pseudo-header
+ * sum left in the field. Returns the header length. */
+static size_t merge_headers(const struct pend *pk, int i, int k, struct vnet_hdr *vh,
+                            uint8_t *hdr)
+{
+    const uint8_t *first = pk[i].p;
+    size_t thl = (size_t)(first[32] >> 4) * 4, hl = 20 + thl, payload = 0;
+    for (int q = i; q < i + k; q++)
+        payload += pk[q].len - hl;
+    memcpy(hdr, first, hl);
+    put_be16(hdr + 2, (uint32_t)(hl + payload));
+    ip_csum(hdr, 20);
+    hdr[33] |= pk[i + k - 1].p[33] & 0x08; /* PSH of the last segment */
+    hdr[36] = hdr[37] = 0;
+    uint16_t ps = sum_fold(pseudo_sum(hdr, 6, thl + payload));
+    memcpy(hdr + 36, &ps, 2);
+    vh->flags = VNET_F_NEEDS_CSUM;
+    vh->gso_type = VNET_GSO_TCPV4;
+    vh->hdr_len = (uint16_t)hl;
+    vh->gso_size = (uint16_t)(pk[i].len - hl);
+    vh->csum_start = 20;
+    vh->csum_offset = 16;
+    return hl;
+}
+
+/* ---- routes ----------------------------------------------------------------------- */
 
 /* Longest-prefix match; caller holds the lock. Returns the peer or 0. */
 static uint32_t lookup(Core *c, uint32_t dst)
@@ -146,13 +424,17 @@ static int source_ok(Core *c, uint32_t peer, uint32_t src)
     return known;
 }
 
+/* ---- TUN writes ------------------------------------------------------------------- */
+
+static const uint8_t zero_vnet[VNET_HDR_LEN];
+
+/* One plain packet to the TUN, counted under ok_counter (RX_PACKETS or ICMP). */
 static void write_tun(Core *c, const uint8_t *p, size_t n, int ok_counter)
 {
-    static const uint8_t zero[VNET_HDR_LEN];
     struct iovec v[2];
     int k = 0;
     if (c->vnet) {
-        v[k].iov_base = (void *)zero;
+        v[k].iov_base = (void *)zero_vnet;
         v[k++].iov_len = VNET_HDR_LEN;
     }
     v[k].iov_base = (void *)p;
@@ -170,6 +452,42 @@ static void write_tun(Core *c, const uint8_t *p, size_t n, int ok_counter)
     }
 }
 
+/* Write the received packets waiting in c->pend, runs of one TCP flow as one
+ * super-packet when coalescing is on. */
+static void flush_pending(Core *c)
+{
+    struct iovec v[3 + MERGE_MAX];
+    uint8_t hdr[HDR_SLOT];
+    struct vnet_hdr vh;
+    for (int i = 0; i < c->npend;) {
+        int k = c->coalesce ? merge_run(c->pend, i, c->npend) : 1;
+        if (k == 1) {
+            write_tun(c, c->pend[i].p, c->pend[i].len, RX_PACKETS);
+            i++;
+            continue;
+        }
+        size_t hl = merge_headers(c->pend, i, k, &vh, hdr), bytes = 0;
+        v[0].iov_base = &vh;
+        v[0].iov_len = VNET_HDR_LEN;
+        v[1].iov_base = hdr;
+        v[1].iov_len = hl;
+        for (int q = 0; q < k; q++) {
+            v[2 + q].iov_base = c->pend[i + q].p + hl;
+            v[2 + q].iov_len = c->pend[i + q].len - hl;
+            bytes += c->pend[i + q].len;
+        }
+        if (writev(c->tun, v, 2 + k) < 0) {
+            count(c, RX_DROP_TUN_ERROR, (uint64_t)k);
+        } else {
+            count(c, RX_PACKETS, (uint64_t)k);
+            count(c, RX_BYTES, bytes);
+            count(c, COALESCED_WRITES, 1);
+        }
+        i += k;
+    }
+    c->npend = 0;
+}
+
 /* ICMP destination unreachable (net) for `off`, from its destination (as flanneld does:
  * our own address would come back through the TUN as a martian). */
 static void net_unreachable(Core *c, const uint8_t *off, size_t n)
@@ -185,8 +503,7 @@ static void net_unreachable(Core *c, const uint8_t *off, size_t n)
     size_t len = 20 + 8 + quote;
     memset(pkt, 0, 28);
     pkt[0] = 0x45;
-    pkt[2] = len >> 8;
-    pkt[3] = len & 0xFF;
+    put_be16(pkt + 2, (uint32_t)len);
     pkt[8] = 64;
     pkt[9] = 1;
     memcpy(pkt + 12, off + 16, 4);
@@ -194,45 +511,126 @@ static void net_unreachable(Core *c, const uint8_t *off, size_t n)
     pkt[20] = 3; /* destination unreachable */
     pkt[21] = 0; /* net unreachable */
     memcpy(pkt + 28, off, quote);
-    uint16_t ic = csum(pkt + 20, 8 + quote);
-    pkt[22] = ic >> 8;
-    pkt[23] = ic & 0xFF;
-    uint16_t hc = csum(pkt, 20);
-    pkt[10] = hc >> 8;
-    pkt[11] = hc & 0xFF;
+    put_csum(pkt + 22, sum_add(0, pkt + 20, 8 + quote));
+    ip_csum(pkt, 20);
     write_tun(c, pkt, len, ICMP_UNREACHABLE_SENT);
 }
 
-/* Drain the TUN: read packets into the slots, then send them with one sendmmsg. With UDP
- * GSO, consecutive packets for one peer of one size (the last may be shorter) go as one
- * message with a UDP_SEGMENT cmsg; the kernel cuts it into one datagram per packet, so
- * the wire format is unchanged. */
+/* ---- the send side ---------------------------------------------------------------- */
+
+/* Send the segments gathered in c->segs: consecutive ones for one peer of one size (the
+ * last may be shorter) as one UDP GSO message, all messages with sendmmsg. A full socket
+ * buffer holds the TUN side up for a moment (the TUN queue then pushes back on the
+ * senders) rather than dropping at once. */
+static void flush_segments(Core *c)
+{
+    int nm = 0, k = c->nsegs;
+    for (int i = 0; i < k;) {
+        size_t seg = c->segs[i].len, total = seg;
+        int j = i + 1;
+        while (c->gso && j < k && c->segs[j].peer == c->segs[i].peer &&
+               c->segs[j - 1].len == seg && c->segs[j].len <= seg &&
+               total + c->segs[j].len <= GSO_BYTES && j - i < GSO_SEGS) {
+            total += c->segs[j].len;
+            j++;
+        }
+        struct mmsghdr *m = &c->msgs[nm];
+        struct sockaddr_in *to = &c->to[nm];
+        memset(m, 0, sizeof *m);
+        memset(to, 0, sizeof *to);
+        to->sin_family = AF_INET;
+        to->sin_port = htons(c->port);
+        to->sin_addr.s_addr = htonl(c->segs[i].peer);
+        m->msg_hdr.msg_name = to;
+        m->msg_hdr.msg_namelen = sizeof *to;
+        m->msg_hdr.msg_iov = &c->iov[2 * i];
+        m->msg_hdr.msg_iovlen = (size_t)(2 * (j - i));
+        if (j - i > 1) {
+            m->msg_hdr.msg_control = c->cmsgs + (size_t)nm * CMSG_SLOT;
+            m->msg_hdr.msg_controllen = CMSG_SLOT;
+            struct cmsghdr *cmsg = CMSG_FIRSTHDR(&m->msg_hdr);
+            cmsg->cmsg_level = SOL_UDP;
+            cmsg->cmsg_type = UDP_SEGMENT;
+            cmsg->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+            uint16_t s16 = (uint16_t)seg;
+            memcpy(CMSG_DATA(cmsg), &s16, sizeof s16);
+        }
+        c->npkts[nm++] = j - i;
+        i = j;
+    }
+    int sent = 0, waits = 0;
+    while (sent < nm) {
+        int r = sendmmsg(c->udp, c->msgs + sent, (unsigned)(nm - sent), MSG_DONTWAIT);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            if ((errno == EAGAIN || errno == ENOBUFS) && waits++ < 3) {
+                struct pollfd pf = {c->udp, POLLOUT, 0};
+                (void)poll(&pf, 1, SEND_WAIT_MS);
+                continue;
+            }
+            if (errno != EAGAIN && errno != ENOBUFS && c->npkts[sent] > 1) {
+                c->gso = 0; /* the path cannot segment: one datagram per message from now */
+                int left = 0;
+                for (int i = sent; i < nm; i++)
+                    left += c->npkts[i];
+                /* Resend the rest without GSO, from the first unsent segment. */
+                int first = c->nsegs - left;
+                memmove(c->segs, c->segs + first, sizeof *c->segs * (size_t)left);
+                memmove(c->iov, c->iov + 2 * first, sizeof *c->iov * (size_t)(2 * left));
+                c->nsegs = left;
+                flush_segments(c);
+                return;
+            }
+            /* Still full, or unreachable: drop the rest, as a router would. */
+            for (int i = sent; i < nm; i++)
+                count(c, TX_DROP_SEND_ERROR, (uint64_t)c->npkts[i]);
+            break;
+        }
+        for (int i = sent; i < sent + r; i++) {
+            uint64_t bytes = 0;
+            for (size_t q = 0; q < c->msgs[i].msg_hdr.msg_iovlen; q++)
+                bytes += c->msgs[i].msg_hdr.msg_iov[q].iov_len;
+            count(c, TX_PACKETS, (uint64_t)c->npkts[i]);
+            count(c, TX_BYTES, bytes);
+            if (c->npkts[i] > 1)
+                count(c, GSO_SENDS, 1);
+        }
+        sent += r;
+        waits = 0;
+    }
+    c->nsegs = 0;
+}
+
+/* Drain the TUN: read packets (or super-packets) into the arena, route them, cut them
+ * into wire packets, and send a batch whenever the arena or the segment table is full. */
 static void from_tun(Core *c)
 {
-    struct mmsghdr m[BATCH];
-    struct iovec v[BATCH];
-    struct sockaddr_in to[BATCH];
-    union {
-        char buf[CMSG_SPACE(sizeof(uint16_t))];
-        struct cmsghdr align;
-    } cm[BATCH];
-    int npkts[BATCH];
-    uint32_t peers[BATCH];
-    uint8_t hdr[VNET_HDR_LEN];
+    struct vnet_hdr vh;
     for (;;) {
-        int k = 0, eagain = 0;
+        size_t off = 0;
+        int reads = 0, eagain = 0;
         pthread_mutex_lock(&c->lock);
-        while (k < BATCH) {
-            uint8_t *p = c->txbuf + (size_t)k * c->slot;
-            struct iovec rv[2] = {{hdr, VNET_HDR_LEN}, {p, c->slot}};
-            ssize_t r = c->vnet ? readv(c->tun, rv, 2) : read(c->tun, p, c->slot);
+        while (reads < BATCH && off + READ_MAX <= TX_ARENA) {
+            uint8_t *p = c->txbuf + off;
+            struct iovec rv[2] = {{&vh, VNET_HDR_LEN}, {p, READ_MAX}};
+            ssize_t r = c->vnet ? readv(c->tun, rv, 2) : read(c->tun, p, READ_MAX);
             if (r < 0) {
                 eagain = 1;
                 break;
             }
-            size_t n = (size_t)r - (c->vnet ? VNET_HDR_LEN : 0);
-            if (c->vnet && r < VNET_HDR_LEN)
-                n = 0;
+            reads++;
+            size_t n;
+            if (c->vnet) {
+                if (r < VNET_HDR_LEN) {
+                    count(c, TX_DROP_MALFORMED, 1);
+                    continue;
+                }
+                n = (size_t)r - VNET_HDR_LEN;
+            } else {
+                memset(&vh, 0, sizeof vh);
+                n = (size_t)r;
+            }
             if (n < 20 || p[0] >> 4 != 4) {
                 count(c, TX_DROP_MALFORMED, 1);
                 continue;
@@ -247,76 +645,38 @@ static void from_tun(Core *c)
                 count(c, TX_DROP_TTL, 1);
                 continue;
             }
-            v[k].iov_base = p;
-            v[k].iov_len = n;
-            peers[k] = peer;
-            k++;
+            uint32_t lens[MAX_SEGS];
+            int k;
+            for (;;) {
+                k = tso_split(&vh, p, n, c->hdrs + (size_t)c->nsegs * HDR_SLOT,
+                              c->iov + 2 * c->nsegs, lens, MAX_SEGS - c->nsegs);
+                if (k != -2 || c->nsegs == 0)
+                    break;
+                flush_segments(c); /* room for the rest of this super-packet */
+            }
+            if (k < 0) {
+                count(c, TX_DROP_MALFORMED, 1);
+                continue;
+            }
+            if (vh.gso_type != VNET_GSO_NONE)
+                count(c, TSO_READS, 1);
+            for (int q = 0; q < k; q++)
+                c->segs[c->nsegs + q] = (struct seg){peer, lens[q]};
+            c->nsegs += k;
+            off += (n + 15) & ~(size_t)15;
         }
+        if (c->nsegs)
+            flush_segments(c);
         pthread_mutex_unlock(&c->lock);
-        /* Group the packets into messages. */
-        int nm = 0;
-        for (int i = 0; i < k;) {
-            size_t seg = v[i].iov_len, total = seg;
-            int j = i + 1;
-            while (c->gso && j < k && peers[j] == peers[i] && v[j - 1].iov_len == seg &&
-                   v[j].iov_len <= seg && total + v[j].iov_len <= 65000 && j - i < 64) {
-                total += v[j].iov_len;
-                j++;
-            }
-            struct msghdr *h = &m[nm].msg_hdr;
-            memset(&m[nm], 0, sizeof m[nm]);
-            memset(&to[nm], 0, sizeof to[nm]);
-            to[nm].sin_family = AF_INET;
-            to[nm].sin_port = htons(c->port);
-            to[nm].sin_addr.s_addr = htonl(peers[i]);
-            h->msg_name = &to[nm];
-            h->msg_namelen = sizeof to[nm];
-            h->msg_iov = &v[i];
-            h->msg_iovlen = (size_t)(j - i);
-            if (j - i > 1) {
-                h->msg_control = cm[nm].buf;
-                h->msg_controllen = sizeof cm[nm].buf;
-                struct cmsghdr *cmsg = CMSG_FIRSTHDR(h);
-                cmsg->cmsg_level = SOL_UDP;
-                cmsg->cmsg_type = UDP_SEGMENT;
-                cmsg->cmsg_len = CMSG_LEN(sizeof(uint16_t));
-                uint16_t s16 = (uint16_t)seg;
-                memcpy(CMSG_DATA(cmsg), &s16, sizeof s16);
-            }
-            npkts[nm++] = j - i;
-            i = j;
-        }
-        int sent = 0;
-        while (sent < nm) {
-            int r = sendmmsg(c->udp, m + sent, (unsigned)(nm - sent), MSG_DONTWAIT);
-            if (r < 0) {
-                if (errno == EINTR)
-                    continue;
-                if (errno != EAGAIN && errno != ENOBUFS && npkts[sent] > 1)
-                    c->gso = 0; /* the path cannot segment: one datagram per call from now */
-                /* Buffer full or unreachable: drop the rest, as a router would. */
-                for (int i = sent; i < nm; i++)
-                    count(c, TX_DROP_SEND_ERROR, (uint64_t)npkts[i]);
-                break;
-            }
-            for (int i = sent; i < sent + r; i++) {
-                uint64_t bytes = 0;
-                for (size_t q = 0; q < m[i].msg_hdr.msg_iovlen; q++)
-                    bytes += m[i].msg_hdr.msg_iov[q].iov_len;
-                count(c, TX_PACKETS, (uint64_t)npkts[i]);
-                count(c, TX_BYTES, bytes);
-                if (npkts[i] > 1)
-                    count(c, GSO_SENDS, 1);
-            }
-            sent += r;
-        }
         if (eagain)
             return;
     }
 }
 
-/* One received inner packet at p (n bytes) from `peer`: check, patch, write to the TUN.
- * Caller holds the lock. */
+/* ---- the receive side ------------------------------------------------------------- */
+
+/* Check one received inner packet at p (n bytes) from `peer` and patch its TTL; queue it
+ * for the TUN. Caller holds the lock. */
 static void deliver(Core *c, uint8_t *p, size_t n, uint32_t peer, int truncated)
 {
     int known = source_ok(c, peer, n >= 16 ? be32(p + 12) : 0);
@@ -346,7 +706,9 @@ static void deliver(Core *c, uint8_t *p, size_t n, uint32_t peer, int truncated)
         count(c, RX_DROP_TTL, 1);
         return;
     }
-    write_tun(c, p, total, RX_PACKETS);
+    if (c->npend == PEND_MAX)
+        flush_pending(c);
+    c->pend[c->npend++] = (struct pend){p, (uint32_t)total};
 }
 
 /* Drain the socket with recvmmsg. With UDP GRO the kernel may hand over several
@@ -407,6 +769,7 @@ static void from_udp(Core *c)
             }
         }
         pthread_mutex_unlock(&c->lock);
+        flush_pending(c);
         if (r < RX_BATCH)
             return;
     }
@@ -437,20 +800,28 @@ static void *loop(void *arg)
 static int Core_init(Core *c, PyObject *args, PyObject *kw)
 {
     static char *names[] = {"tun_fd", "sock_fd", "port", "mtu", "check_source", "vnet_hdr",
-                            "gso", "gro", NULL};
-    int port, check = 1, vnet = 0, gso = 1, gro = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiii|pppp", names, &c->tun, &c->udp, &port,
-                                     &c->mtu, &check, &vnet, &gso, &gro))
+                            "gso", "gro", "tso", "coalesce", NULL};
+    int port, check = 1, vnet = 0, gso = 1, gro = 1, tso = 1, coalesce = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiii|pppppp", names, &c->tun, &c->udp,
+                                     &port, &c->mtu, &check, &vnet, &gso, &gro, &tso,
+                                     &coalesce))
         return -1;
-    int one = 1;
-    c->gro = gro && setsockopt(c->udp, SOL_UDP, UDP_GRO, &one, sizeof one) == 0;
-    /* Probe UDP GSO once: a kernel without it refuses the option. */
-    int zero = 0;
-    c->gso = gso && setsockopt(c->udp, SOL_UDP, UDP_SEGMENT, &zero, sizeof zero) == 0;
+    if (c->txbuf) {
+        PyErr_SetString(PyExc_RuntimeError, "Core is already initialised");
+        return -1;
+    }
     if (c->mtu < 68 || c->mtu > 65535 || port < 1 || port > 65535) {
         PyErr_SetString(PyExc_ValueError, "bad mtu or port");
         return -1;
     }
+    int one = 1, zero = 0;
+    c->gro = gro && setsockopt(c->udp, SOL_UDP, UDP_GRO, &one, sizeof one) == 0;
+    /* Probe UDP GSO once: a kernel without it refuses the option. */
+    c->gso = gso && setsockopt(c->udp, SOL_UDP, UDP_SEGMENT, &zero, sizeof zero) == 0;
+    /* TSO needs the vnet header; a TUN (or stand-in) that refuses the ioctl gets none. */
+    unsigned int off = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN;
+    c->tso = vnet && tso && ioctl(c->tun, TUNSETOFFLOAD, off) == 0;
+    c->coalesce = vnet && coalesce;
     /* The loop drains each fd until EAGAIN: both must be non-blocking. */
     for (int i = 0; i < 2; i++) {
         int fd = i ? c->udp : c->tun;
@@ -463,13 +834,21 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw)
     c->port = (uint16_t)port;
     c->check_source = check;
     c->vnet = vnet;
-    c->slot = (size_t)c->mtu + 64; /* room to see a datagram is oversized (MSG_TRUNC) */
-    c->txbuf = PyMem_RawMalloc(c->slot * BATCH);
+    c->txbuf = PyMem_RawMalloc(TX_ARENA);
+    c->hdrs = PyMem_RawMalloc((size_t)MAX_SEGS * HDR_SLOT);
+    c->segs = PyMem_RawMalloc(sizeof *c->segs * MAX_SEGS);
+    c->iov = PyMem_RawMalloc(sizeof *c->iov * 2 * MAX_SEGS);
+    c->msgs = PyMem_RawMalloc(sizeof *c->msgs * MAX_SEGS);
+    c->to = PyMem_RawMalloc(sizeof *c->to * MAX_SEGS);
+    c->npkts = PyMem_RawMalloc(sizeof *c->npkts * MAX_SEGS);
+    c->cmsgs = PyMem_RawCalloc(MAX_SEGS, CMSG_SLOT);
+    c->pend = PyMem_RawMalloc(sizeof *c->pend * PEND_MAX);
     /* Without GRO a slot a little over the MTU shows oversized datagrams by MSG_TRUNC. */
-    c->rxslot = c->gro ? RX_SLOT : c->slot;
+    c->rxslot = c->gro ? RX_SLOT : (size_t)c->mtu + 64;
     c->rxbuf = PyMem_RawMalloc(c->rxslot * RX_BATCH);
     c->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (!c->txbuf || !c->rxbuf || c->efd < 0) {
+    if (!c->txbuf || !c->hdrs || !c->segs || !c->iov || !c->msgs || !c->to || !c->npkts ||
+        !c->cmsgs || !c->pend || !c->rxbuf || c->efd < 0) {
         PyErr_NoMemory();
         return -1;
     }
@@ -486,10 +865,19 @@ static void Core_dealloc(Core *c)
     }
     if (c->efd > 0)
         close(c->efd);
+    if (c->txbuf)
+        pthread_mutex_destroy(&c->lock);
     PyMem_RawFree(c->txbuf);
+    PyMem_RawFree(c->hdrs);
+    PyMem_RawFree(c->segs);
+    PyMem_RawFree(c->iov);
+    PyMem_RawFree(c->msgs);
+    PyMem_RawFree(c->to);
+    PyMem_RawFree(c->npkts);
+    PyMem_RawFree(c->cmsgs);
+    PyMem_RawFree(c->pend);
     PyMem_RawFree(c->rxbuf);
     PyMem_RawFree(c->routes);
-    pthread_mutex_destroy(&c->lock);
     Py_TYPE(c)->tp_free((PyObject *)c);
 }
 
@@ -501,7 +889,7 @@ static PyObject *Core_set_route(Core *c, PyObject *args)
     pthread_mutex_lock(&c->lock);
     int i;
     for (i = 0; i < c->nroutes; i++)
-        if (c->routes[i].net == net && c->routes[i].mask == mask)
+        if (c->routes[i].net == (net & mask) && c->routes[i].mask == mask)
             break;
     if (i == c->nroutes) {
         if (c->nroutes == c->cap) {
@@ -567,16 +955,14 @@ static PyObject *Core_stop(Core *c, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-static PyObject *Core_gso(Core *c, PyObject *unused)
+/* Which offloads are in use right now (GSO may have been turned off by an error). */
+static PyObject *Core_offloads(Core *c, PyObject *unused)
 {
     (void)unused;
-    return PyBool_FromLong(c->gso);
-}
-
-static PyObject *Core_gro(Core *c, PyObject *unused)
-{
-    (void)unused;
-    return PyBool_FromLong(c->gro);
+    return Py_BuildValue("{s:O,s:O,s:O,s:O}", "udp_gso", c->gso ? Py_True : Py_False,
+                         "udp_gro", c->gro ? Py_True : Py_False, "tun_tso",
+                         c->tso ? Py_True : Py_False, "tun_coalesce",
+                         c->coalesce ? Py_True : Py_False);
 }
 
 static PyObject *Core_counters(Core *c, PyObject *unused)
@@ -603,8 +989,7 @@ static PyMethodDef Core_methods[] = {
     {"start", (PyCFunction)Core_start, METH_NOARGS, "start the packet thread"},
     {"stop", (PyCFunction)Core_stop, METH_NOARGS, "stop and join the packet thread"},
     {"counters", (PyCFunction)Core_counters, METH_NOARGS, "counters as a tuple"},
-    {"gso", (PyCFunction)Core_gso, METH_NOARGS, "whether UDP GSO is in use"},
-    {"gro", (PyCFunction)Core_gro, METH_NOARGS, "whether UDP GRO is in use"},
+    {"offloads", (PyCFunction)Core_offloads, METH_NOARGS, "offloads in use, as a dict"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -620,9 +1005,136 @@ static PyTypeObject CoreType = {
     .tp_methods = Core_methods,
 };
 
+/* ---- test hooks: the pure functions above, on bytes ------------------------------ */
+
+/* segment(vnet_hdr: bytes, packet: bytes) -> list[bytes]: the wire packets the send
+ * side makes of one TUN read (no routing, no TTL change). ValueError if malformed. */
+static PyObject *py_segment(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer hb, pb;
+    if (!PyArg_ParseTuple(args, "y*y*", &hb, &pb))
+        return NULL;
+    PyObject *out = NULL;
+    uint8_t *p = NULL, *hdrs = NULL;
+    struct iovec *iov = NULL;
+    uint32_t *lens = NULL;
+    struct vnet_hdr vh;
+    if (hb.len != VNET_HDR_LEN || pb.len > READ_MAX) {
+        PyErr_SetString(PyExc_ValueError, "vnet header must be 10 bytes, packet <= 64 KiB");
+        goto done;
+    }
+    memcpy(&vh, hb.buf, VNET_HDR_LEN);
+    p = PyMem_RawMalloc((size_t)pb.len + 1);
+    hdrs = PyMem_RawMalloc((size_t)MAX_SEGS * HDR_SLOT);
+    iov = PyMem_RawMalloc(sizeof *iov * 2 * MAX_SEGS);
+    lens = PyMem_RawMalloc(sizeof *lens * MAX_SEGS);
+    if (!p || !hdrs || !iov || !lens) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    memcpy(p, pb.buf, (size_t)pb.len);
+    int k = tso_split(&vh, p, (size_t)pb.len, hdrs, iov, lens, MAX_SEGS);
+    if (k < 0) {
+        PyErr_SetString(PyExc_ValueError, k == -1 ? "malformed" : "too many segments");
+        goto done;
+    }
+    out = PyList_New(k);
+    for (int i = 0; out && i < k; i++) {
+        PyObject *b = PyBytes_FromStringAndSize(NULL, lens[i]);
+        if (!b) {
+            Py_CLEAR(out);
+            break;
+        }
+        char *d = PyBytes_AS_STRING(b);
+        memcpy(d, iov[2 * i].iov_base, iov[2 * i].iov_len);
+        if (iov[2 * i + 1].iov_len)
+            memcpy(d + iov[2 * i].iov_len, iov[2 * i + 1].iov_base, iov[2 * i + 1].iov_len);
+        PyList_SET_ITEM(out, i, b);
+    }
+done:
+    PyMem_RawFree(p);
+    PyMem_RawFree(hdrs);
+    PyMem_RawFree(iov);
+    PyMem_RawFree(lens);
+    PyBuffer_Release(&hb);
+    PyBuffer_Release(&pb);
+    return out;
+}
+
+/* coalesce(packets: list[bytes]) -> list[tuple[bytes, bytes]]: the TUN writes the
+ * receive side makes of these packets, each as (vnet header, packet). */
+static PyObject *py_coalesce(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    PyObject *seq = PySequence_Fast(arg, "coalesce takes a list of bytes");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject *out = NULL;
+    struct pend *pk = PyMem_RawCalloc((size_t)n + 1, sizeof *pk);
+    if (!pk) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *o = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyBytes_Check(o) || PyBytes_GET_SIZE(o) < 20 || PyBytes_GET_SIZE(o) > 65535) {
+            PyErr_SetString(PyExc_ValueError, "each packet: bytes of 20..65535");
+            goto done;
+        }
+        pk[i] = (struct pend){(uint8_t *)PyBytes_AS_STRING(o), (uint32_t)PyBytes_GET_SIZE(o)};
+    }
+    out = PyList_New(0);
+    for (int i = 0; out && i < (int)n;) {
+        int k = merge_run(pk, i, (int)n);
+        PyObject *item;
+        if (k == 1) {
+            item = Py_BuildValue("(y#y#)", zero_vnet, (Py_ssize_t)VNET_HDR_LEN, pk[i].p,
+                                 (Py_ssize_t)pk[i].len);
+        } else {
+            struct vnet_hdr vh;
+            uint8_t hdr[HDR_SLOT];
+            size_t hl = merge_headers(pk, i, k, &vh, hdr), total = hl;
+            for (int q = i; q < i + k; q++)
+                total += pk[q].len - hl;
+            PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+            if (!b) {
+                Py_CLEAR(out);
+                break;
+            }
+            char *d = PyBytes_AS_STRING(b);
+            memcpy(d, hdr, hl);
+            size_t at = hl;
+            for (int q = i; q < i + k; q++) {
+                memcpy(d + at, pk[q].p + hl, pk[q].len - hl);
+                at += pk[q].len - hl;
+            }
+            item = Py_BuildValue("(y#N)", (const char *)&vh, (Py_ssize_t)VNET_HDR_LEN, b);
+        }
+        if (!item || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            Py_CLEAR(out);
+            break;
+        }
+        Py_DECREF(item);
+        i += k;
+    }
+done:
+    PyMem_RawFree(pk);
+    Py_DECREF(seq);
+    return out;
+}
+
+static PyMethodDef module_methods[] = {
+    {"segment", py_segment, METH_VARARGS, "segment(vnet_hdr, packet) -> list of packets"},
+    {"coalesce", py_coalesce, METH_O, "coalesce(packets) -> list of (vnet_hdr, packet)"},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_fastpath", "The udp backend's C datapath core.", -1, NULL,
-    NULL, NULL, NULL, NULL,
+    PyModuleDef_HEAD_INIT, "_fastpath", "The udp backend's C datapath core.", -1,
+    module_methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__fastpath(void)

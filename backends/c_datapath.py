@@ -1,10 +1,10 @@
 """CDatapath: the Datapath interface over the C packet loop in backends/_fastpath.c.
 
 The loop runs in its own thread with the GIL released; this wrapper turns subnets into
-integers for it, starts and stops the thread, and names its counters. Step 1 of the fast
-path so far: recvmmsg/sendmmsg batches of up to 64 packets, UDP GSO on send and UDP GRO
-on receive (TUN coalescing is still the Python datapath's alone); already the faster of
-the two, so `auto` chooses it when it is built.
+integers for it, starts and stops the thread, and names its counters. It does
+recvmmsg/sendmmsg batches, TUN TSO (super-packets cut into wire packets in C), UDP GSO on
+send, UDP GRO on receive and coalesced TUN writes, each probed and each one that can be
+turned off (see backends/udp.py); `auto` chooses it when it is built.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import ipaddress
 import socket
 
 from backends import _fastpath  # type: ignore[attr-defined]
-from backends.datapath import COUNTERS
+from backends.datapath import COUNTERS, describe_offloads, offload_counters
 
 
 class CDatapath:
@@ -25,11 +25,11 @@ class CDatapath:
     def __init__(
         self, tun_fd: int, sock: socket.socket, *, port: int, mtu: int,
         check_source: bool = True, gso: bool = True, gro: bool = True,
-        vnet_hdr: bool = False,
+        vnet_hdr: bool = False, tso: bool = True, coalesce: bool = True,
     ) -> None:
         self.sock = sock
         self._core = _fastpath.Core(tun_fd, sock.fileno(), port, mtu, check_source, vnet_hdr,
-                                    gso, gro)
+                                    gso, gro, tso, coalesce)
         self._stopped: asyncio.Future[None] | None = None
 
     def set_route(self, subnet: ipaddress.IPv4Network, peer: ipaddress.IPv4Address) -> None:
@@ -38,13 +38,15 @@ class CDatapath:
     def del_route(self, subnet: ipaddress.IPv4Network) -> None:
         self._core.del_route(int(subnet.network_address), int(subnet.netmask))
 
+    def offloads(self) -> dict[str, bool]:
+        return self._core.offloads()
+
     def mode(self) -> str:
-        on = {True: "on", False: "off"}
-        return (f"c (recvmmsg/sendmmsg batches of {_fastpath.BATCH}, udp gso"
-                f" {on[self._core.gso()]}, gro {on[self._core.gro()]})")
+        return f"c (recvmmsg/sendmmsg batches, {describe_offloads(self.offloads())})"
 
     def counters(self) -> dict[str, int]:
-        return dict(zip(COUNTERS, self._core.counters(), strict=True))
+        values = dict(zip(COUNTERS, self._core.counters(), strict=True))
+        return values | offload_counters(self.offloads())
 
     async def run(self) -> None:
         self._stopped = asyncio.get_running_loop().create_future()

@@ -38,8 +38,11 @@ COUNTERS = (
     "tx_drop_malformed", "tx_drop_no_route", "tx_drop_ttl", "tx_drop_send_error",
     "rx_drop_unknown_source", "rx_drop_malformed", "rx_drop_oversized",
     "rx_drop_spoofed_source", "rx_drop_ttl", "rx_drop_tun_error", "icmp_unreachable_sent",
-    "gso_sends", "gro_receives", "coalesced_writes",
+    "gso_sends", "gro_receives", "coalesced_writes", "tso_reads",
 )
+#: The offloads a datapath may use, as reported by offloads() and in counters() as
+#: `offload_<name>` (1 in use, 0 not).
+OFFLOADS = ("tun_tso", "udp_gso", "udp_gro", "tun_coalesce")
 BUF_SIZE = 65536
 SOL_UDP = 17
 UDP_SEGMENT = 103
@@ -82,6 +85,21 @@ class Datapath(Protocol):
         """Which datapath and offloads are in use, for the log."""
         ...
 
+    def offloads(self) -> dict[str, bool]:
+        """Each of OFFLOADS and whether it is in use now."""
+        ...
+
+
+def describe_offloads(offloads: dict[str, bool]) -> str:
+    """`tun tso on, udp gso on, ...` for the log line."""
+    return ", ".join(f"{name.replace('_', ' ')} {'on' if offloads.get(name) else 'off'}"
+                     for name in OFFLOADS)
+
+
+def offload_counters(offloads: dict[str, bool]) -> dict[str, int]:
+    """The offloads as `offload_<name>` entries of counters()."""
+    return {f"offload_{name}": int(bool(offloads.get(name))) for name in OFFLOADS}
+
 
 class PythonDatapath:
     """The pure-Python datapath on the asyncio (uv)loop."""
@@ -91,12 +109,14 @@ class PythonDatapath:
     def __init__(
         self, tun_fd: int, sock: socket.socket, *, port: int, mtu: int,
         check_source: bool = True, gso: bool = True, gro: bool = True,
-        vnet_hdr: bool = False,
+        vnet_hdr: bool = False, tso: bool = False, coalesce: bool = True,
     ) -> None:
         self.tun_fd = tun_fd
         # The TUN was opened with IFF_VNET_HDR: every read and write starts with a
-        # virtio_net_hdr, which lets us write coalesced TCP super-packets.
+        # virtio_net_hdr, which lets us write coalesced TCP super-packets. TSO (cutting
+        # super-packets read from the TUN) is the C datapath's alone: `tso` is ignored.
         self.vnet_hdr = vnet_hdr
+        self.coalesce = vnet_hdr and coalesce
         self.sock = sock
         self.port = port
         self.mtu = mtu
@@ -110,11 +130,13 @@ class PythonDatapath:
         self.gso = gso and _probe_gso(sock)
         self.gro = gro and _enable_gro(sock)
 
+    def offloads(self) -> dict[str, bool]:
+        return {"tun_tso": False, "udp_gso": self.gso, "udp_gro": self.gro,
+                "tun_coalesce": self.coalesce}
+
     def mode(self) -> str:
         """Which offloads are in use, for logs and counters."""
-        on = {True: "on", False: "off"}
-        return (f"python (udp gso {on[self.gso]}, gro {on[self.gro]},"
-                f" tun coalescing {on[self.vnet_hdr]})")
+        return f"python ({describe_offloads(self.offloads())})"
 
     # -- control -------------------------------------------------------------------
     def set_route(self, subnet: ipaddress.IPv4Network, peer: ipaddress.IPv4Address) -> None:
@@ -137,7 +159,8 @@ class PythonDatapath:
             self.sources.pop(old[0], None)
 
     def counters(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in COUNTERS}
+        values = {name: getattr(self, name) for name in COUNTERS}
+        return values | offload_counters(self.offloads())
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -270,6 +293,7 @@ class PythonDatapath:
         from_bytes = int.from_bytes
         ancsize = socket.CMSG_SPACE(4)
         vnet = self.vnet_hdr
+        coalesce = self.coalesce
         plain = [VNET_NONE] if vnet else []
         pack_vnet = VNET_HDR.pack
 
@@ -319,7 +343,7 @@ class PythonDatapath:
         def write_batch(pkts: list[tuple[int, int]]) -> None:
             """Write packets to the TUN; with a vnet header, runs of in-order segments of
             one TCP flow go as one GSO super-packet (the kernel's GRO, done here)."""
-            if not vnet or len(pkts) == 1:
+            if not coalesce or len(pkts) == 1:
                 for pos, total in pkts:
                     write([*plain, view[pos:pos + total]], 1, total)
                 return
@@ -341,8 +365,9 @@ class PythonDatapath:
             flags = buf[pos + 33]
             if thl < 20 or total <= 20 + thl or flags not in (0x10, 0x18):
                 return None
-            # Flow, ack, window and options must match for segments to merge.
-            return (bytes(view[pos + 12:pos + 24]), bytes(view[pos + 28:pos + 32]),
+            # TOS, TTL, DF, flow, ack, window and options must match for segments to merge.
+            return (buf[pos + 1], buf[pos + 8], buf[pos + 6] & 0x40,
+                    bytes(view[pos + 12:pos + 24]), bytes(view[pos + 28:pos + 32]),
                     bytes(view[pos + 34:pos + 36]), bytes(view[pos + 40:pos + 20 + thl]))
 
         def coalescible_run(pkts: list[tuple[int, int]], i: int) -> int:

@@ -12,9 +12,13 @@ Every peer lease (whatever its BackendType, as flanneld does) becomes a datapath
 
 Options: `Port` (8285), `Datapath` (`auto`/`python`/`c`; TWEED_DATAPATH wins),
 `CheckSource` (true; false accepts datagrams from any address and any inner source, for
-NATed setups), `MTU` (the underlay MTU to plan for; default the interface's), `Coalesce`
-(true: open the TUN with a virtio_net_hdr and write in-order TCP segments of one flow
-that arrived together as one GSO super-packet; the wire format is unchanged).
+NATed setups), `MTU` (the underlay MTU to plan for; default the interface's), and one
+switch per offload, all on by default and each probed at start (the wire format never
+changes; peers still get one inner packet per datagram):
+`TSO` (C datapath: the TUN hands over TCP super-packets that we cut into packets),
+`Coalesce` (in-order TCP segments of one flow written to the TUN as one super-packet),
+`UDPGSO` (a run of packets for one peer leaves in one send), `UDPGRO` (datagrams of one
+sender arrive together). TSO and Coalesce open the TUN with a virtio_net_hdr.
 """
 
 from __future__ import annotations
@@ -57,6 +61,14 @@ class UdpOptions:
     check_source: bool = True
     mtu: int = 0
     coalesce: bool = True
+    tso: bool = True
+    udp_gso: bool = True
+    udp_gro: bool = True
+
+    @property
+    def vnet_hdr(self) -> bool:
+        """The TUN needs a virtio_net_hdr for TSO reads and coalesced writes."""
+        return self.coalesce or self.tso
 
 
 def parse_options(backend: dict[str, Any]) -> UdpOptions:
@@ -67,6 +79,9 @@ def parse_options(backend: dict[str, Any]) -> UdpOptions:
         check_source=opt_bool(backend, "CheckSource", True),
         mtu=opt_int(backend, "MTU", 0, 0, 65535),
         coalesce=opt_bool(backend, "Coalesce", True),
+        tso=opt_bool(backend, "TSO", True),
+        udp_gso=opt_bool(backend, "UDPGSO", True),
+        udp_gro=opt_bool(backend, "UDPGRO", True),
     )
 
 
@@ -136,11 +151,13 @@ class UdpNetwork:
     async def setup(self, lease: Lease) -> None:
         self.own = lease.subnet
         if self.tun is None:
-            self.tun = open_tun(DEVICE, vnet_hdr=self.opts.coalesce)
-            self.sock = open_socket(self.ext.iface_addr, self.opts.port)
+            opts = self.opts
+            self.tun = open_tun(DEVICE, vnet_hdr=opts.vnet_hdr)
+            self.sock = open_socket(self.ext.iface_addr, opts.port)
             self.datapath = self.datapath_cls(
-                self.tun.fileno(), self.sock, port=self.opts.port, mtu=self.mtu,
-                check_source=self.opts.check_source, vnet_hdr=self.opts.coalesce,
+                self.tun.fileno(), self.sock, port=opts.port, mtu=self.mtu,
+                check_source=opts.check_source, vnet_hdr=opts.vnet_hdr, tso=opts.tso,
+                coalesce=opts.coalesce, gso=opts.udp_gso, gro=opts.udp_gro,
             )
         address = ipaddress.IPv4Interface(f"{lease.subnet.network_address}/32")
         self.tun_index = await self.netlink.configure_link(DEVICE, address, self.mtu, TXQUEUELEN)
