@@ -87,10 +87,17 @@ def udp_families(values: dict[str, int]) -> Iterator[Any]:
     yield drops
     for key, help_ in (("gso_sends", "UDP GSO sends (several datagrams in one call)"),
                        ("gro_receives", "coalesced UDP receives (UDP GRO)"),
-                       ("coalesced_writes", "TCP super-packets written to the TUN")):
+                       ("coalesced_writes", "TCP super-packets written to the TUN"),
+                       ("tso_reads", "TCP super-packets read from the TUN and cut (TSO)")):
         fam = CounterMetricFamily(f"tweed_udp_{key}", help_)
         fam.add_metric([], values.get(key, 0))
         yield fam
+    offload = GaugeMetricFamily("tweed_udp_offload", "1 if the datapath uses this offload now",
+                                labels=["offload"])
+    for key, value in sorted(values.items()):
+        if key.startswith("offload_"):
+            offload.add_metric([key[len("offload_"):]], value)
+    yield offload
     icmp = CounterMetricFamily("tweed_udp_icmp_unreachable_sent",
                                "ICMP net-unreachable replies written to the TUN")
     icmp.add_metric([], values.get("icmp_unreachable_sent", 0))
