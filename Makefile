@@ -41,7 +41,8 @@ demo: setup
 
 # Throughput and latency per backend, measured in one run (a command, not a test).
 bench: setup
-	BENCH_JSON=$(CURDIR)/bench-results.json $(PY) -m tests.bench python c
+	BENCH_JSON=$(CURDIR)/bench-results.json $(PY) -m tests.bench
+	$(PY) -m tests.bench_plot bench-results.json docs/benchmarks.svg
 
 # The C datapath built with AddressSanitizer and UBSan, and its tests run against that
 # build (in a copy of the tree, so the normal build is left alone).

@@ -93,8 +93,11 @@ def subnet_key(subnet: str) -> str:
     return f"{PREFIX}/subnets/{addr}-{length}"
 
 
-def put_config(etcd, backend: str = "host-gw", network: str = "10.5.0.0/16") -> None:
-    etcd.put(f"{PREFIX}/config", json.dumps({"Network": network, "Backend": {"Type": backend}}))
+def put_config(etcd, backend: str = "host-gw", network: str = "10.5.0.0/16",
+               **options: object) -> None:
+    """The network config, with extra Backend options (e.g. Datapath="c")."""
+    etcd.put(f"{PREFIX}/config", json.dumps(
+        {"Network": network, "Backend": {"Type": backend, **options}}))
 
 
 def routes(host, subnet: str) -> str:
