@@ -204,3 +204,73 @@ async def test_a_coalesced_receive_is_split_into_its_packets():
         c = await settle(rig.dp, "rx_packets", 5)
         assert rig.dp.offloads()["udp_gro"]
         assert c["gro_receives"] >= 1 and c["rx_datagrams"] == 5
+
+
+def tcp_packet(src: str, dst: str, seq: int, payload: bytes, flags: int = 0x10,
+               ttl: int = 64) -> bytes:
+    """An IPv4/TCP packet with both checksums right."""
+    tcp = bytearray(struct.pack("!HHIIBBHHH", 4000, 5001, seq, 7, 5 << 4, flags, 512, 0, 0))
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack(
+        "!BBH", 0, 6, len(tcp) + len(payload))
+    struct.pack_into("!H", tcp, 16, checksum(pseudo + bytes(tcp) + payload))
+    return ip_packet(src, dst, bytes(tcp) + payload, ttl=ttl, proto=6)
+
+
+def tcp_ok(pkt: bytes) -> bool:
+    ihl = (pkt[0] & 0x0F) * 4
+    seg = pkt[ihl:]
+    pseudo = pkt[12:20] + struct.pack("!BBH", 0, 6, len(seg))
+    return checksum(pkt[:ihl]) == 0 and checksum(pseudo + seg) == 0
+
+
+async def test_a_tso_super_packet_leaves_as_mtu_sized_packets_in_one_gso_send():
+    payload = bytes(range(256)) * 20  # 5120 bytes: 5 segments of 1000 and one of 120
+    sup = bytearray(tcp_packet("10.5.1.2", "10.5.2.9", 1000, payload, flags=0x18))
+    struct.pack_into("!H", sup, 36, 0)  # the kernel leaves a partial sum here; we redo it
+    head = VNET_HDR.pack(1, 1, 40, 1000, 20, 16)  # NEEDS_CSUM, GSO TCPv4, MSS 1000
+    rig = Rig(vnet=True)
+    rig.tun.send(head + bytes(sup))
+    async with rig:
+        got = [await asyncio.to_thread(rig.peer.recv, 2000) for _ in range(6)]
+        assert [len(g) for g in got] == [1040] * 5 + [160]
+        assert b"".join(g[40:] for g in got) == payload
+        assert all(tcp_ok(g) and g[8] == 63 for g in got)
+        assert [struct.unpack_from("!I", g, 24)[0] for g in got] == \
+            [1000 + 1000 * k for k in range(6)]
+        assert [g[33] for g in got] == [0x10] * 5 + [0x18]  # PSH on the last only
+        c = await settle(rig.dp, "tx_packets", 6)
+        assert c["tso_reads"] == 1 and c["gso_sends"] == 1 and c["tx_bytes"] == 5360
+
+
+async def test_in_order_segments_are_written_to_the_tun_as_one_super_packet():
+    segs = [tcp_packet("10.5.2.9", "10.5.1.2", 500 + 700 * k, bytes([k]) * 700)
+            for k in range(4)]
+    rig = Rig(vnet=True)
+    for s in segs:  # queued before the loop starts: one receive batch
+        rig.to_udp(s)
+    await asyncio.sleep(0.05)
+    async with rig:
+        data = await asyncio.to_thread(rig.tun.recv, 70000)
+        flags, gso_type, hdr_len, gso_size, start, off = VNET_HDR.unpack_from(data)
+        assert (flags, gso_type, hdr_len, gso_size, start, off) == (1, 1, 40, 700, 20, 16)
+        pkt = data[VNET_HDR.size:]
+        assert struct.unpack_from("!H", pkt, 2)[0] == len(pkt) == 40 + 2800
+        assert pkt[8] == 63 and checksum(pkt[:20]) == 0
+        assert pkt[40:] == b"".join(bytes([k]) * 700 for k in range(4))
+        c = await settle(rig.dp, "rx_packets", 4)
+        assert c["coalesced_writes"] == 1 and c["rx_datagrams"] == 4
+
+
+async def test_gso_refused_by_the_socket_falls_back_to_one_datagram_per_send():
+    rig = Rig()
+    # UDP GSO needs UDP checksums; with SO_NO_CHECK the kernel refuses a GSO send.
+    rig.udp.setsockopt(socket.SOL_SOCKET, 11, 1)
+    pkts = [ip_packet("10.5.1.2", "10.5.2.9", bytes([i]) * 300) for i in range(5)]
+    for p in pkts:
+        rig.to_tun(p)
+    async with rig:
+        got = [await asyncio.to_thread(rig.peer.recv, 2000) for _ in pkts]
+        assert [g[20:] for g in got] == [p[20:] for p in pkts]
+        c = await settle(rig.dp, "tx_packets", 5)
+        assert not rig.dp.offloads()["udp_gso"] and c["gso_sends"] == 0
+        assert c["tx_drop_send_error"] == 0

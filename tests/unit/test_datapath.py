@@ -188,6 +188,21 @@ def test_tun_to_udp_batch_is_one_packet_per_datagram(make_rig, gso):
     assert c["tx_drop_send_error"] == 0
 
 
+def test_gso_refused_by_the_socket_falls_back_to_one_datagram_per_send(make_rig):
+    rig = make_rig(gso=True)
+    assert rig.dp.gso, "loopback takes UDP GSO on this kernel"
+    # UDP GSO needs UDP checksums; with SO_NO_CHECK the kernel refuses a GSO send.
+    rig.dp.sock.setsockopt(socket.SOL_SOCKET, 11, 1)
+    pkts = [make_packet(LOCAL, "10.5.2.5", 700, fill=i) for i in range(5)]
+    rig.to_tun(*pkts)
+    for pkt in pkts:
+        data, _ = recv(rig.peer_a)
+        assert_hop(data, pkt)
+    c = rig.dp.counters()
+    assert rig.dp.gso is False and c["offload_udp_gso"] == 0
+    assert (c["tx_packets"], c["gso_sends"], c["tx_drop_send_error"]) == (5, 0, 0)
+
+
 @GSO
 def test_tun_to_udp_longer_packet_starts_new_run(make_rig, gso):
     rig = make_rig(gso=gso)
