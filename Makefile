@@ -55,7 +55,8 @@ asan: setup
 	  $(CURDIR)/$(PY) setup.py -q build_ext --inplace
 	cd $(ASAN_DIR) && LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 	  ASAN_OPTIONS=detect_leaks=0 TWEED_EXPECT_FASTPATH=$(CURDIR)/$(ASAN_DIR)/backends \
-	  $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_c_datapath.py
+	  $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_c_datapath.py \
+	  $$(ls tests/unit/test_c_segmentation.py 2>/dev/null) tests/lab/test_udp_lab.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -38,7 +38,6 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
-#include <time.h>
 #include <arpa/inet.h>
 #include <linux/if_tun.h>
 #include <netinet/in.h>
@@ -120,7 +119,6 @@ typedef struct {
     int tun, udp, efd;
     uint16_t port;
     int mtu, check_source, vnet, gso, gro, tso, coalesce;
-    int busy_poll; /* microseconds to keep polling after the last packet; 0: sleep at once */
     pthread_t thread;
     int running;
     pthread_mutex_t lock;
@@ -259,8 +257,13 @@ static int tso_split(const struct vnet_hdr *h, uint8_t *p, size_t n, uint8_t *hd
             size_t at = (size_t)h->csum_start + h->csum_offset;
             if (h->csum_start < 20 || at + 2 > n)
                 return -1;
-            /* The field holds the pseudo-header sum: summing over it finishes the job. */
-            put_csum(p + at, sum_add(0, p + h->csum_start, n - h->csum_start));
+            /* The field holds the pseudo-header sum: summing over it finishes the job.
+             * A result of 0 goes out as 0xFFFF, as the kernel does: for UDP, 0 would
+             * mean "no checksum". */
+            uint16_t v = (uint16_t)~sum_fold(sum_add(0, p + h->csum_start, n - h->csum_start));
+            if (v == 0)
+                v = 0xFFFF;
+            memcpy(p + at, &v, 2);
         }
         iov[0].iov_base = p;
         iov[0].iov_len = n;
@@ -777,40 +780,22 @@ static void from_udp(Core *c)
     }
 }
 
-static uint64_t now_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
-}
-
-/* Wait for work. With busy polling, the thread keeps checking the fds without sleeping
- * for busy_poll microseconds after the last packet: waking a sleeping thread costs tens
- * of microseconds on a VM, paid twice per hop, and a reply or the next packet of a burst
- * usually comes sooner than that. */
 static void *loop(void *arg)
 {
     Core *c = arg;
     struct pollfd fds[3] = {{c->tun, POLLIN, 0}, {c->udp, POLLIN, 0}, {c->efd, POLLIN, 0}};
-    uint64_t last = 0;
     for (;;) {
-        int spin = c->busy_poll > 0 && now_us() - last < (uint64_t)c->busy_poll;
-        int r = poll(fds, 3, spin ? 0 : -1);
-        if (r < 0) {
+        if (poll(fds, 3, -1) < 0) {
             if (errno == EINTR)
                 continue;
             break;
         }
-        if (r == 0)
-            continue;
         if (fds[2].revents)
             break;
         if (fds[0].revents & POLLIN)
             from_tun(c);
         if (fds[1].revents & POLLIN)
             from_udp(c);
-        if (c->busy_poll > 0)
-            last = now_us();
     }
     return NULL;
 }
@@ -820,19 +805,18 @@ static void *loop(void *arg)
 static int Core_init(Core *c, PyObject *args, PyObject *kw)
 {
     static char *names[] = {"tun_fd", "sock_fd", "port", "mtu", "check_source", "vnet_hdr",
-                            "gso", "gro", "tso", "coalesce", "busy_poll", NULL};
-    int port, check = 1, vnet = 0, gso = 1, gro = 1, tso = 1, coalesce = 1, busy = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiii|ppppppi", names, &c->tun, &c->udp,
+                            "gso", "gro", "tso", "coalesce", NULL};
+    int port, check = 1, vnet = 0, gso = 1, gro = 1, tso = 1, coalesce = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiii|pppppp", names, &c->tun, &c->udp,
                                      &port, &c->mtu, &check, &vnet, &gso, &gro, &tso,
-                                     &coalesce, &busy))
+                                     &coalesce))
         return -1;
     if (c->txbuf) {
         PyErr_SetString(PyExc_RuntimeError, "Core is already initialised");
         return -1;
     }
-    if (c->mtu < 68 || c->mtu > 65535 || port < 1 || port > 65535 || busy < 0 ||
-        busy > 1000000) {
-        PyErr_SetString(PyExc_ValueError, "bad mtu, port or busy_poll");
+    if (c->mtu < 68 || c->mtu > 65535 || port < 1 || port > 65535) {
+        PyErr_SetString(PyExc_ValueError, "bad mtu or port");
         return -1;
     }
     int one = 1, zero = 0;
@@ -855,7 +839,6 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw)
     c->port = (uint16_t)port;
     c->check_source = check;
     c->vnet = vnet;
-    c->busy_poll = busy;
     c->txbuf = PyMem_RawMalloc(TX_ARENA);
     c->hdrs = PyMem_RawMalloc((size_t)MAX_SEGS * HDR_SLOT);
     c->segs = PyMem_RawMalloc(sizeof *c->segs * MAX_SEGS);

@@ -26,12 +26,10 @@ class CDatapath:
         self, tun_fd: int, sock: socket.socket, *, port: int, mtu: int,
         check_source: bool = True, gso: bool = True, gro: bool = True,
         vnet_hdr: bool = False, tso: bool = True, coalesce: bool = True,
-        busy_poll: int = 0,
     ) -> None:
         self.sock = sock
-        self.busy_poll = busy_poll
         self._core = _fastpath.Core(tun_fd, sock.fileno(), port, mtu, check_source, vnet_hdr,
-                                    gso, gro, tso, coalesce, busy_poll)
+                                    gso, gro, tso, coalesce)
         self._stopped: asyncio.Future[None] | None = None
 
     def set_route(self, subnet: ipaddress.IPv4Network, peer: ipaddress.IPv4Address) -> None:
@@ -44,8 +42,7 @@ class CDatapath:
         return self._core.offloads()
 
     def mode(self) -> str:
-        spin = f", busy poll {self.busy_poll} us" if self.busy_poll else ""
-        return f"c (recvmmsg/sendmmsg batches, {describe_offloads(self.offloads())}{spin})"
+        return f"c (recvmmsg/sendmmsg batches, {describe_offloads(self.offloads())})"
 
     def counters(self) -> dict[str, int]:
         values = dict(zip(COUNTERS, self._core.counters(), strict=True))

@@ -110,13 +110,11 @@ class PythonDatapath:
         self, tun_fd: int, sock: socket.socket, *, port: int, mtu: int,
         check_source: bool = True, gso: bool = True, gro: bool = True,
         vnet_hdr: bool = False, tso: bool = False, coalesce: bool = True,
-        busy_poll: int = 0,
     ) -> None:
         self.tun_fd = tun_fd
         # The TUN was opened with IFF_VNET_HDR: every read and write starts with a
         # virtio_net_hdr, which lets us write coalesced TCP super-packets. TSO (cutting
-        # super-packets read from the TUN) and busy polling are the C datapath's alone:
-        # `tso` and `busy_poll` are ignored here.
+        # super-packets read from the TUN) is the C datapath's alone: `tso` is ignored.
         self.vnet_hdr = vnet_hdr
         self.coalesce = vnet_hdr and coalesce
         self.sock = sock

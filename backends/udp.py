@@ -64,7 +64,6 @@ class UdpOptions:
     tso: bool = True
     udp_gso: bool = True
     udp_gro: bool = True
-    busy_poll: int = 0
 
     @property
     def vnet_hdr(self) -> bool:
@@ -83,7 +82,6 @@ def parse_options(backend: dict[str, Any]) -> UdpOptions:
         tso=opt_bool(backend, "TSO", True),
         udp_gso=opt_bool(backend, "UDPGSO", True),
         udp_gro=opt_bool(backend, "UDPGRO", True),
-        busy_poll=opt_int(backend, "BusyPoll", 0, 0, 1_000_000),
     )
 
 
@@ -160,7 +158,6 @@ class UdpNetwork:
                 self.tun.fileno(), self.sock, port=opts.port, mtu=self.mtu,
                 check_source=opts.check_source, vnet_hdr=opts.vnet_hdr, tso=opts.tso,
                 coalesce=opts.coalesce, gso=opts.udp_gso, gro=opts.udp_gro,
-                busy_poll=opts.busy_poll,
             )
         address = ipaddress.IPv4Interface(f"{lease.subnet.network_address}/32")
         self.tun_index = await self.netlink.configure_link(DEVICE, address, self.mtu, TXQUEUELEN)
