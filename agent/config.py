@@ -167,6 +167,8 @@ def parse_config(text: str | bytes) -> NetworkConfig:
         raw = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ConfigError("config: not valid JSON (nested too deeply)") from None
     if not isinstance(raw, dict):
         raise ConfigError("config: must be a JSON object")
     cfg = _fold(raw)

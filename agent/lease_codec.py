@@ -87,6 +87,8 @@ def decode_lease(value: bytes | str) -> LeaseAttrs:
         raw = json.loads(value)
     except (ValueError, UnicodeDecodeError) as exc:
         raise LeaseDecodeError(f"lease value is not JSON ({exc})") from None
+    except RecursionError:
+        raise LeaseDecodeError("lease value is not JSON (nested too deeply)") from None
     if not isinstance(raw, dict):
         raise LeaseDecodeError("lease value is not a JSON object")
     doc = {k.lower(): v for k, v in raw.items()}

@@ -72,7 +72,8 @@ def previous_subnet(text: str) -> ipaddress.IPv4Network | None:
 def read_previous_subnet(path: Path) -> ipaddress.IPv4Network | None:
     """previous_subnet() of the file at `path`; None if it cannot be read."""
     try:
-        return previous_subnet(path.read_text())
+        # A stray non-UTF-8 byte elsewhere in the file must not hide a good subnet line.
+        return previous_subnet(path.read_bytes().decode("utf-8", errors="replace"))
     except OSError:
         return None
 

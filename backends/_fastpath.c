@@ -333,14 +333,14 @@ static size_t mergeable(const uint8_t *p, size_t n)
 }
 
 /* Two segments belong to one merge when everything but the IP id, lengths, checksums,
- * sequence number and PSH matches: TOS, TTL, DF, addresses, ports, ack, window, TCP
- * options. */
+ * sequence number and PSH matches: TOS, TTL, DF, addresses, ports, ack, data offset and
+ * the reserved/AE bits (AccECN), window, TCP options. */
 static int same_flow(const uint8_t *a, const uint8_t *b, size_t thl)
 {
     return a[1] == b[1] && a[8] == b[8] && (a[6] & 0x40) == (b[6] & 0x40) &&
-           (size_t)(b[32] >> 4) * 4 == thl && memcmp(a + 12, b + 12, 12) == 0 &&
-           memcmp(a + 28, b + 28, 4) == 0 && memcmp(a + 34, b + 34, 2) == 0 &&
-           memcmp(a + 40, b + 40, thl - 20) == 0;
+           a[32] == b[32] && (size_t)(b[32] >> 4) * 4 == thl &&
+           memcmp(a + 12, b + 12, 12) == 0 && memcmp(a + 28, b + 28, 4) == 0 &&
+           memcmp(a + 34, b + 34, 2) == 0 && memcmp(a + 40, b + 40, thl - 20) == 0;
 }
 
 /* How many packets from pk[i] on can be written as one super-packet (at least 1):

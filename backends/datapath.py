@@ -365,8 +365,8 @@ class PythonDatapath:
             flags = buf[pos + 33]
             if thl < 20 or total <= 20 + thl or flags not in (0x10, 0x18):
                 return None
-            # TOS, TTL, DF, flow, ack, window and options must match for segments to merge.
-            return (buf[pos + 1], buf[pos + 8], buf[pos + 6] & 0x40,
+            # TOS, TTL, DF, flow, ack, offset/AE bits, window and options must match to merge.
+            return (buf[pos + 1], buf[pos + 8], buf[pos + 6] & 0x40, buf[pos + 32],
                     bytes(view[pos + 12:pos + 24]), bytes(view[pos + 28:pos + 32]),
                     bytes(view[pos + 34:pos + 36]), bytes(view[pos + 40:pos + 20 + thl]))
 
