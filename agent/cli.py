@@ -110,6 +110,12 @@ FLAGS: tuple[Flag, ...] = (
          "renew the lease this many minutes before it expires"),
     Flag("ip-masq", _bool, False, "set up IP masquerade for traffic leaving the overlay",
          is_bool=True),
+    Flag("ip-masq-fully-random-disable", _bool, False,
+         "do not use --random-fully in the MASQUERADE rules", is_bool=True),
+    Flag("iptables-resync", _int_range(1, 86400), 5,
+         "seconds between checks that the iptables rules are in place"),
+    Flag("iptables-forward-rules", _bool, True,
+         "add accept rules for the network to the FORWARD chain (FLANNEL-FWD)", is_bool=True),
     Flag("healthz-ip", _ipv4_or_empty, "127.0.0.1", "address the health server listens on"),
     Flag("healthz-port", _int_range(0, 65535), 0, "port of the health server (0: off)"),
     Flag("version", _bool, False, "print the version and exit", is_bool=True),
@@ -141,6 +147,9 @@ class Options:
     subnet_file: str = "/run/flannel/subnet.env"
     subnet_lease_renew_margin: int = 60
     ip_masq: bool = False
+    ip_masq_fully_random_disable: bool = False
+    iptables_resync: int = 5
+    iptables_forward_rules: bool = True
     healthz_ip: str = "127.0.0.1"
     healthz_port: int = 0
     version: bool = False

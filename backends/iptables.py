@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
+import subprocess
 import tempfile
 from collections.abc import Sequence
 
@@ -30,6 +32,19 @@ from backends.iptables_plan import (
 )
 
 log = logging.getLogger(__name__)
+
+
+async def _exited(proc: subprocess.Popen[bytes]) -> None:
+    """Wait until `proc` exits (its pidfd turns readable) without blocking the loop."""
+    loop = asyncio.get_running_loop()
+    pidfd = os.pidfd_open(proc.pid)
+    done = loop.create_future()
+    loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
+    try:
+        await done
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
 
 
 class IptablesError(RuntimeError):
@@ -52,29 +67,40 @@ class Iptables:
         self.timeout = timeout
 
     async def _run(self, argv: Sequence[str], stdin: str | None = None) -> str:
-        # Input goes through a file, not a pipe: a command that fails early exits without
-        # reading it, and writing to that closed pipe breaks the subprocess transport.
-        with tempfile.TemporaryFile() as infile:
+        # subprocess.Popen starts the command with vfork(), which runs no atfork handlers:
+        # gRPC's (etcd client) would log a line for every fork() the event loop's own
+        # subprocess support makes. Input and output go through files, so a command that
+        # fails early never meets a closed pipe, and the exit is awaited on a pidfd.
+        with (tempfile.TemporaryFile() as infile, tempfile.TemporaryFile() as outfile,
+              tempfile.TemporaryFile() as errfile):
             if stdin is not None:
                 infile.write(stdin.encode())
                 infile.seek(0)
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=infile if stdin is not None else asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                proc = subprocess.Popen(  # noqa: ASYNC220 - returns once started
+                    list(argv), stdin=infile if stdin is not None else subprocess.DEVNULL,
+                    stdout=outfile, stderr=errfile,
                 )
             except FileNotFoundError:
                 raise IptablesError(f"{argv[0]}: command not found") from None
             except OSError as exc:
                 raise IptablesError(f"{argv[0]}: cannot run it: {exc.strerror}") from None
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), self.timeout)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            raise IptablesError(f"{argv[0]}: no answer within {self.timeout:g} s") from None
+            try:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel
+                # that arrives as the command ends, and the agent would then not stop.
+                async with asyncio.timeout(self.timeout):
+                    await _exited(proc)
+            except TimeoutError:
+                raise IptablesError(f"{argv[0]}: no answer within {self.timeout:g} s") from None
+            finally:
+                if proc.poll() is None:  # timed out or cancelled: do not leave it behind
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    proc.wait()
+            proc.wait()  # reap it; it has exited
+            outfile.seek(0)
+            errfile.seek(0)
+            out, err = outfile.read(), errfile.read()
         if proc.returncode != 0:
             text = err.decode(errors="replace").strip().replace("\n", "; ")
             raise IptablesError(f"{argv[0]} exited with status {proc.returncode}: {text}")
@@ -220,4 +246,5 @@ class IptablesKeeper:
             self._wake.clear()
             await self.check()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.resync)
+                async with asyncio.timeout(self.resync):
+                    await self._wake.wait()
