@@ -27,6 +27,7 @@ from agent.subnet_file import SubnetEnv, read_previous_subnet, write_subnet_file
 from backends import AVAILABLE
 from backends.base import Backend, BackendError, Network
 from backends.external_iface import ExternalInterface, InterfaceError, choose_interface
+from backends.iptables import Iptables, IptablesKeeper
 from backends.netlink import Netlink
 
 log = logging.getLogger("tweed")
@@ -108,6 +109,7 @@ class Daemon:
         self.config: NetworkConfig | None = None
         self.subnet_file = Path(opts.subnet_file)
         self.file_written = False
+        self.iptables: IptablesKeeper | None = None  # --ip-masq / --iptables-forward-rules
 
     def not_ready_reason(self) -> str | None:
         if self.config is None:
@@ -153,6 +155,8 @@ class Daemon:
         assert self.network is not None
         await self.network.setup(lease)
         self._write_subnet_file(lease)
+        if self.iptables is not None:
+            self.iptables.set_subnet(lease.subnet)
 
     async def _report_config_changes(self, registry: Registry) -> None:
         """A changed config is reported, not applied: applying it needs a restart."""
@@ -187,8 +191,6 @@ class Daemon:
             ))
         except EtcdSetupError as exc:
             raise StartupError(str(exc)) from None
-        if o.ip_masq:
-            log.warning("--ip-masq: IP masquerade rules are not implemented yet; none are set")
         self.config = await wait_for_config(
             self.registry, f"{o.etcd_prefix.rstrip('/')}/config"
         )
@@ -210,7 +212,15 @@ class Daemon:
             await self.network.setup(lease)
         except BackendError as exc:
             raise StartupError(str(exc)) from None
+        if o.ip_masq or o.iptables_forward_rules:
+            self.iptables = IptablesKeeper(
+                Iptables(), self.config.network, lease.subnet, ip_masq=o.ip_masq,
+                forward_rules=o.iptables_forward_rules,
+                random_fully_disable=o.ip_masq_fully_random_disable, resync=o.iptables_resync,
+            )
         async with asyncio.TaskGroup() as tg:
+            if self.iptables is not None:
+                tg.create_task(self.iptables.run(), name="iptables")
             tg.create_task(self.manager.watch(self.network.apply), name="watch")
             tg.create_task(self.manager.hold(self._on_new_lease), name="hold")
             tg.create_task(self.network.run(), name="resync")
