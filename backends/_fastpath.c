@@ -1,9 +1,9 @@
 /*
  * _fastpath: the C datapath of the udp backend.
  *
- * One packet thread per datapath moves packets between the TUN fd and the UDP socket
- * with the GIL released: it never calls into Python. Python only changes routes (under a
- * mutex) and reads counters (relaxed atomics).
+ * Two packet threads per datapath, one per direction, move packets between the TUN fd and
+ * the UDP socket with the GIL released: they never call into Python. Python only changes
+ * routes (under a read-write lock) and reads counters (relaxed atomics).
  *
  * Semantics are the pure-Python datapath's (backends/datapath.py), counter for counter:
  * one inner IPv4 packet per datagram, TTL decremented on both ends with an incremental
@@ -119,9 +119,9 @@ typedef struct {
     int tun, udp, efd;
     uint16_t port;
     int mtu, check_source, vnet, gso, gro, tso, coalesce;
-    pthread_t thread;
+    pthread_t threads[2];
     int running;
-    pthread_mutex_t lock;
+    pthread_rwlock_t lock; /* the routes: read by the two packet threads, written by Python */
     struct route *routes;
     int nroutes, cap;
     _Atomic uint64_t counters[NCOUNTERS];
@@ -615,7 +615,6 @@ static void from_tun(Core *c)
     for (;;) {
         size_t off = 0;
         int reads = 0, eagain = 0;
-        pthread_mutex_lock(&c->lock);
         while (reads < BATCH && off + READ_MAX <= TX_ARENA) {
             uint8_t *p = c->txbuf + off;
             struct iovec rv[2] = {{&vh, VNET_HDR_LEN}, {p, READ_MAX}};
@@ -640,7 +639,9 @@ static void from_tun(Core *c)
                 count(c, TX_DROP_MALFORMED, 1);
                 continue;
             }
+            pthread_rwlock_rdlock(&c->lock);
             uint32_t peer = lookup(c, be32(p + 16));
+            pthread_rwlock_unlock(&c->lock);
             if (!peer) {
                 count(c, TX_DROP_NO_ROUTE, 1);
                 net_unreachable(c, p, n);
@@ -672,7 +673,6 @@ static void from_tun(Core *c)
         }
         if (c->nsegs)
             flush_segments(c);
-        pthread_mutex_unlock(&c->lock);
         if (eagain)
             return;
     }
@@ -745,7 +745,7 @@ static void from_udp(Core *c)
                 continue;
             return;
         }
-        pthread_mutex_lock(&c->lock);
+        pthread_rwlock_rdlock(&c->lock);
         for (int i = 0; i < r; i++) {
             uint8_t *p = v[i].iov_base;
             size_t n = m[i].msg_len;
@@ -773,30 +773,45 @@ static void from_udp(Core *c)
                 deliver(c, p + pos, n - pos < seg ? n - pos : seg, peer, 0);
             }
         }
-        pthread_mutex_unlock(&c->lock);
+        pthread_rwlock_unlock(&c->lock);
         flush_pending(c);
         if (r < RX_BATCH)
             return;
     }
 }
 
-static void *loop(void *arg)
+/* Each direction has its own thread, so that a wake-up on one fd never waits for work
+ * on the other, and the two directions use two CPUs when there are two. They share only
+ * the route table (under the lock) and the counters (atomics). */
+static int wait_readable(int fd, int efd)
 {
-    Core *c = arg;
-    struct pollfd fds[3] = {{c->tun, POLLIN, 0}, {c->udp, POLLIN, 0}, {c->efd, POLLIN, 0}};
+    struct pollfd fds[2] = {{fd, POLLIN, 0}, {efd, POLLIN, 0}};
     for (;;) {
-        if (poll(fds, 3, -1) < 0) {
+        if (poll(fds, 2, -1) < 0) {
             if (errno == EINTR)
                 continue;
-            break;
+            return 0;
         }
-        if (fds[2].revents)
-            break;
-        if (fds[0].revents & POLLIN)
-            from_tun(c);
-        if (fds[1].revents & POLLIN)
-            from_udp(c);
+        if (fds[1].revents)
+            return 0; /* stop: the eventfd stays readable until both threads are joined */
+        if (fds[0].revents)
+            return 1;
     }
+}
+
+static void *tun_loop(void *arg)
+{
+    Core *c = arg;
+    while (wait_readable(c->tun, c->efd))
+        from_tun(c);
+    return NULL;
+}
+
+static void *udp_loop(void *arg)
+{
+    Core *c = arg;
+    while (wait_readable(c->udp, c->efd))
+        from_udp(c);
     return NULL;
 }
 
@@ -857,7 +872,7 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw)
         PyErr_NoMemory();
         return -1;
     }
-    pthread_mutex_init(&c->lock, NULL);
+    pthread_rwlock_init(&c->lock, NULL);
     return 0;
 }
 
@@ -866,12 +881,13 @@ static void Core_dealloc(Core *c)
     if (c->running) {
         uint64_t one = 1;
         (void)!write(c->efd, &one, sizeof one);
-        pthread_join(c->thread, NULL);
+        pthread_join(c->threads[0], NULL);
+        pthread_join(c->threads[1], NULL);
     }
     if (c->efd > 0)
         close(c->efd);
     if (c->txbuf)
-        pthread_mutex_destroy(&c->lock);
+        pthread_rwlock_destroy(&c->lock);
     PyMem_RawFree(c->txbuf);
     PyMem_RawFree(c->hdrs);
     PyMem_RawFree(c->segs);
@@ -891,7 +907,7 @@ static PyObject *Core_set_route(Core *c, PyObject *args)
     unsigned int net, mask, peer;
     if (!PyArg_ParseTuple(args, "III", &net, &mask, &peer))
         return NULL;
-    pthread_mutex_lock(&c->lock);
+    pthread_rwlock_wrlock(&c->lock);
     int i;
     for (i = 0; i < c->nroutes; i++)
         if (c->routes[i].net == (net & mask) && c->routes[i].mask == mask)
@@ -901,7 +917,7 @@ static PyObject *Core_set_route(Core *c, PyObject *args)
             int cap = c->cap ? c->cap * 2 : 16;
             struct route *r = PyMem_RawRealloc(c->routes, sizeof *r * (size_t)cap);
             if (!r) {
-                pthread_mutex_unlock(&c->lock);
+                pthread_rwlock_unlock(&c->lock);
                 return PyErr_NoMemory();
             }
             c->routes = r;
@@ -910,7 +926,7 @@ static PyObject *Core_set_route(Core *c, PyObject *args)
         c->nroutes++;
     }
     c->routes[i] = (struct route){net & mask, mask, peer};
-    pthread_mutex_unlock(&c->lock);
+    pthread_rwlock_unlock(&c->lock);
     Py_RETURN_NONE;
 }
 
@@ -919,14 +935,14 @@ static PyObject *Core_del_route(Core *c, PyObject *args)
     unsigned int net, mask;
     if (!PyArg_ParseTuple(args, "II", &net, &mask))
         return NULL;
-    pthread_mutex_lock(&c->lock);
+    pthread_rwlock_wrlock(&c->lock);
     for (int i = 0; i < c->nroutes; i++) {
         if (c->routes[i].net == (net & mask) && c->routes[i].mask == mask) {
             c->routes[i] = c->routes[--c->nroutes];
             break;
         }
     }
-    pthread_mutex_unlock(&c->lock);
+    pthread_rwlock_unlock(&c->lock);
     Py_RETURN_NONE;
 }
 
@@ -935,7 +951,16 @@ static PyObject *Core_start(Core *c, PyObject *unused)
     (void)unused;
     if (c->running)
         Py_RETURN_NONE;
-    int err = pthread_create(&c->thread, NULL, loop, c);
+    int err = pthread_create(&c->threads[0], NULL, tun_loop, c);
+    if (!err) {
+        err = pthread_create(&c->threads[1], NULL, udp_loop, c);
+        if (err) { /* stop the first again */
+            uint64_t one = 1, drain;
+            (void)!write(c->efd, &one, sizeof one);
+            pthread_join(c->threads[0], NULL);
+            (void)!read(c->efd, &drain, sizeof drain);
+        }
+    }
     if (err) {
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -952,7 +977,8 @@ static PyObject *Core_stop(Core *c, PyObject *unused)
     uint64_t one = 1;
     (void)!write(c->efd, &one, sizeof one);
     Py_BEGIN_ALLOW_THREADS
-    pthread_join(c->thread, NULL);
+    pthread_join(c->threads[0], NULL);
+    pthread_join(c->threads[1], NULL);
     Py_END_ALLOW_THREADS
     c->running = 0;
     uint64_t drain;
