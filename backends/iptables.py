@@ -231,13 +231,13 @@ class IptablesKeeper:
             self.errors += 1
             reason = str(exc)
             if reason != self._failing:
-                log.error("iptables: %s; the rules for --ip-masq/--iptables-forward-rules "
-                          "are not in place (tweed goes on, trying again every %g s)",
+                log.error("the iptables rules for --ip-masq/--iptables-forward-rules are not "
+                          "in place: %s (tweed goes on without them, trying again every %g s)",
                           reason, self.resync)
                 self._failing = reason
             return
         if self._failing is not None:
-            log.info("iptables: working again")
+            log.info("iptables: working again; the rules are in place")
             self._failing = None
 
     async def run(self) -> None:
