@@ -19,7 +19,7 @@ import time
 import pytest
 
 from backends.iptables_plan import forward_chain, masq_chain, parse_save, render
-from tests.lab.agents import Agent, ping, put_config, routes, wait_for
+from tests.lab.agents import Agent, ping, put_config, routes, subnet_key, wait_for
 from tests.support.netns import ip_batch, root_ns_snapshot
 
 pytestmark = pytest.mark.lab
@@ -205,3 +205,24 @@ def test_without_iptables_the_agent_says_so_once_and_goes_on(lab, tmp_path):
     assert "FLANNEL" not in h1.exec(["iptables-save"]).stdout
     assert ping(c1, c2.ip)
     assert root_ns_snapshot()["iptables"] == before
+
+
+def test_a_new_subnet_moves_the_subnet_rule(lab, tmp_path):
+    """Another host takes our subnet: tweed leases a new one and its nat rule follows."""
+    etcd = lab.start_etcd()
+    put_config(etcd, network=str(NETWORK))
+    h1, a1, _c1 = start_host(lab, etcd, tmp_path, 1)
+    old = a1.subnet
+    want_old = [render(r) for r in masq_chain(NETWORK, ipaddress.IPv4Network(old), True).rules]
+    wait_for(lambda: chain(h1, "nat", "FLANNEL-POSTRTG") == want_old, timeout=10,
+             what="rules for the first subnet")
+    etcd.put(subnet_key(old), '{"PublicIP":"192.168.100.9","PublicIPv6":null,'
+                              '"BackendType":"host-gw"}')
+    wait_for(lambda: a1.subnet != old, timeout=20, what="a new subnet")
+    new = ipaddress.IPv4Network(a1.subnet)
+    want_new = [render(r) for r in masq_chain(NETWORK, new, True).rules]
+    wait_for(lambda: chain(h1, "nat", "FLANNEL-POSTRTG") == want_new, timeout=10,
+             what="rules for the new subnet")
+    assert f"subnet {new} (re-checked" in a1.log()
+    assert "iptables: repaired" not in a1.log()  # a planned change, not a repair
+    assert a1.proc.poll() is None
