@@ -5,6 +5,12 @@ attached to its own etcd lease. Every unary call has a deadline and is tried onc
 caller owns retries and backoff, so an outage is reported once per state change by the
 caller instead of once per attempt here. The watch is our own loop over the Watch stub so
 that we decide the resume revision (the last event seen + 1) and see compaction.
+
+Security: `https://` endpoints speak TLS (the scheme decides, as in flanneld); the
+certificate files are checked when the registry is made, so an unusable one is a startup
+error naming its flag. A handshake that fails later (etcd rejects our certificate, or we
+reject etcd's) is reported in terms of the flag that fixes it. With a username, tweed logs
+in before the first call and again whenever etcd says the token is no longer valid.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -23,9 +30,7 @@ import grpc
 import grpc.aio
 from etcd3aio import (
     Etcd3Client,
-    EtcdConnectionError,
     EtcdError,
-    EtcdTransientError,
     EtcdUnauthenticatedError,
     prefix_range_end,
 )
@@ -93,6 +98,42 @@ def parse_endpoints(urls: tuple[str, ...]) -> tuple[list[str], bool, str | None]
     return targets, schemes == {"https"}, server_name
 
 
+def check_tls_files(settings: EtcdSettings) -> None:
+    """EtcdSetupError naming the flag if a TLS file is missing, unreadable or unusable.
+
+    grpc would only fail at the first handshake, with words like "Failed to create security
+    handshaker"; Python's ssl module parses the same PEM files up front.
+    """
+    s = settings
+    if bool(s.certfile) != bool(s.keyfile):
+        given, missing = (
+            ("--etcd-certfile", "--etcd-keyfile") if s.certfile
+            else ("--etcd-keyfile", "--etcd-certfile"))
+        raise EtcdSetupError(f"{given} is set but {missing} is not: a client certificate "
+                             "needs both")
+    for flag, path in (("--etcd-cafile", s.cafile), ("--etcd-certfile", s.certfile)):
+        if not path:
+            continue
+        _read(path, flag)
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+        except ssl.SSLError:
+            raise EtcdSetupError(f"{flag}: {path} holds no PEM certificate") from None
+    if s.keyfile:
+        _read(s.keyfile, "--etcd-keyfile")
+        try:
+            # The password callback keeps OpenSSL from prompting on a terminal for an
+            # encrypted key (grpc cannot use one anyway).
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(
+                s.certfile, s.keyfile, password=lambda: b"")
+        except ssl.SSLError as exc:
+            if exc.reason == "KEY_VALUES_MISMATCH":
+                raise EtcdSetupError(f"--etcd-keyfile: {s.keyfile} is not the key of the "
+                                     f"certificate in --etcd-certfile {s.certfile}") from None
+            raise EtcdSetupError(f"--etcd-keyfile: {s.keyfile} holds no usable private key "
+                                 "(PEM, not encrypted)") from None
+
+
 def _read(path: str, flag: str) -> bytes | None:
     if not path:
         return None
@@ -108,15 +149,23 @@ class EtcdRegistry:
 
     def __init__(self, settings: EtcdSettings) -> None:
         targets, tls, server_name = parse_endpoints(settings.endpoints)
-        ca = _read(settings.cafile, "--etcd-cafile")
-        key = _read(settings.keyfile, "--etcd-keyfile")
-        cert = _read(settings.certfile, "--etcd-certfile")
+        check_tls_files(settings)
         conn: dict[str, bytes | None] = {}
-        if tls or ca is not None:
+        if tls:
+            ca = _read(settings.cafile, "--etcd-cafile")
             if ca is None:
                 # No CA given: trust the system store, as flanneld does.
                 ca = _system_ca()
-            conn = {"ca_cert": ca, "cert_key": key, "cert_chain": cert}
+            conn = {
+                "ca_cert": ca,
+                "cert_key": _read(settings.keyfile, "--etcd-keyfile"),
+                "cert_chain": _read(settings.certfile, "--etcd-certfile"),
+            }
+        elif settings.cafile or settings.certfile:
+            # flanneld does the same (the scheme decides); say so, as it is easy to miss.
+            log.warning("--etcd-endpoints are http://, so --etcd-cafile/--etcd-certfile/"
+                        "--etcd-keyfile are not used; write https:// to talk TLS to etcd")
+        self._tls = tls
         self._client = Etcd3Client(
             targets, rpc_max_attempts=1, tls_server_name=server_name, **conn
         )
@@ -126,48 +175,117 @@ class EtcdRegistry:
         self._subnets = f"{prefix}/subnets/".encode()
         self._connected = False
         self._auth_lock = asyncio.Lock()
+        # Counts logins: a call refused for its token marks the login stale only if it was
+        # made with the current one, so concurrent refusals cause a single new login.
+        self._login = 0
+        self._logged_in = False
+
+    @property
+    def logins(self) -> int:
+        """How many times tweed has logged in to etcd (or found auth disabled)."""
+        return self._login
 
     # -- plumbing ------------------------------------------------------------------
     async def _ensure(self) -> Etcd3Client:
         if not self._connected:
             await self._client.connect()
             self._connected = True
-            if self._settings.username:
-                await self._authenticate()
+        # Not only after connecting: a first login that failed (etcd away, wrong password)
+        # must be tried again, or every later call would go without a token.
+        if self._settings.username and not self._logged_in:
+            await self._authenticate()
         return self._client
 
     async def _authenticate(self) -> None:
+        """Log in, unless another call did so while this one waited for the lock."""
         async with self._auth_lock:
+            if self._logged_in:
+                return
             assert self._client.auth is not None
-            resp = await self._client.auth.authenticate(
-                self._settings.username, self._settings.password, timeout=RPC_TIMEOUT
-            )
+            # Without this the stale token rides along on the Authenticate call itself and
+            # etcd refuses it with "invalid auth token": after the first expiry tweed could
+            # never log in again.
+            self._client.set_token(None)
+            self._logged_in = False
+            user = self._settings.username
+            try:
+                resp = await self._client.auth.authenticate(
+                    user, self._settings.password, timeout=RPC_TIMEOUT
+                )
+            except (EtcdError, grpc.aio.AioRpcError) as exc:
+                detail = _detail(exc)
+                if "authentication is not enabled" in detail:
+                    # As etcd's own client does: no auth on the server, no token needed.
+                    log.debug("etcd has authentication disabled; not logging in as %r", user)
+                    self._logged_in = True
+                    self._login += 1
+                    return
+                if "authentication failed" in detail:
+                    raise RegistryUnavailable(
+                        f"etcd login as {user!r} refused: wrong --etcd-username or "
+                        f"--etcd-password ({detail})") from None
+                raise
             self._client.set_token(resp.token)
+            self._logged_in = True
+            self._login += 1
 
     async def _call(self, what: str, fn: Callable[[Etcd3Client], Awaitable[T]]) -> T:
-        """Run one RPC; map every transport failure to RegistryUnavailable."""
+        """Run one RPC; map every failure to RegistryUnavailable with a clear message."""
         for attempt in (1, 2):
+            login = self._login
             try:
                 client = await self._ensure()
                 return await fn(client)
-            except EtcdUnauthenticatedError as exc:
-                # Tokens expire (etcd's default is 5 minutes): log in again once.
-                if attempt == 2 or not self._settings.username:
-                    raise RegistryUnavailable(f"etcd {what}: {exc}") from None
-                try:
-                    await self._authenticate()
-                except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc2:
-                    raise RegistryUnavailable(f"etcd {what}: login failed: {exc2}") from None
-            except (EtcdConnectionError, EtcdTransientError) as exc:
-                raise RegistryUnavailable(f"etcd {what}: {exc}") from None
+            except RegistryUnavailable:
+                raise
+            except (EtcdUnauthenticatedError, grpc.aio.AioRpcError, EtcdError) as exc:
+                detail = _detail(exc)
+                if self._settings.username and _token_refused(detail) and attempt == 1:
+                    # Tokens expire (etcd's default TTL is 5 minutes): log in again, once.
+                    self._token_stale(login)
+                    continue
+                raise RegistryUnavailable(f"etcd {what}: {self._explain(detail)}") from None
             except TimeoutError:
                 raise RegistryUnavailable(f"etcd {what}: no answer in {RPC_TIMEOUT:g} s") from None
-            except grpc.aio.AioRpcError as exc:
-                detail = f"{exc.code().name} {exc.details()}"
-                raise RegistryUnavailable(f"etcd {what}: {detail}") from None
-            except EtcdError as exc:
-                raise RegistryUnavailable(f"etcd {what}: {exc}") from None
         raise AssertionError("unreachable")
+
+    def _token_stale(self, login: int) -> None:
+        """etcd refused the token of login number `login`: log in again if still current."""
+        if login == self._login:
+            self._logged_in = False
+
+    def _explain(self, detail: str) -> str:
+        """grpc's words for a failure, turned into the setting that fixes it if we can."""
+        s = self._settings
+        if "user name is empty" in detail:
+            return (f"etcd has authentication enabled: set --etcd-username and "
+                    f"--etcd-password ({detail})")
+        if "permission denied" in detail and s.username:
+            return (f"etcd user {s.username!r} may not use {s.prefix!r}: grant its role "
+                    f"readwrite on that prefix ({detail})")
+        if not self._tls:
+            return detail
+        if "CERTIFICATE_VERIFY_FAILED" in detail:
+            why = detail.split("CERTIFICATE_VERIFY_FAILED:", 1)[1].split(":")[0].strip()
+            ca = (f"--etcd-cafile {s.cafile}" if s.cafile
+                  else "the system's CAs (no --etcd-cafile given)")
+            return f"TLS: etcd's server certificate is not trusted by {ca} ({why})"
+        if "Hostname Verification" in detail or "not in peer certificate" in detail:
+            return ("TLS: etcd's server certificate is not valid for the host in "
+                    "--etcd-endpoints (it must be one of the certificate's names or IPs)")
+        if any(alert in detail for alert in _CLIENT_CERT_REFUSED):
+            # With TLS 1.3 the server's verdict on our certificate comes after the handshake,
+            # so grpc only sees the alert as a record it cannot decrypt.
+            if s.certfile:
+                return (f"TLS: etcd refused the client certificate --etcd-certfile "
+                        f"{s.certfile}: not signed by a CA that etcd trusts "
+                        f"(its --trusted-ca-file), or expired")
+            return ("TLS: etcd demands a client certificate: set --etcd-certfile and "
+                    "--etcd-keyfile")
+        if "Handshake read failed" in detail:
+            return ("TLS: the server closed the connection during the TLS handshake (does it "
+                    f"serve TLS? a plain etcd needs http:// in --etcd-endpoints) ({detail})")
+        return detail
 
     def _name(self, key: bytes) -> str:
         return key[len(self._subnets) :].decode(errors="replace")
@@ -284,8 +402,29 @@ class EtcdRegistry:
     async def _watch(
         self, key: bytes, range_end: bytes, start_revision: int
     ) -> AsyncIterator[list[Event]]:
-        """One watch stream; ends by raising (Compacted / RegistryUnavailable), never silently."""
+        """One watch stream; ends by raising (Compacted / RegistryUnavailable), never silently.
+
+        etcd checks the token only when a watch is created, so a watch made after the token
+        expired (or after etcd restarted, which forgets simple tokens) is cancelled at once:
+        log in again and create it once more, instead of a retry round and its log lines.
+        """
+        for attempt in (1, 2):
+            try:
+                async with contextlib.aclosing(
+                    self._watch_stream(key, range_end, start_revision)
+                ) as stream:
+                    async for batch in stream:
+                        yield batch
+            except _StaleToken as exc:
+                if attempt == 2:
+                    raise RegistryUnavailable(str(exc)) from None
+        raise AssertionError("unreachable")
+
+    async def _watch_stream(
+        self, key: bytes, range_end: bytes, start_revision: int
+    ) -> AsyncIterator[list[Event]]:
         client = await self._call("watch", lambda c: _noop(c))
+        login = self._login  # the token this watch is created with
         assert client._channel is not None
         stub = WatchStub(client._channel)
         stop = asyncio.Event()
@@ -306,7 +445,11 @@ class EtcdRegistry:
                 if resp.compact_revision > 0:
                     raise Compacted(int(resp.compact_revision))
                 if resp.canceled:
-                    raise RegistryUnavailable(f"etcd watch canceled: {resp.cancel_reason}")
+                    reason = f"etcd watch canceled: {self._explain(resp.cancel_reason)}"
+                    if self._settings.username and _token_refused(resp.cancel_reason):
+                        self._token_stale(login)
+                        raise _StaleToken(reason)
+                    raise RegistryUnavailable(reason)
                 if not resp.events:
                     if resp.created:
                         yield []  # tells the caller the stream is up again
@@ -319,14 +462,10 @@ class EtcdRegistry:
                 yield batch
             raise RegistryUnavailable("etcd watch stream ended")
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAUTHENTICATED and self._settings.username:
-                try:
-                    await self._authenticate()
-                except Exception as exc2:  # noqa: BLE001 - any failure means "retry later"
-                    log.debug("etcd re-login failed: %s", exc2)
-            raise RegistryUnavailable(
-                f"etcd watch: {exc.code().name} {exc.details()}"
-            ) from None
+            detail = _detail(exc)
+            if self._settings.username and _token_refused(detail):
+                self._token_stale(login)  # the next call (the caller's retry) logs in again
+            raise RegistryUnavailable(f"etcd watch: {self._explain(detail)}") from None
         finally:
             stop.set()
             stream.cancel()
@@ -339,6 +478,29 @@ class EtcdRegistry:
 
 async def _noop(client: Etcd3Client) -> Etcd3Client:
     return client
+
+
+#: What grpc reports when the server rejected our client certificate (TLS alerts).
+_CLIENT_CERT_REFUSED = (
+    "TSI_DATA_CORRUPTED", "BAD_CERTIFICATE", "CERTIFICATE_REQUIRED", "UNKNOWN_CA",
+    "CERTIFICATE_EXPIRED", "UNSUPPORTED_CERTIFICATE",
+)
+
+
+class _StaleToken(Exception):
+    """etcd refused to create a watch with our token: log in and try again."""
+
+
+def _detail(exc: BaseException) -> str:
+    """An etcd3aio or grpc error as one line: the status code's name and etcd's words."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name} {exc.details()}"
+    return str(exc)
+
+
+def _token_refused(detail: str) -> bool:
+    """etcd no longer accepts our token (expired, or etcd restarted with simple tokens)."""
+    return "invalid auth token" in detail
 
 
 def _system_ca() -> bytes | None:

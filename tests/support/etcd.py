@@ -5,6 +5,9 @@ namespace, or inside a lab namespace on a lab address (`ip netns exec NS etcd ..
 so the Popen PID is etcd itself). Ports are free ones, kept across `restart()`; the data dir
 too, until `close()` removes it. The `etcdctl` helpers (class `Etcdctl`, usable alone for
 any endpoint, e.g. a proxy) act as "another client" in tests.
+With `tls=ServerTls(...)` etcd serves its clients over https (and, given a trusted CA,
+demands a client certificate from it); `Etcdctl` then speaks TLS with `ClientTls` files and
+logs in with `user` ("name:password") once auth is enabled.
 Processes are stopped by their PID only.
 """
 
@@ -20,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -73,14 +77,58 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("ETCD_", "ETCDCTL_"))}
 
 
+@dataclass(frozen=True)
+class ClientTls:
+    """What etcdctl needs to speak TLS: the CA that signed the server's certificate and,
+    for a server that demands one, a client certificate and its key."""
+
+    cacert: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+    def args(self) -> list[str]:
+        out = [f"--cacert={self.cacert}"]
+        if self.cert is not None and self.key is not None:
+            out += [f"--cert={self.cert}", f"--key={self.key}"]
+        return out
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """etcd's client-side TLS: its certificate and key and, if given, the CA whose client
+    certificates it accepts (--client-cert-auth: no valid client certificate, no access)."""
+
+    cert: Path
+    key: Path
+    trusted_ca: Path | None = None
+
+    def args(self) -> list[str]:
+        out = ["--cert-file", str(self.cert), "--key-file", str(self.key)]
+        if self.trusted_ca is not None:
+            out += ["--trusted-ca-file", str(self.trusted_ca), "--client-cert-auth"]
+        return out
+
+
 class Etcdctl:
-    """`etcdctl` (API v3) against one endpoint, run in `netns` if given: "another client"."""
+    """`etcdctl` (API v3) against one endpoint, run in `netns` if given: "another client".
+
+    `tls` makes it speak TLS; `user` ("name:password") makes it log in (etcd with auth).
+    """
 
     netns: str | None
 
-    def __init__(self, client_url: str, netns: str | None = None) -> None:
+    def __init__(self, client_url: str, netns: str | None = None,
+                 tls: ClientTls | None = None, user: str | None = None) -> None:
         self._client_url = client_url
         self.netns = netns
+        self.tls = tls
+        self.user = user
+
+    def _conn_args(self) -> list[str]:
+        out = self.tls.args() if self.tls is not None else []
+        if self.user:
+            out.append(f"--user={self.user}")
+        return out
 
     @property
     def client_url(self) -> str:
@@ -101,7 +149,7 @@ class Etcdctl:
         the hard limit on the process. Raises RuntimeError with etcdctl's stderr on failure.
         """
         cmd = self._wrap([ETCDCTL, f"--endpoints={self.client_url}", "--dial-timeout=2s",
-                          f"--command-timeout={command_timeout}s", *args])
+                          f"--command-timeout={command_timeout}s", *self._conn_args(), *args])
         res = subprocess.run(cmd, capture_output=True, text=True, env=self._ctl_env(),
                              input=input, timeout=timeout, check=False)
         if res.returncode != 0:
@@ -148,13 +196,20 @@ class Etcdctl:
 
 
 class EtcdServer(Etcdctl):
-    """One single-member etcd cluster; `start()` returns self once it answers."""
+    """One single-member etcd cluster; `start()` returns self once it answers.
+
+    `tls` serves clients over https (`ctl_tls`: the files this object's own etcdctl uses);
+    `extra_args` go to etcd as they are (e.g. `--auth-token-ttl 2`).
+    """
 
     def __init__(self, host: str = "127.0.0.1", netns: str | None = None,
                  port: int | None = None, peer_port: int | None = None,
-                 name: str = "default") -> None:
+                 name: str = "default", tls: ServerTls | None = None,
+                 ctl_tls: ClientTls | None = None, extra_args: tuple[str, ...] = ()) -> None:
         self.host = host
         self.name = name
+        self.server_tls = tls
+        self.extra_args = extra_args
         self._auto_ports = port is None and peer_port is None
         if port is None or peer_port is None:
             # In a fresh lab namespace the usual ports are free; keep them for readable logs.
@@ -164,7 +219,7 @@ class EtcdServer(Etcdctl):
             peer_port = peer_port or auto[1]
         self.port: int = port
         self.peer_port: int = peer_port
-        super().__init__(f"http://{host}:{port}", netns)
+        super().__init__(f"{self.scheme}://{host}:{port}", netns, ctl_tls)
         self.dir = Path(tempfile.mkdtemp(prefix="tweed-etcd-"))
         self.data_dir = self.dir / "data"
         self.log_path = self.dir / "etcd.log"
@@ -175,8 +230,12 @@ class EtcdServer(Etcdctl):
 
     # -- addresses -------------------------------------------------------------------
     @property
+    def scheme(self) -> str:
+        return "https" if self.server_tls is not None else "http"
+
+    @property
     def client_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     @property
     def peer_url(self) -> str:
@@ -228,6 +287,8 @@ class EtcdServer(Etcdctl):
             "--election-timeout", "300",
             "--logger", "zap",
             "--log-outputs", "stderr",
+            *(self.server_tls.args() if self.server_tls is not None else []),
+            *self.extra_args,
         ]
         with open(self.log_path, "ab") as log:
             self._log_offset = log.tell()
@@ -254,8 +315,8 @@ class EtcdServer(Etcdctl):
             else:
                 res = subprocess.run(
                     self._wrap([ETCDCTL, f"--endpoints={self.client_url}",
-                                "--dial-timeout=500ms",
-                                "--command-timeout=2s", "endpoint", "health"]),
+                                "--dial-timeout=500ms", "--command-timeout=2s",
+                                *self._conn_args(), "endpoint", "health"]),
                     capture_output=True, text=True, env=self._ctl_env(), check=False,
                     timeout=10,
                 )
