@@ -17,6 +17,7 @@ from pathlib import Path
 
 import uvloop
 
+from agent import sd_notify
 from agent.backoff import Backoff, OutageLog
 from agent.cli import Options
 from agent.config import ConfigError, NetworkConfig, parse_config
@@ -245,6 +246,10 @@ class Daemon:
                 log.error("--healthz-port: cannot listen on %s:%d: %s",
                           self.opts.healthz_ip, self.opts.healthz_port, exc.strerror)
                 return 1
+        # systemd (Type=notify): STATUS= on state changes, READY=1, watchdog pings.
+        notifier = sd_notify.Notifier.from_environ()
+        reporter = asyncio.create_task(sd_notify.report(
+            notifier, lambda: sd_notify.daemon_status(self), sd_notify.watchdog_interval()))
         task = asyncio.create_task(self.serve(), name="serve")
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -252,6 +257,8 @@ class Daemon:
         if task.done():
             code = 1
             exc = task.exception()
+            reporter.cancel()
+            notifier.stopping(f"stopped by an error: {exc}")
             if isinstance(exc, StartupError):
                 log.error("%s", exc)
             elif isinstance(exc, BaseExceptionGroup):
@@ -261,6 +268,8 @@ class Daemon:
                 log.error("stopped by an error: %r", exc, exc_info=exc)
         else:
             log.info("stopping; the lease and the kernel state stay in place")
+            reporter.cancel()
+            notifier.stopping("stopping; the lease and the kernel state stay in place")
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, TimeoutError, Exception):
                 await asyncio.wait_for(task, STOP_GRACE / 2)
@@ -269,6 +278,7 @@ class Daemon:
             health.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._close(), STOP_GRACE / 2)
+        notifier.close()
         log.debug("main loop done")
         return code
 
