@@ -65,12 +65,15 @@ class EtcdSettings:
 def parse_endpoints(urls: tuple[str, ...]) -> tuple[list[str], bool, str | None]:
     """Turn `http(s)://host:port` URLs into `ip:port` targets, TLS flag and TLS name.
 
-    grpc's `ipv4:` target wants addresses, so names are resolved here, once; the first
-    name seen is kept for TLS verification.
+    grpc's `ipv4:` target wants addresses, so names are resolved here, once. grpc verifies
+    one name per channel: the first name seen, else the first address (left to grpc, it
+    would check every server against the whole address list, which no certificate holds,
+    so several https:// IP endpoints never worked).
     """
     targets: list[str] = []
     schemes = set()
     server_name: str | None = None
+    first_host: str | None = None
     for url in urls:
         parts = urlsplit(url if "://" in url else f"http://{url}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -81,6 +84,7 @@ def parse_endpoints(urls: tuple[str, ...]) -> tuple[list[str], bool, str | None]
         except ValueError:
             raise EtcdSetupError(f"--etcd-endpoints: {url!r} has a bad port") from None
         host = parts.hostname
+        first_host = first_host or host
         try:
             ipaddress.IPv4Address(host)
             addrs = [host]
@@ -95,6 +99,8 @@ def parse_endpoints(urls: tuple[str, ...]) -> tuple[list[str], bool, str | None]
         targets.extend(f"{a}:{port}" for a in addrs)
     if len(schemes) > 1:
         raise EtcdSetupError("--etcd-endpoints: mixes http and https endpoints")
+    if server_name is None:
+        server_name = first_host
     return targets, schemes == {"https"}, server_name
 
 
@@ -166,6 +172,7 @@ class EtcdRegistry:
             log.warning("--etcd-endpoints are http://, so --etcd-cafile/--etcd-certfile/"
                         "--etcd-keyfile are not used; write https:// to talk TLS to etcd")
         self._tls = tls
+        self._server_name = server_name
         self._client = Etcd3Client(
             targets, rpc_max_attempts=1, tls_server_name=server_name, **conn
         )
@@ -271,8 +278,9 @@ class EtcdRegistry:
                   else "the system's CAs (no --etcd-cafile given)")
             return f"TLS: etcd's server certificate is not trusted by {ca} ({why})"
         if "Hostname Verification" in detail or "not in peer certificate" in detail:
-            return ("TLS: etcd's server certificate is not valid for the host in "
-                    "--etcd-endpoints (it must be one of the certificate's names or IPs)")
+            return (f"TLS: etcd's server certificate does not hold {self._server_name!r}, "
+                    "the name tweed verifies (the first host name, else the first address, "
+                    "in --etcd-endpoints: every member's certificate must hold it)")
         if any(alert in detail for alert in _CLIENT_CERT_REFUSED):
             # With TLS 1.3 the server's verdict on our certificate comes after the handshake,
             # so grpc only sees the alert as a record it cannot decrypt.

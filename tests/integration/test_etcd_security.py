@@ -14,7 +14,7 @@ import ipaddress
 import json
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -98,8 +98,8 @@ def tls_files(pki: Pki, client: str | None = "client", ca: Path | None = None) -
 
 
 @contextlib.asynccontextmanager
-async def registry(url: str, **kw: str):
-    reg = EtcdRegistry(EtcdSettings((url,), PREFIX, **kw))
+async def registry(*urls: str, **kw: str):
+    reg = EtcdRegistry(EtcdSettings(urls, PREFIX, **kw))
     try:
         yield reg
     finally:
@@ -109,6 +109,25 @@ async def registry(url: str, **kw: str):
 def manager_for(reg: EtcdRegistry, n: int = 1, **kw: object) -> LeaseManager:
     return LeaseManager(reg, parse_config(CONFIG), attrs(n), rng=random.Random(n),
                         backoff_cap=0.3, **kw)  # type: ignore[arg-type]
+
+
+async def until_async(pred: Callable[[], Awaitable[bool]], limit: float) -> None:
+    """Await pred() until it is true; fail after `limit` seconds."""
+    end = asyncio.get_running_loop().time() + limit
+    while not await pred():
+        if asyncio.get_running_loop().time() > end:
+            raise AssertionError(f"condition not met within {limit} s")
+        await asyncio.sleep(0.05)
+
+
+def answers_from(reg: EtcdRegistry, value: bytes) -> Callable[[], Awaitable[bool]]:
+    async def pred() -> bool:
+        try:
+            return (await reg.get_config())[0] == value
+        except RegistryUnavailable:
+            return False
+
+    return pred
 
 
 async def refused_once(reg: EtcdRegistry, caplog: pytest.LogCaptureFixture) -> str:
@@ -211,12 +230,54 @@ async def test_server_certificate_for_another_name(start_etcd, tmp_path):
         with pytest.raises(RegistryUnavailable) as info:
             await reg.get_config()
     assert str(info.value) == (
-        "etcd get config: TLS: etcd's server certificate is not valid for the host in "
-        "--etcd-endpoints (it must be one of the certificate's names or IPs)")
+        "etcd get config: TLS: etcd's server certificate does not hold 'localhost', the name "
+        "tweed verifies (the first host name, else the first address, in --etcd-endpoints: "
+        "every member's certificate must hold it)")
     # The same server by the address the certificate holds works.
     async with registry(etcd.client_url, **tls_files(pki)) as reg:
         value, _ = await reg.get_config()
     assert value is None
+
+
+async def test_several_https_endpoints_by_address(start_etcd, pki):
+    """Two TLS etcds on two loopback addresses, given as IPs. grpc verifies one name per
+    channel (the first address): before, it checked the whole address list, and no call
+    ever went through. A member whose certificate also holds the first address is used
+    too, and carries on alone when the first one stops; one whose certificate does not is
+    refused with the name it lacks."""
+    pki.issue_server("both", ("127.0.0.2", "127.0.0.1"))
+    pki.issue_server("own", ("127.0.0.2",))
+    ctl = ClientTls(pki.ca, pki.cert("client"), pki.key("client"))
+    first = start_etcd(tls=ServerTls(pki.cert("server"), pki.key("server"), pki.ca),
+                       ctl_tls=ctl)
+    second = start_etcd(host="127.0.0.2", tls=ServerTls(pki.cert("both"), pki.key("both"),
+                                                        pki.ca), ctl_tls=ctl)
+    first.put(f"{PREFIX}/config", "first")
+    second.put(f"{PREFIX}/config", "second")
+    urls = (first.client_url, second.client_url)
+    async with registry(*urls, **tls_files(pki)) as reg:
+        seen: set[bytes | None] = set()
+
+        async def answers() -> bool:
+            with contextlib.suppress(RegistryUnavailable):
+                seen.add((await reg.get_config())[0])
+            return seen == {b"first", b"second"}
+
+        await until_async(answers, limit=30)  # round robin over both members
+        first.stop()
+        seen.clear()
+        await until_async(answers_from(reg, b"second"), limit=30)
+        for _ in range(5):
+            assert (await reg.get_config())[0] == b"second"
+
+    # The second member with a certificate for its own address only.
+    second.stop()
+    second.server_tls = ServerTls(pki.cert("own"), pki.key("own"), pki.ca)
+    second.start()
+    async with registry(*urls, **tls_files(pki)) as reg:
+        with pytest.raises(RegistryUnavailable) as info:
+            await reg.get_config()
+    assert "does not hold '127.0.0.1', the name tweed verifies" in str(info.value)
 
 
 async def test_tls_client_against_a_plain_etcd(start_etcd, pki):

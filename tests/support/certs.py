@@ -9,6 +9,7 @@
   certificate signed by it: well formed, but not one etcd trusts;
 - `expired.pem`/`expired-key.pem`: a client certificate from the right CA whose validity
   ended yesterday.
+`issue_server(name, ips, names)` adds another server certificate from the same CA.
 Keys are EC P-256: quick to make, and supported by both etcd and grpc.
 """
 
@@ -57,14 +58,12 @@ class Pki:
         # Back-dated an hour: a clock a little behind must not make fresh certificates invalid.
         self._valid = (now - dt.timedelta(hours=1), now + dt.timedelta(days=2))
 
-        ca_key, ca = self._ca("tweed test CA")
+        self._ca_key, self._ca_cert = ca_key, ca = self._ca("tweed test CA")
         other_key, other = self._ca("some other CA")
         _write_cert(self.ca, ca)
         _write_cert(self.other_ca, other)
 
-        sans: list[x509.GeneralName] = [x509.DNSName(n) for n in server_names]
-        sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in server_ips]
-        self._leaf("server", "etcd", ca_key, ca, sans, ExtendedKeyUsageOID.SERVER_AUTH)
+        self.issue_server("server", server_ips, server_names)
         self._leaf("client", "tweed", ca_key, ca, [], ExtendedKeyUsageOID.CLIENT_AUTH)
         self._leaf("rogue", "tweed", other_key, other, [], ExtendedKeyUsageOID.CLIENT_AUTH)
         self._leaf("expired", "tweed", ca_key, ca, [], ExtendedKeyUsageOID.CLIENT_AUTH,
@@ -87,6 +86,14 @@ class Pki:
         return self.dir / f"{name}-key.pem"
 
     # -- making ------------------------------------------------------------------------
+    def issue_server(self, name: str, ips: tuple[str, ...],
+                     names: tuple[str, ...] = ()) -> None:
+        """`<name>.pem`/`<name>-key.pem`: a server certificate from the CA for these SANs."""
+        sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
+        sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ips]
+        self._leaf(name, "etcd", self._ca_key, self._ca_cert, sans,
+                   ExtendedKeyUsageOID.SERVER_AUTH)
+
     def _ca(self, cn: str) -> tuple[_Key, x509.Certificate]:
         key = _key()
         cert = (
