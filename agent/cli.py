@@ -170,7 +170,9 @@ def _set(values: dict[str, Any], flag: Flag, text: str, where: str) -> None:
 
 
 def usage() -> str:
-    lines = ["usage: tweed [flags]", ""]
+    lines = ["usage: tweed [flags]",
+             "       tweed docker-opts [-f FILE] [-d FILE] [-i] [-c] [-m] [-k KEY]  (-h: help)",
+             ""]
     for f in FLAGS:
         default = "" if f.default in ("", [], False) else f" (default {f.default})"
         lines.append(f"  --{f.name}{'' if f.is_bool else ' VALUE'}\n        {f.help}{default}")
@@ -231,9 +233,15 @@ def setup_logging(verbosity: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The `tweed` console command."""
+    """The `tweed` console command; `tweed docker-opts ...` is the mk-docker-opts subcommand."""
+    args = sys.argv[1:] if argv is None else argv
+    # The daemon takes only flags, so a first word can only be a subcommand.
+    if args and args[0] == "docker-opts":
+        from agent.docker_opts import main as docker_opts
+
+        return docker_opts(args[1:])
     try:
-        opts = parse_args(sys.argv[1:] if argv is None else argv, os.environ)
+        opts = parse_args(args, os.environ)
     except UsageError as exc:
         if str(exc) == "help":
             print(usage())
