@@ -333,9 +333,9 @@ async def test_user_without_permission_on_the_prefix(start_etcd):
     async with registry(etcd.client_url, username="outsider", password="pw") as reg:
         with pytest.raises(RegistryUnavailable) as info:
             await reg.get_config()
-    assert str(info.value).startswith(
+    assert str(info.value) == (
         f"etcd get config: etcd user 'outsider' may not use {PREFIX!r}: grant its role "
-        "readwrite on that prefix (")
+        "readwrite on that prefix (KV.Range failed: etcdserver: permission denied)")
 
 
 async def test_expired_token_means_a_new_login_for_calls_and_watches(start_etcd, caplog):
@@ -375,3 +375,33 @@ async def test_expired_token_means_a_new_login_for_calls_and_watches(start_etcd,
                 ("put", "10.5.99.0-24", lease_json(9).encode())]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert json.loads(etcd.get(subnet_key(lease.subnet)))["PublicIP"] == "192.168.100.1"
+
+
+async def test_username_against_etcd_without_auth_is_not_an_error(start_etcd):
+    etcd = start_etcd()
+    etcd.put(f"{PREFIX}/config", CONFIG)
+    async with registry(etcd.client_url, username=USER, password="any") as reg:
+        assert (await reg.get_config())[0] == CONFIG.encode()
+        assert (await reg.list_subnets()).records == []
+        assert reg.logins == 1  # asked once, told auth is off, not asked again
+
+
+async def test_tls_and_auth_together(start_etcd, pki):
+    """mTLS and a user: the token decides who we are. Without a username etcd takes the
+    user from the client certificate's common name ("tweed" here), its own feature."""
+    etcd = mtls_server(start_etcd, pki)
+    enable_auth(etcd)
+    async with registry(etcd.client_url, **tls_files(pki), username=USER,
+                        password=PASSWORD) as reg:
+        lease = await asyncio.wait_for(manager_for(reg).acquire(), 30)
+        assert reg.logins == 1
+    assert etcd.get(subnet_key(lease.subnet)) == lease_json(1)
+    async with registry(etcd.client_url, **tls_files(pki)) as reg:
+        assert (await reg.get_config())[0] == CONFIG.encode()
+        assert reg.logins == 0
+    # A wrong password is refused even though the certificate would do.
+    async with registry(etcd.client_url, **tls_files(pki), username=USER,
+                        password="wrong") as reg:
+        with pytest.raises(RegistryUnavailable, match="wrong --etcd-username or "
+                           "--etcd-password"):
+            await reg.get_config()
