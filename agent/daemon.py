@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
+import json
 import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import uvloop
@@ -23,7 +26,7 @@ from agent.cli import Options
 from agent.config import ConfigError, NetworkConfig, parse_config
 from agent.etcd_registry import EtcdRegistry, EtcdSettings, EtcdSetupError
 from agent.lease_manager import Lease, LeaseManager
-from agent.registry import Registry, RegistryUnavailable
+from agent.registry import Compacted, Registry, RegistryUnavailable
 from agent.subnet_file import SubnetEnv, read_previous_subnet, write_subnet_file
 from backends import AVAILABLE
 from backends.base import Backend, BackendError, Network
@@ -41,8 +44,14 @@ class StartupError(RuntimeError):
     """The agent cannot start with these settings; the message says why."""
 
 
-async def wait_for_config(registry: Registry, key: str) -> NetworkConfig:
-    """Read the network config; until it exists and is valid, watch the key for changes."""
+async def wait_for_config(
+    registry: Registry, key: str, status: Callable[[str], None] | None = None
+) -> NetworkConfig:
+    """Read the network config; until it exists and is valid, watch the key for changes.
+
+    `status` is told what is being waited for (etcd unreachable, no config, an invalid
+    one) each time that changes, for /readyz.
+    """
     backoff = Backoff()
     outage = OutageLog(log, f"reading the network config {key}")
     reported: str | None = None
@@ -60,6 +69,8 @@ async def wait_for_config(registry: Registry, key: str) -> NetworkConfig:
                     except ConfigError as exc:
                         problem = f"invalid network config at {key}: {exc}; waiting for a fix"
                         level = logging.ERROR
+                if status is not None:
+                    status(problem)
                 if problem != reported:
                     log.log(level, "%s", problem)
                     reported = problem
@@ -69,9 +80,54 @@ async def wait_for_config(registry: Registry, key: str) -> NetworkConfig:
                 if change is None:
                     raise RegistryUnavailable("config watch ended")
                 value, rev = change
+        except Compacted:
+            # The revision we watched from is gone: read the key again, at once.
+            continue
         except RegistryUnavailable as exc:
+            if status is not None:
+                status(f"cannot reach etcd to read {key}: {exc}")
             outage.fail(str(exc))
             await backoff.wait()
+
+
+def backend_problem(config: NetworkConfig) -> str | None:
+    """Why building the backend of `config` would fail at start, or None.
+
+    parse_config checks the config's own fields; the backend checks its options only when
+    it is built. A config changed at run time is judged with both, so that one a restart
+    could not use is reported as invalid rather than as "restart to apply".
+    """
+    btype = config.backend_type
+    if btype not in AVAILABLE:
+        return f"Backend.Type {btype!r} is not available in tweed (available: " \
+            f"{', '.join(AVAILABLE)})"
+    try:
+        if btype == "vxlan":
+            from backends.vxlan import parse_options as vxlan_options
+
+            vxlan_options(config.backend)
+        elif btype == "udp":
+            from backends.udp import parse_options as udp_options
+
+            udp_options(config.backend)
+    except BackendError as exc:
+        return str(exc)
+    return None
+
+
+def describe_change(old: NetworkConfig, new: NetworkConfig) -> str:
+    """The fields that differ, e.g. `backend {"type": "vxlan"} -> {"port": 4789, ...}`."""
+    def show(value: object) -> str:
+        if isinstance(value, dict):
+            return json.dumps(value, sort_keys=True)
+        return str(value)
+
+    parts = [
+        f"{f.name} {show(getattr(old, f.name))} -> {show(getattr(new, f.name))}"
+        for f in dataclasses.fields(NetworkConfig)
+        if getattr(old, f.name) != getattr(new, f.name)
+    ]
+    return "; ".join(parts)
 
 
 def build_backend(
@@ -110,12 +166,19 @@ class Daemon:
         self.config: NetworkConfig | None = None
         self.subnet_file = Path(opts.subnet_file)
         self.file_written = False
+        self.waiting_for: str | None = None  # what wait_for_config waits for, for /readyz
+        #: How the config in etcd compares with the running one: "running" (the same),
+        #: "changed", "invalid" or "deleted"; each new state is logged once.
+        self.config_state = "running"
+        self._config_reported: object = "running"
         self.iptables: IptablesKeeper | None = None  # --ip-masq / --iptables-forward-rules
 
     def not_ready_reason(self) -> str | None:
         if self.config is None:
-            return "waiting for a valid network config"
+            return self.waiting_for or "waiting for a valid network config"
         if self.manager is None or self.manager.lease is None:
+            if self.manager is not None and not self.manager.etcd_reachable:
+                return "no subnet lease yet: etcd unreachable"
             return "no subnet lease yet"
         if not self.file_written:
             return "subnet file not written"
@@ -159,27 +222,66 @@ class Daemon:
         if self.iptables is not None:
             self.iptables.set_subnet(lease.subnet)
 
+    def _judge_config(self, key: str, value: bytes | None) -> None:
+        """Compare the config in etcd with the running one; log each new state once."""
+        assert self.config is not None
+        state: object
+        if value is None:
+            self.config_state = state = "deleted"
+            level, msg = logging.WARNING, (
+                f"the network config {key} was deleted; tweed keeps running on the old one")
+        else:
+            new: NetworkConfig | None = None
+            try:
+                new = parse_config(value)
+                problem = backend_problem(new)
+            except ConfigError as exc:
+                problem = str(exc)
+            if problem is not None:
+                self.config_state, state = "invalid", ("invalid", problem)
+                level, msg = logging.ERROR, (
+                    f"the network config at {key} is invalid, not applied: {problem}; "
+                    "tweed keeps running on the old one")
+            elif new == self.config:
+                self.config_state = state = "running"
+                level, msg = logging.INFO, (
+                    f"the network config at {key} is the running one again")
+            else:
+                assert new is not None
+                self.config_state, state = "changed", ("changed", new)
+                level, msg = logging.WARNING, (
+                    f"the network config at {key} changed ({describe_change(self.config, new)})"
+                    "; restart tweed to apply it, it keeps running on the old one")
+        if state != self._config_reported:
+            self._config_reported = state
+            log.log(level, "%s", msg)
+
     async def _report_config_changes(self, registry: Registry) -> None:
-        """A changed config is reported, not applied: applying it needs a restart."""
+        """A changed config is reported, not applied: applying it needs a restart.
+
+        The value read after every (re)connect is judged too, not only watch events: a
+        change made while etcd was unreachable, or before this task started, is reported.
+        """
         key = f"{self.opts.etcd_prefix.rstrip('/')}/config"
         backoff = Backoff()
         while True:
             try:
-                _, rev = await registry.get_config()
-                async for value, _ in registry.watch_config(rev + 1):
-                    if value is None:
-                        log.warning("the network config %s was deleted; keeping the old one", key)
-                        continue
-                    try:
-                        new = parse_config(value)
-                    except ConfigError as exc:
-                        log.error("the new network config at %s is invalid, not applied: %s",
-                                  key, exc)
-                        continue
-                    if new != self.config:
-                        log.warning("the network config changed; restart tweed to apply it")
-            except RegistryUnavailable:
+                value, rev = await registry.get_config()
+                backoff.reset()
+                self._judge_config(key, value)
+                async with contextlib.aclosing(registry.watch_config(rev + 1)) as changes:
+                    async for value, _ in changes:
+                        self._judge_config(key, value)
+                raise RegistryUnavailable("config watch ended")
+            except Compacted:
+                continue  # read the key again
+            except RegistryUnavailable as exc:
+                # The lease watch logs the outage already; once is enough.
+                log.debug("config watch: %s", exc)
                 await backoff.wait()
+
+    def _set_waiting_for(self, what: str) -> None:
+        self.waiting_for = what
 
     async def serve(self) -> None:
         o = self.opts
@@ -193,8 +295,9 @@ class Daemon:
         except EtcdSetupError as exc:
             raise StartupError(str(exc)) from None
         self.config = await wait_for_config(
-            self.registry, f"{o.etcd_prefix.rstrip('/')}/config"
+            self.registry, f"{o.etcd_prefix.rstrip('/')}/config", self._set_waiting_for
         )
+        self.waiting_for = None
         log.info("network config: %s, subnets /%d, backend %s",
                  self.config.network, self.config.subnet_len, self.config.backend_type)
         backend = build_backend(self.config, self.netlink, ext, o)
@@ -222,7 +325,9 @@ class Daemon:
         async with asyncio.TaskGroup() as tg:
             if self.iptables is not None:
                 tg.create_task(self.iptables.run(), name="iptables")
-            tg.create_task(self.manager.watch(self.network.apply), name="watch")
+            network = self.network
+            tg.create_task(self.manager.watch(network.apply, lambda: network.apply([])),
+                           name="watch")
             tg.create_task(self.manager.hold(self._on_new_lease), name="hold")
             tg.create_task(self.network.run(), name="resync")
             tg.create_task(self._report_config_changes(self.registry), name="config")

@@ -343,8 +343,16 @@ class LeaseManager:
         """The peers as currently known."""
         return list(self._peers.values())
 
-    async def watch(self, on_batch: BatchHandler) -> None:
-        """Snapshot then watch the leases forever, handing peer changes to `on_batch`."""
+    async def watch(
+        self, on_batch: BatchHandler, on_listed: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Snapshot then watch the leases forever, handing peer changes to `on_batch`.
+
+        `on_listed` is awaited after each full listing has been handed over (at start and
+        after a compaction), even when it changed nothing: from then on the peer set is
+        complete, which a backend needs to know before it removes entries of peers that
+        are gone (at start the kernel still holds what the last run programmed).
+        """
         backoff = Backoff(cap=self.backoff_cap, rng=self.rng)
         outage = OutageLog(log, "watching subnet leases")
         next_rev: int | None = None
@@ -360,6 +368,8 @@ class LeaseManager:
                     backoff.reset()
                     if events:
                         await on_batch(events)
+                    if on_listed is not None:
+                        await on_listed()
                 async for batch in self.registry.watch_subnets(next_rev):
                     self.etcd_reachable = True
                     outage.ok()

@@ -58,6 +58,10 @@ class HostGwNetwork:
         self.own: ipaddress.IPv4Network | None = None
         self.desired: dict[ipaddress.IPv4Network, Route] = {}
         self.installed: set[ipaddress.IPv4Network] = set()  # every dst ever desired
+        # Until the first batch of peers arrives, the routes of the last run are the best
+        # guess there is: a restart must not remove them (and drop traffic) only to add
+        # them back a moment later, so deletions wait for the peer set.
+        self.peers_known = False
         self.kernel = KernelSync(netlink, self._plan, resync)
 
     @property
@@ -83,9 +87,11 @@ class HostGwNetwork:
     async def _plan(self) -> ChangeSet:
         actual = await self.netlink.routes(oif=self.ext.index)
         diff = diff_routes(self.desired, actual, self._owned)
-        return ChangeSet(route_replace=list(diff.replace), route_delete=list(diff.delete))
+        delete = list(diff.delete) if self.peers_known else []
+        return ChangeSet(route_replace=list(diff.replace), route_delete=delete)
 
     async def apply(self, events: list[PeerEvent]) -> None:
+        self.peers_known = True
         for ev in events:
             subnet = ev.lease.subnet
             if ev.kind == "removed" or ev.lease.attrs.backend_type != TYPE:

@@ -164,6 +164,10 @@ class VxlanNetwork:
         self.peers: dict[ipaddress.IPv4Network, LeaseAttrs] = {}
         # Every peer subnet ever desired (a superset of self.peers).
         self.installed: set[ipaddress.IPv4Network] = set()
+        # Until the first batch of peers arrives, the entries of the last run are the best
+        # guess there is: a restart must not remove them (and drop traffic) only to add
+        # them back a moment later, so deletions wait for the peer set.
+        self.peers_known = False
         self.kernel = KernelSync(netlink, self._plan, resync)
 
     def spec(self) -> VxlanSpec:
@@ -202,13 +206,18 @@ class VxlanNetwork:
                              lambda n: n.ip, lambda n: True)
         fdiff = diff_entries(fdb, await self.netlink.fdb_entries(self.dev_index),
                              lambda f: f.mac, lambda f: True)
+        known = self.peers_known
         return ChangeSet(
-            route_replace=list(rdiff.replace), route_delete=list(rdiff.delete),
-            neigh_replace=list(ndiff.replace), neigh_delete=list(ndiff.delete),
-            fdb_replace=list(fdiff.replace), fdb_delete=list(fdiff.delete),
+            route_replace=list(rdiff.replace),
+            route_delete=list(rdiff.delete) if known else [],
+            neigh_replace=list(ndiff.replace),
+            neigh_delete=list(ndiff.delete) if known else [],
+            fdb_replace=list(fdiff.replace),
+            fdb_delete=list(fdiff.delete) if known else [],
         )
 
     async def apply(self, events: list[PeerEvent]) -> None:
+        self.peers_known = True
         for ev in events:
             subnet, attrs = ev.lease.subnet, ev.lease.attrs
             if ev.kind == "removed" or attrs.backend_type != TYPE or subnet == self.own:

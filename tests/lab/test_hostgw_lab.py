@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import time
 
 import pytest
 
@@ -96,15 +97,20 @@ def test_bad_flag_exits_2_with_one_line(lab, tmp_path):
     assert len(lines) == 1 and "--subnet-lease-renew-margin" in lines[0]
 
 
-def test_twenty_agents_started_at_once_get_distinct_subnets(lab, tmp_path):
+def test_thirty_agents_started_at_once_get_distinct_subnets(lab, tmp_path):
     etcd = lab.start_etcd()
     put_config(etcd)
-    hosts = [lab.add_host(i) for i in range(1, 21)]
+    hosts = [lab.add_host(i) for i in range(1, 31)]
+    # All hosts exist first, so the agents start within milliseconds of each other.
     agents = [Agent(h, etcd.client_url, tmp_path).start() for h in hosts]
-    envs = [a.wait_env(timeout=60) for a in agents]
+    # 30 Python processes starting on a 2-CPU machine: a generous bound.
+    envs = [a.wait_env(timeout=120) for a in agents]
     subnets = {e["FLANNEL_SUBNET"] for e in envs}
-    assert len(subnets) == 20
-    assert len(etcd.get_prefix("/coreos.com/network/subnets/")) == 20
+    assert len(subnets) == 30
+    stored = etcd.get_prefix("/coreos.com/network/subnets/")
+    assert len(stored) == 30
+    assert {json.loads(v)["PublicIP"] for v in stored.values()} == {h.address for h in hosts}
+    time.sleep(2)  # past the start: none exits afterwards either
     assert all(a.proc.poll() is None for a in agents)  # none exited
 
 

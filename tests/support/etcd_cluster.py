@@ -1,0 +1,81 @@
+"""EtcdCluster: a three-member etcd cluster, one member per lab namespace.
+
+Owns three `EtcdServer`s, each in its own namespace on the lab's underlay (made with
+`Lab.add_host`, so member i listens on 192.168.100.<i>:2379 and peers on :2380), bootstrapped
+together with one `--initial-cluster`. The members are registered with the lab, so
+`Lab.close()` stops them (by PID) and removes their data dirs also after a failure.
+`leader()` asks every running member (`etcdctl endpoint status -w json`) who leads.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+from tests.support.etcd import Etcdctl, EtcdServer
+from tests.support.netns import Host, Lab
+
+#: Host indexes of the members' namespaces (far from the agents' 1, 2, 3, ...).
+MEMBER_INDEXES = (201, 202, 203)
+
+
+class EtcdCluster:
+    """Three etcd members on lab namespaces; `ctl` talks to all of them."""
+
+    def __init__(self, lab: Lab, indexes: tuple[int, ...] = MEMBER_INDEXES) -> None:
+        self.lab = lab
+        self.hosts: list[Host] = [lab.add_host(i) for i in indexes]
+        self.members: list[EtcdServer] = []
+        for i, host in zip(indexes, self.hosts, strict=True):
+            m = EtcdServer(host.address, netns=host.ns, name=f"m{i}")
+            lab.etcds.append(m)  # Lab.close() stops it and removes its data
+            self.members.append(m)
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for m in self.members:
+            # Later flags win in etcd's flag parsing: these replace EtcdServer's one-member
+            # --initial-cluster and its very short timings (a 2-CPU machine shared with other
+            # tests would hold elections all the time with a 300 ms election timeout).
+            m.extra_args = ("--initial-cluster", initial,
+                            "--initial-cluster-token", f"{lab.prefix}cluster",
+                            "--heartbeat-interval", "100", "--election-timeout", "1000")
+        # A member is healthy only once a quorum has formed, so they must start together.
+        with ThreadPoolExecutor(len(self.members)) as pool:
+            for future in [pool.submit(m.start, 60.0) for m in self.members]:
+                future.result()
+
+    @property
+    def endpoints(self) -> str:
+        """All client URLs, comma-separated (tweed's --etcd-endpoints)."""
+        return ",".join(m.client_url for m in self.members)
+
+    @property
+    def ctl(self) -> Etcdctl:
+        """etcdctl against every member (it fails over), run in the underlay namespace."""
+        return Etcdctl(self.endpoints, self.lab.underlay)
+
+    def running(self) -> list[EtcdServer]:
+        return [m for m in self.members if m.running]
+
+    def leader(self) -> EtcdServer:
+        """The member that every running member names as leader; AssertionError if none."""
+        running = self.running()
+        ctl = Etcdctl(",".join(m.client_url for m in running), self.lab.underlay)
+        status = json.loads(ctl.etcdctl("endpoint", "status", "-w", "json"))
+        ids = {s["Endpoint"]: s["Status"]["header"]["member_id"] for s in status}
+        leaders = {s["Status"]["leader"] for s in status}
+        if len(leaders) != 1 or 0 in leaders:
+            raise AssertionError(f"no single leader: {status}")
+        (leader_id,) = leaders
+        for m in running:
+            if ids.get(m.client_url) == leader_id:
+                return m
+        raise AssertionError(f"leader {leader_id:x} is not a running member: {status}")
+
+    def healthy(self) -> bool:
+        """Whether every running member answers `endpoint health`."""
+        ctl = Etcdctl(",".join(m.client_url for m in self.running()), self.lab.underlay)
+        try:
+            ctl.etcdctl("endpoint", "health")
+        except RuntimeError:
+            return False
+        return True
