@@ -5,19 +5,28 @@ PYTHON    ?= python3
 DEB_PKGS  := etcd-server etcd-client iproute2 iptables iputils-ping iperf3 tcpdump systemd docker.io busybox-static
 STAMP     := $(VENV)/.installed
 
-.PHONY: setup packages test unit lint demo bench asan clean
+.PHONY: setup packages test unit lint demo bench asan soak clean
 
 setup: packages $(STAMP)
+
+# Installed without their recommends: prometheus would bring node-exporter, smartmontools
+# and more, none of which the lab test (a Prometheus scraping an agent) needs.
+DEB_PKGS_NO_RECOMMENDS := prometheus
 
 # Install only the Debian packages that are missing (apt-get update only when needed).
 packages:
 	@missing=""; for p in $(DEB_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing Debian packages:$$missing"; \
-	  if [ "$$(id -u)" != 0 ]; then echo "need root to install$$missing" >&2; exit 1; fi; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	bare=""; for p in $(DEB_PKGS_NO_RECOMMENDS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || bare="$$bare $$p"; \
+	done; \
+	if [ -n "$$missing$$bare" ]; then \
+	  echo "installing Debian packages:$$missing$$bare"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "need root to install$$missing$$bare" >&2; exit 1; fi; \
+	  apt-get update -qq || exit 1; \
+	  if [ -n "$$missing" ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || exit 1; fi; \
+	  if [ -n "$$bare" ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$bare >/dev/null || exit 1; fi; \
 	fi
 
 $(STAMP): pyproject.toml
@@ -43,6 +52,13 @@ demo: setup
 bench: setup
 	BENCH_JSON=$(CURDIR)/bench-results.json $(PY) -m tests.bench
 	$(PY) -m tests.bench_plot bench-results.json docs/benchmarks.svg
+
+# A long run under churn (a command, not a test): iperf3 and ping across a three-host lab
+# while stand-in peers join and leave every second and etcd restarts every minute; prints
+# lost pings, route mismatches against etcd and the agents' memory at start and end.
+SOAK_MINUTES ?= 10
+soak: setup
+	SOAK_MINUTES=$(SOAK_MINUTES) $(PY) -m tests.soak
 
 # The C datapath built with AddressSanitizer and UBSan, and its tests run against that
 # build (in a copy of the tree, so the normal build is left alone).
