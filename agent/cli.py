@@ -117,7 +117,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("iptables-forward-rules", _bool, True,
          "add accept rules for the network to the FORWARD chain (FLANNEL-FWD)", is_bool=True),
     Flag("healthz-ip", _ipv4_or_empty, "127.0.0.1", "address the health server listens on"),
-    Flag("healthz-port", _int_range(0, 65535), 0, "port of the health server (0: off)"),
+    Flag("healthz-port", _int_range(0, 65535), 8475,
+         "port of the health and metrics server (0: off)"),
     Flag("version", _bool, False, "print the version and exit", is_bool=True),
     Flag("v", _int_range(0, 10), 0, "log verbosity (1 and up: debug)"),
     # tweed's own flags
@@ -151,7 +152,9 @@ class Options:
     iptables_resync: int = 5
     iptables_forward_rules: bool = True
     healthz_ip: str = "127.0.0.1"
-    healthz_port: int = 0
+    # 8475: flanneld has no default (0); this one is clear of flannel's 8285/8472, etcd's,
+    # the Prometheus exporter range 9100-9999 and Kubernetes' 10249-10259 (docs/metrics.md).
+    healthz_port: int = 8475
     version: bool = False
     v: int = 0
     subnet_lease_ttl: int = 86400

@@ -25,7 +25,8 @@ from agent.backoff import Backoff, OutageLog
 from agent.cli import Options
 from agent.config import ConfigError, NetworkConfig, parse_config
 from agent.etcd_registry import EtcdRegistry, EtcdSettings, EtcdSetupError
-from agent.lease_manager import Lease, LeaseManager
+from agent.health import Heartbeat
+from agent.lease_manager import Lease, LeaseManager, PeerEvent
 from agent.registry import Compacted, Registry, RegistryUnavailable
 from agent.subnet_file import SubnetEnv, read_previous_subnet, write_subnet_file
 from backends import AVAILABLE
@@ -166,6 +167,9 @@ class Daemon:
         self.config: NetworkConfig | None = None
         self.subnet_file = Path(opts.subnet_file)
         self.file_written = False
+        self.written_subnet: ipaddress.IPv4Network | None = None  # in subnet.env now
+        self.peers_listed = False  # the first full listing of the peers is programmed
+        self.heartbeat = Heartbeat()  # the event loop's pulse, for /healthz
         self.waiting_for: str | None = None  # what wait_for_config waits for, for /readyz
         #: How the config in etcd compares with the running one: "running" (the same),
         #: "changed", "invalid" or "deleted"; each new state is logged once.
@@ -180,10 +184,21 @@ class Daemon:
             if self.manager is not None and not self.manager.etcd_reachable:
                 return "no subnet lease yet: etcd unreachable"
             return "no subnet lease yet"
+        m, lease = self.manager, self.manager.lease
+        if m.lease_lost:
+            return f"lost the lease on {lease.subnet}; acquiring a subnet again"
+        if lease.expires_at is not None and lease.expires_at <= m.clock():
+            # Renewals failed until the TTL ran out: etcd may give the subnet to another host.
+            return f"the lease on {lease.subnet} expired (etcd unreachable: renewals failed)"
         if not self.file_written:
             return "subnet file not written"
+        if self.written_subnet != lease.subnet:
+            return f"subnet file not yet rewritten for the new subnet {lease.subnet}"
         if self.network is None or not self.network.ready():
             return "backend not programmed"
+        if not self.peers_listed:
+            why = "" if m.etcd_reachable else ": etcd unreachable"
+            return f"peer leases not listed and programmed yet{why}"
         return None
 
     async def _interface(self) -> ExternalInterface:
@@ -213,6 +228,7 @@ class Daemon:
         env = SubnetEnv(self.config.network, lease.subnet, self.network.mtu, self.opts.ip_masq)
         write_subnet_file(self.subnet_file, env)
         self.file_written = True
+        self.written_subnet = lease.subnet
         log.info("wrote %s (subnet %s, MTU %d)", self.subnet_file, lease.subnet, env.mtu)
 
     async def _on_new_lease(self, lease: Lease) -> None:
@@ -280,6 +296,20 @@ class Daemon:
                 log.debug("config watch: %s", exc)
                 await backoff.wait()
 
+    async def _on_batch(self, events: list[PeerEvent]) -> None:
+        """Peer changes to the backend; the kernel sync times them from their arrival."""
+        assert self.network is not None and self.manager is not None
+        kernel = getattr(self.network, "kernel", None)
+        if kernel is not None:
+            kernel.expect(self.manager.batch_received)
+        await self.network.apply(events)
+
+    async def _on_listed(self) -> None:
+        """A full listing was handed over: stale entries can go, and /readyz may say ready."""
+        assert self.network is not None
+        await self.network.apply([])
+        self.peers_listed = True
+
     def _set_waiting_for(self, what: str) -> None:
         self.waiting_for = what
 
@@ -325,9 +355,7 @@ class Daemon:
         async with asyncio.TaskGroup() as tg:
             if self.iptables is not None:
                 tg.create_task(self.iptables.run(), name="iptables")
-            network = self.network
-            tg.create_task(self.manager.watch(network.apply, lambda: network.apply([])),
-                           name="watch")
+            tg.create_task(self.manager.watch(self._on_batch, self._on_listed), name="watch")
             tg.create_task(self.manager.hold(self._on_new_lease), name="hold")
             tg.create_task(self.network.run(), name="resync")
             tg.create_task(self._report_config_changes(self.registry), name="config")
@@ -345,12 +373,13 @@ class Daemon:
             try:
                 health = await start_health_server(
                     self.opts.healthz_ip, self.opts.healthz_port, self.not_ready_reason,
-                    lambda: render(self),
+                    lambda: render(self), self.heartbeat,
                 )
             except OSError as exc:
                 log.error("--healthz-port: cannot listen on %s:%d: %s",
                           self.opts.healthz_ip, self.opts.healthz_port, exc.strerror)
                 return 1
+        heartbeat = asyncio.create_task(self.heartbeat.run(), name="heartbeat")
         # systemd (Type=notify): STATUS= on state changes, READY=1, watchdog pings.
         notifier = sd_notify.Notifier.from_environ()
         reporter = asyncio.create_task(sd_notify.report(
@@ -379,6 +408,7 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError, Exception):
                 await asyncio.wait_for(task, STOP_GRACE / 2)
         stopper.cancel()
+        heartbeat.cancel()
         if health is not None:
             health.close()
         with contextlib.suppress(Exception):

@@ -197,6 +197,8 @@ class EtcdRegistry:
         # made with the current one, so concurrent refusals cause a single new login.
         self._login = 0
         self._logged_in = False
+        #: (operation, "ok" | "error") -> count, for tweed_etcd_requests_total.
+        self.requests: dict[tuple[str, str], int] = {}
 
     @property
     def logins(self) -> int:
@@ -247,8 +249,28 @@ class EtcdRegistry:
             self._logged_in = True
             self._login += 1
 
-    async def _call(self, what: str, fn: Callable[[Etcd3Client], Awaitable[T]]) -> T:
-        """Run one RPC; map every failure to RegistryUnavailable with a clear message."""
+    def _count(self, what: str, result: str) -> None:
+        key = (what.replace(" ", "_"), result)
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+    async def _call(
+        self, what: str, fn: Callable[[Etcd3Client], Awaitable[T]], count: bool = True
+    ) -> T:
+        """Run one RPC; map every failure to RegistryUnavailable with a clear message.
+
+        Counted once per call under `what`, whatever the retries inside (a new login).
+        """
+        try:
+            result = await self._rpc(what, fn)
+        except RegistryUnavailable:
+            if count:
+                self._count(what, "error")
+            raise
+        if count:
+            self._count(what, "ok")
+        return result
+
+    async def _rpc(self, what: str, fn: Callable[[Etcd3Client], Awaitable[T]]) -> T:
         for attempt in (1, 2):
             login = self._login
             try:
@@ -427,6 +449,9 @@ class EtcdRegistry:
         expired (or after etcd restarted, which forgets simple tokens) is cancelled at once:
         log in again and create it once more, instead of a retry round and its log lines.
         """
+        # Counted as watch_subnets/watch_config requests: ok when etcd confirms a stream,
+        # error when one cannot be made or breaks (a compaction is neither).
+        op = "watch_subnets" if key == self._subnets else "watch_config"
         for attempt in (1, 2):
             try:
                 async with contextlib.aclosing(
@@ -435,14 +460,18 @@ class EtcdRegistry:
                     async for batch in stream:
                         yield batch
             except _StaleToken as exc:
+                self._count(op, "error")
                 if attempt == 2:
                     raise RegistryUnavailable(str(exc)) from None
+            except RegistryUnavailable:
+                self._count(op, "error")
+                raise
         raise AssertionError("unreachable")
 
     async def _watch_stream(
         self, key: bytes, range_end: bytes, start_revision: int
     ) -> AsyncIterator[list[Event]]:
-        client = await self._call("watch", lambda c: _noop(c))
+        client = await self._call("watch", lambda c: _noop(c), count=False)
         login = self._login  # the token this watch is created with
         assert client._channel is not None
         stub = WatchStub(client._channel)
@@ -469,6 +498,9 @@ class EtcdRegistry:
                         self._token_stale(login)
                         raise _StaleToken(reason)
                     raise RegistryUnavailable(reason)
+                if resp.created:
+                    self._count("watch_subnets" if key == self._subnets else "watch_config",
+                                "ok")
                 if not resp.events:
                     if resp.created:
                         yield []  # tells the caller the stream is up again

@@ -92,6 +92,12 @@ class Counters:
     events: int = 0
     bad_keys: int = 0
     bad_values: int = 0
+    acquire_errors: int = 0  # attempts that failed because etcd was unreachable
+    no_free_subnet: int = 0  # attempts that found the network full
+    renewal_errors: int = 0  # renewal attempts that failed because etcd was unreachable
+    renewals_lost: int = 0  # renewals that found our key gone or taken
+    events_put: int = 0
+    events_delete: int = 0
 
 
 class LeaseManager:
@@ -123,6 +129,9 @@ class LeaseManager:
         self.lease: Lease | None = None
         self.counters = Counters()
         self.etcd_reachable = False
+        #: When the batch being handed to `on_batch` reached us (time.monotonic(), not
+        #: `clock`): the start of the event-to-kernel delay.
+        self.batch_received = 0.0
         self._lost = asyncio.Event()
         self._peers: dict[str, PeerLease] = {}
         self._warned: set[tuple[str, str]] = set()
@@ -160,11 +169,13 @@ class LeaseManager:
                 lease = await self._try_acquire(previous)
             except RegistryUnavailable as exc:
                 self.etcd_reachable = False
+                self.counters.acquire_errors += 1
                 outage.fail(str(exc))
                 await backoff.wait()
                 continue
             except OutOfSubnets as exc:
                 self.etcd_reachable = True
+                self.counters.no_free_subnet += 1
                 outage.fail(str(exc), logging.ERROR)
                 await backoff.wait()
                 continue
@@ -251,12 +262,15 @@ class LeaseManager:
                 )
             except RegistryUnavailable as exc:
                 self.etcd_reachable = False
+                self.counters.renewal_errors += 1
                 outage.fail(str(exc))
                 await backoff.wait()
                 continue
             self.etcd_reachable = True
             outage.ok()
             if rev is None:
+                self.counters.renewals_lost += 1
+                self._lost.set()  # for lease_lost until acquire() holds a new one
                 return None
             self.counters.renewals += 1
             log.info("renewed the lease on %s for %d s", lease.subnet, self.ttl)
@@ -322,6 +336,10 @@ class LeaseManager:
         out: list[PeerEvent] = []
         for ev in batch:
             self.counters.events += 1
+            if ev.kind == "delete":
+                self.counters.events_delete += 1
+            else:
+                self.counters.events_put += 1
             lease = self.lease
             if lease is not None and ev.name == lease.name:
                 attrs = self._decode(ev.name, ev.value) if ev.kind == "put" else None
@@ -338,6 +356,11 @@ class LeaseManager:
             elif old is not None:
                 out.append(PeerEvent("removed", old))
         return out
+
+    @property
+    def lease_lost(self) -> bool:
+        """Our key was deleted, expired or taken, and no new lease is held yet."""
+        return self._lost.is_set()
 
     def peers(self) -> list[PeerLease]:
         """The peers as currently known."""
@@ -360,6 +383,7 @@ class LeaseManager:
             try:
                 if next_rev is None:
                     snap = await self.registry.list_subnets()
+                    self.batch_received = time.monotonic()
                     self.counters.relists += 1
                     events = self._apply_snapshot(snap.records)
                     next_rev = snap.revision + 1
@@ -371,6 +395,7 @@ class LeaseManager:
                     if on_listed is not None:
                         await on_listed()
                 async for batch in self.registry.watch_subnets(next_rev):
+                    self.batch_received = time.monotonic()
                     self.etcd_reachable = True
                     outage.ok()
                     backoff.reset()

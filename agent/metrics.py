@@ -1,20 +1,46 @@
 """Prometheus metrics: read from the agent's live objects at scrape time, never pushed.
 
-A custom collector asks the lease manager and the backend for their counters when
-Prometheus scrapes `/metrics`, so the packet path does nothing but bump integer
-attributes.
+A custom collector asks the daemon, the lease manager, the registry, the kernel sync, the
+udp datapath and the iptables keeper for their counters when Prometheus scrapes
+`/metrics`, so the code that counts does nothing but bump integers. Every metric is
+listed with its type, labels and meaning in docs/metrics.md.
 """
 
 from __future__ import annotations
 
+import platform
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from agent import __version__
+
+#: etcd operations always exported (0 until used), so rate() has a series from the start.
+ETCD_OPERATIONS = ("get_config", "list_subnets", "grant_lease", "revoke_lease",
+                   "create_subnet", "update_subnet", "delete_subnet", "watch_subnets",
+                   "watch_config")
+CONFIG_STATES = ("running", "changed", "invalid", "deleted")
+
+
+def _counter(name: str, help_: str, value: float) -> CounterMetricFamily:
+    fam = CounterMetricFamily(name, help_)
+    fam.add_metric([], value)
+    return fam
+
+
+def _gauge(name: str, help_: str, value: float) -> GaugeMetricFamily:
+    fam = GaugeMetricFamily(name, help_)
+    fam.add_metric([], value)
+    return fam
 
 
 class AgentCollector(Collector):
@@ -25,45 +51,142 @@ class AgentCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         d = self.daemon
-        yield InfoMetricFamily("tweed_build", "tweed version", value={"version": __version__})
-        ready = GaugeMetricFamily("tweed_ready", "1 when /readyz would answer 200")
-        ready.add_metric([], 1.0 if d.not_ready_reason() is None else 0.0)
-        yield ready
-        m = d.manager
-        if m is not None:
-            up = GaugeMetricFamily("tweed_etcd_reachable", "1 when the last etcd call worked")
-            up.add_metric([], 1.0 if m.etcd_reachable else 0.0)
-            yield up
-            c = m.counters
-            for name, help_, value in (
-                ("tweed_lease_acquisitions", "subnet leases acquired", c.acquisitions),
-                ("tweed_lease_renewals", "subnet leases renewed", c.renewals),
-                ("tweed_lease_lost_races", "create transactions lost to another host",
-                 c.lost_races),
-                ("tweed_watch_events", "lease watch events received", c.events),
-                ("tweed_watch_reconnects", "lease watch stream reconnects", c.watch_reconnects),
-                ("tweed_watch_relists", "full lease listings (start, compaction)", c.relists),
-                ("tweed_bad_subnet_keys", "subnet keys that did not parse", c.bad_keys),
-                ("tweed_bad_lease_values", "lease values that did not decode", c.bad_values),
-            ):
-                fam = CounterMetricFamily(name, help_)
-                fam.add_metric([], value)
-                yield fam
-            peers = GaugeMetricFamily("tweed_peers", "peer leases known", labels=["backend"])
-            by_type: dict[str, int] = {}
-            for p in m.peers():
-                key = p.attrs.backend_type or "udp"
-                by_type[key] = by_type.get(key, 0) + 1
-            for key, n in sorted(by_type.items()):
-                peers.add_metric([key], n)
-            yield peers
-        counters: Callable[[], dict[str, int]] | None = getattr(d.network, "counters", None)
-        if counters is not None:
-            yield from udp_families(counters())
+        yield InfoMetricFamily("tweed_build", "tweed version and the Python running it",
+                               value={"version": __version__,
+                                      "python": platform.python_version()})
+        yield _gauge("tweed_ready", "1 when /readyz answers 200 (lease held, subnet.env "
+                     "written, backend programmed)", 1.0 if d.not_ready_reason() is None else 0.0)
+        state = getattr(d, "config_state", None)
+        if d.config is not None and state is not None:
+            fam = GaugeMetricFamily("tweed_network_config_state", "1 for how the network "
+                                    "config in etcd compares with the running one",
+                                    labels=["state"])
+            for s in CONFIG_STATES:
+                fam.add_metric([s], 1.0 if s == state else 0.0)
+            yield fam
+        heartbeat = getattr(d, "heartbeat", None)
+        if heartbeat is not None:
+            yield _gauge("tweed_event_loop_lag_seconds",
+                         "how late the event loop ran the last heartbeat timer", heartbeat.lag)
+        requests = getattr(d.registry, "requests", None)
+        if requests is not None:
+            yield from etcd_families(requests)
+        if d.manager is not None:
+            yield from manager_families(d.manager, d.config, d.network)
+        if d.network is not None:
+            yield from network_families(d.network)
+        if d.iptables is not None:
+            yield from iptables_families(d.iptables.counters(), d.iptables.ok())
+
+
+def etcd_families(requests: dict[tuple[str, str], int]) -> Iterator[Any]:
+    """etcd requests by operation and result."""
+    fam = CounterMetricFamily("tweed_etcd_requests", "etcd requests by operation and result",
+                              labels=["operation", "result"])
+    keys = {(op, r) for op in ETCD_OPERATIONS for r in ("ok", "error")} | set(requests)
+    for op, result in sorted(keys):
+        fam.add_metric([op, result], requests.get((op, result), 0))
+    yield fam
+
+
+def manager_families(m: Any, config: Any, network: Any) -> Iterator[Any]:
+    """The lease manager's state and counters: lease, etcd, watch, peers."""
+    yield _gauge("tweed_etcd_reachable", "1 when the last etcd call worked",
+                 1.0 if m.etcd_reachable else 0.0)
+    lease = m.lease
+    if lease is not None and not m.lease_lost:
+        backend = config.backend_type if config is not None else ""
+        yield InfoMetricFamily("tweed_lease", "the subnet lease this host holds", value={
+            "subnet": str(lease.subnet), "public_ip": str(lease.attrs.public_ip),
+            "backend": backend, "reservation": "true" if lease.reservation else "false"})
+        if lease.expires_at is not None:
+            # expires_at is on the manager's monotonic clock; Prometheus wants wall time.
+            expiry = time.time() + (lease.expires_at - m.clock())
+            yield _gauge("tweed_lease_expiry_timestamp_seconds",
+                         "when our subnet lease expires unless renewed (Unix time)", expiry)
+    c = m.counters
+    fam = CounterMetricFamily("tweed_lease_acquisitions", "subnet lease acquisition "
+                              "attempts by result", labels=["result"])
+    for result, value in (("ok", c.acquisitions), ("lost_race", c.lost_races),
+                          ("etcd_error", c.acquire_errors),
+                          ("no_free_subnet", c.no_free_subnet)):
+        fam.add_metric([result], value)
+    yield fam
+    fam = CounterMetricFamily("tweed_lease_renewals", "subnet lease renewal attempts by "
+                              "result", labels=["result"])
+    for result, value in (("ok", c.renewals), ("etcd_error", c.renewal_errors),
+                          ("lost", c.renewals_lost)):
+        fam.add_metric([result], value)
+    yield fam
+    yield _counter("tweed_lease_losses", "times our lease was lost (deleted, expired, taken)"
+                   " and a subnet acquired again", c.reacquisitions)
+    fam = CounterMetricFamily("tweed_watch_events", "subnet lease watch events by type",
+                              labels=["type"])
+    fam.add_metric(["put"], c.events_put)
+    fam.add_metric(["delete"], c.events_delete)
+    yield fam
+    yield _counter("tweed_watch_relists", "full lease listings (start, after a compaction)",
+                   c.relists)
+    yield _counter("tweed_watch_reconnects", "lease watch streams broken and made again",
+                   c.watch_reconnects)
+    yield _counter("tweed_bad_subnet_keys", "subnet keys that did not parse", c.bad_keys)
+    yield _counter("tweed_bad_lease_values", "lease values that did not decode", c.bad_values)
+    by_type: dict[str, int] = {}
+    if config is not None and network is not None:
+        by_type[config.backend_type] = 0  # a series from the start, also with no peers
+    for p in m.peers():
+        key = p.attrs.backend_type or "udp"
+        by_type[key] = by_type.get(key, 0) + 1
+    peers = GaugeMetricFamily("tweed_peers", "peer leases known, by their backend type",
+                              labels=["backend"])
+    for key, n in sorted(by_type.items()):
+        peers.add_metric([key], n)
+    yield peers
+
+
+def network_families(network: Any) -> Iterator[Any]:
+    """The backend: programmed or not, kernel operations, resyncs, the event-to-kernel
+    delay and (udp) the datapath's counters."""
+    yield _gauge("tweed_backend_programmed", "1 when the backend's last sync left the kernel "
+                 "as desired", 1.0 if network.ready() else 0.0)
+    kernel = getattr(network, "kernel", None)
+    if kernel is not None:
+        ops = CounterMetricFamily("tweed_kernel_operations", "kernel changes made by the "
+                                  "sync, by kind (route, neigh, fdb), operation and result",
+                                  labels=["kind", "op", "result"])
+        for (kind, op, result), value in sorted(kernel.ops.items()):
+            ops.add_metric([kind, op, result], value)
+        yield ops
+        resyncs = CounterMetricFamily("tweed_kernel_resyncs", "periodic checks of the kernel "
+                                      "state by result", labels=["result"])
+        for result, value in sorted(kernel.resyncs.items()):
+            resyncs.add_metric([result], value)
+        yield resyncs
+        h = kernel.delay
+        yield HistogramMetricFamily(
+            "tweed_event_to_kernel_seconds", "from a batch of lease events reaching tweed to "
+            "the kernel (and datapath) programmed for it", buckets=h.cumulative(),
+            sum_value=h.sum)
+    counters: Callable[[], dict[str, int]] | None = getattr(network, "counters", None)
+    if counters is not None:
+        yield from udp_families(counters())
+
+
+#: Datapath counters exported under their own names below; any other key is exported
+#: generically, so counters the datapath gains show up without a change here.
+_UDP_NAMED = {"tx_packets", "rx_packets", "tx_bytes", "rx_bytes"}
+_UDP_HELP = {
+    "rx_datagrams": "datagrams received on the port",
+    "gso_sends": "UDP GSO sends (several datagrams in one call)",
+    "gro_receives": "coalesced UDP receives (UDP GRO)",
+    "coalesced_writes": "TCP super-packets written to the TUN",
+    "tso_reads": "TCP super-packets read from the TUN and cut (TSO)",
+    "icmp_unreachable_sent": "ICMP net-unreachable replies written to the TUN",
+}
 
 
 def udp_families(values: dict[str, int]) -> Iterator[Any]:
-    """The udp datapath's counters as metric families."""
+    """The udp datapath's counters as metric families (whatever keys it reports)."""
     if not values:
         return
     packets = CounterMetricFamily("tweed_udp_packets", "packets carried", labels=["direction"])
@@ -74,38 +197,44 @@ def udp_families(values: dict[str, int]) -> Iterator[Any]:
     nbytes.add_metric(["tx"], values.get("tx_bytes", 0))
     nbytes.add_metric(["rx"], values.get("rx_bytes", 0))
     yield nbytes
-    dgrams = CounterMetricFamily("tweed_udp_rx_datagrams", "datagrams received on the port")
-    dgrams.add_metric([], values.get("rx_datagrams", 0))
-    yield dgrams
     drops = CounterMetricFamily("tweed_udp_drops", "packets dropped, by direction and reason",
                                 labels=["direction", "reason"])
-    for key, value in sorted(values.items()):
-        for direction in ("tx", "rx"):
-            prefix = f"{direction}_drop_"
-            if key.startswith(prefix):
-                drops.add_metric([direction, key[len(prefix):]], value)
-    yield drops
-    for key, help_ in (("gso_sends", "UDP GSO sends (several datagrams in one call)"),
-                       ("gro_receives", "coalesced UDP receives (UDP GRO)"),
-                       ("coalesced_writes", "TCP super-packets written to the TUN"),
-                       ("tso_reads", "TCP super-packets read from the TUN and cut (TSO)")):
-        fam = CounterMetricFamily(f"tweed_udp_{key}", help_)
-        fam.add_metric([], values.get(key, 0))
-        yield fam
     offload = GaugeMetricFamily("tweed_udp_offload", "1 if the datapath uses this offload now",
                                 labels=["offload"])
+    others: list[Any] = []
     for key, value in sorted(values.items()):
-        if key.startswith("offload_"):
+        direction, _, rest = key.partition("_drop_")
+        if rest and direction in ("tx", "rx"):
+            drops.add_metric([direction, rest], value)
+        elif key.startswith("offload_"):
             offload.add_metric([key[len("offload_"):]], value)
+        elif key not in _UDP_NAMED:
+            others.append(_counter(f"tweed_udp_{key}", _UDP_HELP.get(key, f"udp datapath: {key}"),
+                                   value))
+    yield drops
     yield offload
-    icmp = CounterMetricFamily("tweed_udp_icmp_unreachable_sent",
-                               "ICMP net-unreachable replies written to the TUN")
-    icmp.add_metric([], values.get("icmp_unreachable_sent", 0))
-    yield icmp
+    yield from others
+
+
+def iptables_families(values: dict[str, int], ok: bool) -> Iterator[Any]:
+    """The iptables keeper (--ip-masq, --iptables-forward-rules): checks and repairs."""
+    yield _gauge("tweed_iptables_ok", "1 when the last check found or left the chains as "
+                 "planned", 1.0 if ok else 0.0)
+    yield _counter("tweed_iptables_checks", "checks of the iptables chains",
+                   values.get("checks", 0))
+    yield _counter("tweed_iptables_errors", "checks that failed (iptables missing, refused, "
+                   "hung)", values.get("errors", 0))
+    repairs = CounterMetricFamily("tweed_iptables_repairs", "changes made to chains that had "
+                                  "been in place, by kind", labels=["kind"])
+    for key, value in sorted(values.items()):
+        if key.startswith("repairs_"):
+            repairs.add_metric([key[len("repairs_"):]], value)
+    yield repairs
 
 
 def render(daemon: Any) -> bytes:
-    """The Prometheus text exposition of the daemon's metrics."""
+    """The Prometheus text exposition of the daemon's metrics (and the process')."""
     registry = CollectorRegistry()
     registry.register(AgentCollector(daemon))
+    ProcessCollector(registry=registry)
     return generate_latest(registry)

@@ -127,9 +127,15 @@ class MemoryRegistry:
         self._next_lease = 1000
         self._changed = asyncio.Condition()
         self.available = True  # set False to simulate an outage
+        #: (operation, "ok" | "error") -> count, as EtcdRegistry keeps for metrics.
+        self.requests: dict[tuple[str, str], int] = {}
 
     # -- helpers for tests ---------------------------------------------------------
-    def _check(self) -> None:
+    def _check(self, op: str | None = None) -> None:
+        """Raise if unavailable; count the request `op` (unary calls only) either way."""
+        if op is not None:
+            key = (op, "ok" if self.available else "error")
+            self.requests[key] = self.requests.get(key, 0) + 1
         if not self.available:
             raise RegistryUnavailable("memory registry is set unavailable")
 
@@ -190,7 +196,7 @@ class MemoryRegistry:
 
     # -- Registry ----------------------------------------------------------------
     async def get_config(self) -> tuple[bytes | None, int]:
-        self._check()
+        self._check("get_config")
         return self.config, self.revision
 
     async def watch_config(
@@ -206,7 +212,7 @@ class MemoryRegistry:
                 yield last, self.revision
 
     async def list_subnets(self) -> Snapshot:
-        self._check()
+        self._check("list_subnets")
         await self.expire()
         records = [
             Record(n, e.value, e.lease_id, e.mod_revision) for n, e in self._subnets.items()
@@ -214,7 +220,7 @@ class MemoryRegistry:
         return Snapshot(records, self.revision)
 
     async def create_subnet(self, name: str, value: bytes, ttl: int) -> int | None:
-        self._check()
+        self._check("create_subnet")
         await self.expire()
         if name in self._subnets:
             return None
@@ -224,7 +230,7 @@ class MemoryRegistry:
     async def update_subnet(
         self, name: str, value: bytes, ttl: int, if_mod_revision: int
     ) -> int | None:
-        self._check()
+        self._check("update_subnet")
         await self.expire()
         entry = self._subnets.get(name)
         if entry is None or entry.mod_revision != if_mod_revision:
@@ -233,7 +239,7 @@ class MemoryRegistry:
         return self.revision
 
     async def delete_subnet(self, name: str) -> None:
-        self._check()
+        self._check("delete_subnet")
         await self.delete(name)
 
     async def watch_subnets(self, start_revision: int) -> AsyncIterator[list[Event]]:

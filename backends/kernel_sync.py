@@ -4,17 +4,33 @@ A backend supplies `plan()`, which reads the kernel and returns the ChangeSet th
 match the desired tables. KernelSync runs one plan/apply at a time (after each event batch
 and every `resync` seconds), logs each change it makes, logs each refused change once per
 distinct error, counts them, and says whether the last sync left the kernel as desired.
+
+For metrics it also counts kernel operations by kind and result, periodic resyncs by
+outcome, and the delay from a batch of peer events reaching the agent (`expect`) to the
+first sync after it that left the kernel as desired.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
+from agent.histogram import Histogram
 from backends.netlink import ChangeSet, KernelError, Netlink
 
 log = logging.getLogger(__name__)
+
+#: Bucket bounds (seconds) of the event-to-kernel delay: a batch normally takes a few
+#: milliseconds; seconds or more mean refused changes put right by a later resync.
+DELAY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                 10.0, 30.0, 60.0)
+#: Batches waiting for a sync that succeeds; a kernel that refuses a change for days must
+#: not grow this without bound (the oldest are kept: they carry the longest delays).
+MAX_PENDING = 1024
+KINDS = ("route", "neigh", "fdb")
+OPS = ("replace", "delete")
 
 
 def describe(what: str, item: object) -> str:
@@ -33,13 +49,24 @@ class KernelSync:
     """One desired state, applied on demand and periodically."""
 
     def __init__(
-        self, netlink: Netlink, plan: Callable[[], Awaitable[ChangeSet]], resync: float
+        self, netlink: Netlink, plan: Callable[[], Awaitable[ChangeSet]], resync: float,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.netlink = netlink
         self.plan = plan
         self.resync = resync
+        self.clock = clock
         self.errors = 0
         self.repairs = 0
+        #: (kind, op, result) -> count, e.g. ("route", "replace", "ok").
+        self.ops: dict[tuple[str, str, str], int] = {
+            (k, o, r): 0 for k in KINDS for o in OPS for r in ("ok", "error")}
+        #: Periodic resyncs by outcome: nothing to change, repaired, or failed (an error
+        #: reading the kernel, or a change it refused).
+        self.resyncs: dict[str, int] = {"clean": 0, "repaired": 0, "failed": 0}
+        #: Seconds from a batch of peer events reaching the agent to the kernel programmed.
+        self.delay = Histogram(DELAY_BUCKETS)
+        self._pending: list[float] = []
         self._lock = asyncio.Lock()
         self._ok = False
         self._reported: set[tuple[str, str]] = set()
@@ -47,14 +74,42 @@ class KernelSync:
     def ready(self) -> bool:
         return self._ok
 
+    def expect(self, received: float) -> None:
+        """A batch of peer events that reached the agent at `received` (on `clock`) is about
+        to change the desired state: its delay is observed by the first sync that starts
+        after this call and leaves the kernel as desired."""
+        if len(self._pending) < MAX_PENDING:
+            self._pending.append(received)
+
+    def _settle(self, pending: list[float], ok: bool) -> None:
+        if not ok:
+            # Not programmed yet: a later sync (the resync) observes them when it succeeds.
+            self._pending[:0] = pending
+            del self._pending[MAX_PENDING:]
+            return
+        now = self.clock()
+        for t in pending:
+            self.delay.observe(max(0.0, now - t))
+
     async def sync(self) -> bool:
         """Plan and apply; True if anything had to change."""
         async with self._lock:
-            cs = await self.plan()
+            # Taken under the lock: the plan below includes every batch expected so far.
+            pending, self._pending = self._pending, []
+            try:
+                cs = await self.plan()
+            except BaseException:
+                self._settle(pending, False)
+                raise
             if not cs:
                 self._ok = True
+                self._settle(pending, True)
                 return False
-            errors = await self.netlink.apply(cs)
+            try:
+                errors = await self.netlink.apply(cs)
+            except BaseException:
+                self._settle(pending, False)
+                raise
             failed = {id(e.item) for e in errors}
             for what, op, items in (
                 ("route", "delete", cs.route_delete), ("neigh", "delete", cs.neigh_delete),
@@ -62,11 +117,14 @@ class KernelSync:
                 ("neigh", "replace", cs.neigh_replace), ("route", "replace", cs.route_replace),
             ):
                 for item in items:
-                    if id(item) not in failed:
+                    result = "error" if id(item) in failed else "ok"
+                    self.ops[(what, op, result)] += 1
+                    if result == "ok":
                         log.info("%s %s", "removed" if op == "delete" else "set",
                                  describe(what, item))
             self._report(errors)
             self._ok = not errors
+            self._settle(pending, self._ok)
             return True
 
     def _report(self, errors: list[KernelError]) -> None:
@@ -82,8 +140,12 @@ class KernelSync:
         while True:
             await asyncio.sleep(self.resync)
             try:
-                if await self.sync():
-                    self.repairs += 1
-                    log.info("resync repaired the kernel state")
+                changed = await self.sync()
             except OSError as exc:
+                self.resyncs["failed"] += 1
                 log.error("resync failed: %s", exc)
+                continue
+            if changed:
+                self.repairs += 1
+                log.info("resync repaired the kernel state")
+            self.resyncs["clean" if not changed else "repaired" if self._ok else "failed"] += 1

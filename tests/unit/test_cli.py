@@ -168,7 +168,7 @@ def test_empty_env_value_is_ignored() -> None:
         FLANNELD_SUBNET_LEASE_RENEW_MARGIN="",
         FLANNELD_ETCD_PREFIX="",
     )
-    assert opts.healthz_port == 0
+    assert opts.healthz_port == 8475
     assert opts.subnet_lease_renew_margin == 60
     assert opts.etcd_prefix == "/coreos.com/network"
 
@@ -279,3 +279,10 @@ def test_main_help_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "--subnet-lease-renew-margin" in out
     assert "FLANNELD_" in out
+
+
+def test_health_server_defaults_to_loopback_port_8475_and_0_turns_it_off() -> None:
+    opts = parse()
+    assert (opts.healthz_ip, opts.healthz_port) == ("127.0.0.1", 8475)
+    assert parse("--healthz-port=0").healthz_port == 0
+    assert parse(FLANNELD_HEALTHZ_PORT="0").healthz_port == 0
