@@ -92,6 +92,7 @@ class Counters:
     events: int = 0
     bad_keys: int = 0
     bad_values: int = 0
+    outside_network: int = 0  # leases whose subnet is not in the network config
     acquire_errors: int = 0  # attempts that failed because etcd was unreachable
     no_free_subnet: int = 0  # attempts that found the network full
     renewal_errors: int = 0  # renewal attempts that failed because etcd was unreachable
@@ -304,6 +305,7 @@ class LeaseManager:
         if attrs.public_ip == self.attrs.public_ip:
             return None
         if self.config.network is not None and not key.ipv4.subnet_of(self.config.network):
+            self.counters.outside_network += 1
             self._warn_once(name, f"subnet is outside the network {self.config.network}")
             return None
         return PeerLease(key.ipv4, attrs)

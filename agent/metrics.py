@@ -131,6 +131,8 @@ def manager_families(m: Any, config: Any, network: Any) -> Iterator[Any]:
                    c.watch_reconnects)
     yield _counter("tweed_bad_subnet_keys", "subnet keys that did not parse", c.bad_keys)
     yield _counter("tweed_bad_lease_values", "lease values that did not decode", c.bad_values)
+    yield _counter("tweed_leases_outside_network", "leases for a subnet outside the network",
+                   c.outside_network)
     by_type: dict[str, int] = {}
     if config is not None and network is not None:
         by_type[config.backend_type] = 0  # a series from the start, also with no peers

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from backends.packet import checksum
+from tests.lab import fault_tools
 from tests.lab.agents import bring_up as lab_bring_up
 from tests.lab.agents import ping, put_config, routes, subnet_key, wait_for
 
@@ -35,17 +36,7 @@ def dp(request) -> str:
 
 
 def metrics(host) -> dict[str, float]:
-    """The agent's /metrics as {'name{labels}': value}."""
-    code = ("import urllib.request\n"
-            f"print(urllib.request.urlopen('http://127.0.0.1:{METRICS_PORT}/metrics',"
-            " timeout=5).read().decode())")
-    out = host.exec([sys.executable, "-c", code]).stdout
-    values = {}
-    for line in out.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            values[key] = float(value)
-    return values
+    return fault_tools.metrics(host, METRICS_PORT)
 
 
 def drops(host, reason: str) -> float:
