@@ -35,8 +35,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The whole suite, then the C datapath's tests again against its sanitized build.
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(MAKE) asan
 
 unit: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit
