@@ -1,9 +1,10 @@
 /*
  * _fastpath: the C datapath of the udp backend.
  *
- * Two packet threads per datapath, one per direction, move packets between the TUN fd and
- * the UDP socket with the GIL released: they never call into Python. Python only changes
- * routes (under a read-write lock) and reads counters (relaxed atomics).
+ * One packet thread per datapath moves packets between the TUN fd and the UDP socket with
+ * the GIL released: it never calls into Python. Python only changes routes (under a
+ * read-write lock, taken per lookup and never across I/O) and reads counters (relaxed
+ * atomics).
  *
  * Semantics are the pure-Python datapath's (backends/datapath.py), counter for counter:
  * one inner IPv4 packet per datagram, TTL decremented on both ends with an incremental
@@ -119,9 +120,9 @@ typedef struct {
     int tun, udp, efd;
     uint16_t port;
     int mtu, check_source, vnet, gso, gro, tso, coalesce;
-    pthread_t threads[2];
+    pthread_t thread;
     int running;
-    pthread_rwlock_t lock; /* the routes: read by the two packet threads, written by Python */
+    pthread_rwlock_t lock; /* the routes: read by the packet thread, written by Python */
     struct route *routes;
     int nroutes, cap;
     _Atomic uint64_t counters[NCOUNTERS];
@@ -780,38 +781,27 @@ static void from_udp(Core *c)
     }
 }
 
-/* Each direction has its own thread, so that a wake-up on one fd never waits for work
- * on the other, and the two directions use two CPUs when there are two. They share only
- * the route table (under the lock) and the counters (atomics). */
-static int wait_readable(int fd, int efd)
+/* One thread for both directions: a ping's reply usually reaches the TUN while the thread
+ * is still writing the request into it, and is read without sleeping. Measured on two
+ * vCPUs, a thread per direction cost one more wake-up per round trip (RTT 0.27-0.30 ms
+ * against 0.19-0.25 ms) and gave no more throughput. */
+static void *loop(void *arg)
 {
-    struct pollfd fds[2] = {{fd, POLLIN, 0}, {efd, POLLIN, 0}};
+    Core *c = arg;
+    struct pollfd fds[3] = {{c->tun, POLLIN, 0}, {c->udp, POLLIN, 0}, {c->efd, POLLIN, 0}};
     for (;;) {
-        if (poll(fds, 2, -1) < 0) {
+        if (poll(fds, 3, -1) < 0) {
             if (errno == EINTR)
                 continue;
-            return 0;
+            break;
         }
-        if (fds[1].revents)
-            return 0; /* stop: the eventfd stays readable until both threads are joined */
-        if (fds[0].revents)
-            return 1;
+        if (fds[2].revents)
+            break;
+        if (fds[0].revents & POLLIN)
+            from_tun(c);
+        if (fds[1].revents & POLLIN)
+            from_udp(c);
     }
-}
-
-static void *tun_loop(void *arg)
-{
-    Core *c = arg;
-    while (wait_readable(c->tun, c->efd))
-        from_tun(c);
-    return NULL;
-}
-
-static void *udp_loop(void *arg)
-{
-    Core *c = arg;
-    while (wait_readable(c->udp, c->efd))
-        from_udp(c);
     return NULL;
 }
 
@@ -881,8 +871,7 @@ static void Core_dealloc(Core *c)
     if (c->running) {
         uint64_t one = 1;
         (void)!write(c->efd, &one, sizeof one);
-        pthread_join(c->threads[0], NULL);
-        pthread_join(c->threads[1], NULL);
+        pthread_join(c->thread, NULL);
     }
     if (c->efd > 0)
         close(c->efd);
@@ -951,16 +940,7 @@ static PyObject *Core_start(Core *c, PyObject *unused)
     (void)unused;
     if (c->running)
         Py_RETURN_NONE;
-    int err = pthread_create(&c->threads[0], NULL, tun_loop, c);
-    if (!err) {
-        err = pthread_create(&c->threads[1], NULL, udp_loop, c);
-        if (err) { /* stop the first again */
-            uint64_t one = 1, drain;
-            (void)!write(c->efd, &one, sizeof one);
-            pthread_join(c->threads[0], NULL);
-            (void)!read(c->efd, &drain, sizeof drain);
-        }
-    }
+    int err = pthread_create(&c->thread, NULL, loop, c);
     if (err) {
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -977,8 +957,7 @@ static PyObject *Core_stop(Core *c, PyObject *unused)
     uint64_t one = 1;
     (void)!write(c->efd, &one, sizeof one);
     Py_BEGIN_ALLOW_THREADS
-    pthread_join(c->threads[0], NULL);
-    pthread_join(c->threads[1], NULL);
+    pthread_join(c->thread, NULL);
     Py_END_ALLOW_THREADS
     c->running = 0;
     uint64_t drain;

@@ -1,7 +1,7 @@
 """CDatapath: the Datapath interface over the C packet loop in backends/_fastpath.c.
 
-The loop runs in two threads (one per direction) with the GIL released; this wrapper
-turns subnets into integers for it, starts and stops the threads, and names its counters.
+The loop runs in its own thread with the GIL released; this wrapper turns subnets into
+integers for it, starts and stops the thread, and names its counters.
 It does
 recvmmsg/sendmmsg batches, TUN TSO (super-packets cut into wire packets in C), UDP GSO on
 send, UDP GRO on receive and coalesced TUN writes, each probed and each one that can be
