@@ -101,13 +101,16 @@ def cut_from_etcd(host: Namespace, etcd_host: str, etcd_port: int) -> Iterator[N
 
 
 def readyz(host: Namespace, port: int) -> tuple[int, str]:
-    """(status, body) of the agent's /readyz, asked from inside the host's namespace."""
+    """(status, body) of the agent's /readyz, asked from inside the host's namespace;
+    status 0 when nothing answers."""
     code = (
         "import urllib.request, urllib.error\n"
         f"try:\n r = urllib.request.urlopen('http://127.0.0.1:{port}/readyz', timeout=5)\n"
         " print(r.status, r.read().decode().strip())\n"
         "except urllib.error.HTTPError as e:\n"
         " print(e.code, e.read().decode().strip())\n"
+        "except OSError as e:\n"
+        " print(0, e)\n"
     )
     out = host.exec([sys.executable, "-c", code]).stdout.strip()
     status, _, body = out.partition(" ")

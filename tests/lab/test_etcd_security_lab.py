@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import re
 import signal
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.lab import fault_tools
 from tests.lab.agents import Agent, put_config, routes, subnet_key, wait_for
 from tests.support.certs import Pki
 from tests.support.etcd import ClientTls, EtcdServer, ServerTls
@@ -32,19 +32,7 @@ QUIET_WATCH = 6.0
 
 
 def readyz(host, port: int = HEALTH_PORT) -> tuple[int, str]:
-    """(status, body) of the agent's /readyz, asked from inside its namespace."""
-    code = (
-        "import urllib.request, urllib.error\n"
-        f"try:\n r = urllib.request.urlopen('http://127.0.0.1:{port}/readyz', timeout=5)\n"
-        " print(r.status, r.read().decode().strip())\n"
-        "except urllib.error.HTTPError as e:\n"
-        " print(e.code, e.read().decode().strip())\n"
-        "except OSError as e:\n"
-        " print(0, e)\n"
-    )
-    out = host.exec([sys.executable, "-c", code]).stdout.strip()
-    status, _, body = out.partition(" ")
-    return int(status), body
+    return fault_tools.readyz(host, port)
 
 
 def start_etcd(lab, **kw) -> EtcdServer:

@@ -427,3 +427,28 @@ def test_config_change_at_run_time_is_reported_not_applied(lab, tmp_path):
     for what in ("SubnetLen", "Backend.VNI", "wireguard"):
         assert len(lines(a1, what)) == 1, lines(a1, what)
     assert not re.search(r"ERROR .*stopped by an error", a1.log())
+
+
+def test_own_lease_deleted_by_an_operator_is_reacquired_within_2s(lab, tmp_path):
+    """`etcdctl del` of a running agent's own lease: the same subnet is leased again within
+    2 s (the bound the issue sets), subnet.env is unchanged, and no ping is lost."""
+    etcd = lab.start_etcd()
+    put_config(etcd, backend="host-gw")
+    _h1, a1, c1 = bring_up(lab, etcd, tmp_path, 1)
+    _h2, _a2, c2 = bring_up(lab, etcd, tmp_path, 2)
+    wait_for(lambda: ping(c1, c2.ip, count=1), timeout=10, what="overlay up")
+    own = key(a1.subnet)
+    value = etcd.get(own)
+    env = a1.env()
+    stream = PingStream(c2, c1.ip, tmp_path, interval=0.05)
+    time.sleep(0.5)
+    etcd.delete(own)
+    deleted = time.monotonic()
+    wait_for(lambda: etcd.get(own), timeout=10, step=0.02, what="own lease back")
+    took = time.monotonic() - deleted
+    time.sleep(0.5)
+    result = stream.stop()
+    assert took < 2.0, f"re-acquired after {took:.2f} s"
+    assert etcd.get(own) == value and a1.env() == env
+    assert result.lost == [] and len(result.replies) > 10
+    assert "lost our lease" in a1.log() and alive(a1)

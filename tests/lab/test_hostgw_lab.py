@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import time
 
 import pytest
 
 from tests.lab.agents import Agent, bring_up, ping, put_config, routes, subnet_key, wait_for
+from tests.lab.fault_tools import readyz
 
 pytestmark = pytest.mark.lab
 
@@ -151,14 +151,3 @@ def test_agent_cut_off_from_etcd_catches_up_on_reconnect(lab, tmp_path):
     assert "recovered" in a1.log(), a1.log()
 
 
-def readyz(host, port: int) -> tuple[int, str]:
-    code = (
-        "import urllib.request, urllib.error\n"
-        f"try:\n r = urllib.request.urlopen('http://127.0.0.1:{port}/readyz', timeout=5)\n"
-        " print(r.status, r.read().decode().strip())\n"
-        "except urllib.error.HTTPError as e:\n"
-        " print(e.code, e.read().decode().strip())\n"
-    )
-    out = host.exec([sys.executable, "-c", code]).stdout.strip()
-    status, _, body = out.partition(" ")
-    return int(status), body
