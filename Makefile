@@ -68,11 +68,11 @@ ASAN_DIR := build/asan
 asan: setup
 	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)
 	cp -r agent backends tests setup.py pyproject.toml README.md $(ASAN_DIR)/
-	rm -f $(ASAN_DIR)/backends/*.so
+	find $(ASAN_DIR)/backends -name '*.so' -delete
 	cd $(ASAN_DIR) && CFLAGS="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1" \
 	  $(CURDIR)/$(PY) setup.py -q build_ext --inplace
 	cd $(ASAN_DIR) && LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
-	  ASAN_OPTIONS=detect_leaks=0 TWEED_EXPECT_FASTPATH=$(CURDIR)/$(ASAN_DIR)/backends \
+	  ASAN_OPTIONS=detect_leaks=0 TWEED_EXPECT_FASTPATH=$(CURDIR)/$(ASAN_DIR)/backends/udp \
 	  $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_c_datapath.py \
 	  tests/unit/test_c_segmentation.py tests/lab/test_udp_lab.py
 

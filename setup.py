@@ -5,9 +5,9 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "backends._fastpath",
-            ["backends/_fastpath.c"],
-            extra_compile_args=["-std=c99", "-O2", "-Wall", "-Wextra"],
+            "backends.udp._fastpath",
+            ["backends/udp/_fastpath.c"],
+            extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wextra"],
         )
     ]
 )

@@ -32,8 +32,9 @@ from agent.subnet_file import SubnetEnv, read_previous_subnet, write_subnet_file
 from backends import AVAILABLE
 from backends.base import Backend, BackendError, Network
 from backends.external_iface import ExternalInterface, InterfaceError, choose_interface
-from backends.iptables import Iptables, IptablesKeeper
-from backends.netlink import Netlink
+from backends.iptables.keeper import Iptables, IptablesKeeper
+from backends.kernel.netlink import IPRouteNetlink
+from backends.kernel.types import Netlink
 
 log = logging.getLogger("tweed")
 
@@ -108,7 +109,7 @@ def backend_problem(config: NetworkConfig) -> str | None:
 
             vxlan_options(config.backend)
         elif btype == "udp":
-            from backends.udp import parse_options as udp_options
+            from backends.udp.network import parse_options as udp_options
 
             udp_options(config.backend)
     except BackendError as exc:
@@ -141,7 +142,7 @@ def build_backend(
 
         return HostGwBackend(netlink, ext, resync=opts.resync_period)
     if btype == "udp":
-        from backends.udp import UdpBackend
+        from backends.udp.network import UdpBackend
 
         return UdpBackend(netlink, ext, resync=opts.resync_period)
     if btype == "vxlan":
@@ -160,7 +161,7 @@ class Daemon:
 
     def __init__(self, opts: Options) -> None:
         self.opts = opts
-        self.netlink = Netlink()
+        self.netlink = IPRouteNetlink()
         self.registry: EtcdRegistry | None = None
         self.manager: LeaseManager | None = None
         self.network: Network | None = None

@@ -24,7 +24,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.subnet_file import atomic_write, parse_subnet_env
+from agent.atomic_file import atomic_write
+from agent.subnet_file import parse_subnet_env
 
 USAGE = """\
 usage: tweed docker-opts [-f FLANNEL-ENV-FILE] [-d DOCKER-ENV-FILE] [-i] [-c] [-m] [-k KEY]

@@ -7,10 +7,10 @@ Rendering and parsing are pure; `write_subnet_file` is the only I/O and writes a
 from __future__ import annotations
 
 import ipaddress
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from agent.atomic_file import atomic_write
 
 
 @dataclass(frozen=True)
@@ -81,29 +81,3 @@ def read_previous_subnet(path: Path) -> ipaddress.IPv4Network | None:
 def write_subnet_file(path: Path, env: SubnetEnv) -> None:
     """Write subnet.env atomically with mode 0644, creating the parent folder."""
     atomic_write(path, render_subnet_env(env), 0o644)
-
-
-def atomic_write(path: Path, text: str, mode: int) -> None:
-    """Write a file so readers see the old or the new content, never a mix: temp file in
-    the same folder, fsync, chmod, rename, fsync the folder. Creates the parent folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    # fsync the folder so the rename itself survives a crash.
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

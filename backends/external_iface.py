@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from backends.netlink import Link
+from backends.kernel.types import Link
 
 
 @dataclass(frozen=True)

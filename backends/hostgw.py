@@ -16,9 +16,9 @@ from agent.config import NetworkConfig
 from agent.lease_codec import LeaseAttrs
 from agent.lease_manager import Lease, PeerEvent
 from backends.external_iface import ExternalInterface
-from backends.kernel_sync import KernelSync
-from backends.netlink import ChangeSet, Netlink, Route
-from backends.route_table import diff_routes
+from backends.kernel.diff import diff_routes
+from backends.kernel.sync import KernelSync
+from backends.kernel.types import ChangeSet, Netlink, Route
 
 TYPE = "host-gw"
 

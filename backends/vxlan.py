@@ -28,17 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.atomic_file import atomic_write
 from agent.config import NetworkConfig
 from agent.lease_codec import LeaseAttrs
 from agent.lease_manager import Lease, PeerEvent
-from agent.subnet_file import atomic_write
 from backends.base import BackendError
 from backends.external_iface import ExternalInterface
 from backends.hostgw import owns_peer_route
-from backends.kernel_sync import KernelSync
-from backends.netlink import ChangeSet, Fdb, Neigh, Netlink, Route, VxlanSpec
+from backends.kernel.diff import diff_entries, diff_routes
+from backends.kernel.sync import KernelSync
+from backends.kernel.types import ChangeSet, Fdb, Neigh, Netlink, Route, VxlanSpec
 from backends.options import opt_bool, opt_int
-from backends.route_table import diff_entries, diff_routes
 
 log = logging.getLogger(__name__)
 

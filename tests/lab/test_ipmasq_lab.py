@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from backends.iptables_plan import forward_chain, masq_chain, parse_save, render
+from backends.iptables.plan import forward_chain, masq_chain, parse_save, render
 from tests.lab.agents import Agent, ping, put_config, routes, subnet_key, wait_for
 from tests.support.netns import ip_batch, root_ns_snapshot
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.packet import checksum
+from backends.udp.packet import checksum
 from tests.lab import fault_tools
 from tests.lab.agents import bring_up as lab_bring_up
 from tests.lab.agents import ping, put_config, routes, subnet_key, wait_for

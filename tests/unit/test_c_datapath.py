@@ -13,17 +13,17 @@ import struct
 import pytest
 
 # make setup builds the extension; without it this import fails loudly, never skips.
-from backends import c_datapath  # noqa: E402
-from backends.datapath import VNET_HDR, VNET_NONE
-from backends.packet import checksum
+from backends.udp import c_datapath  # noqa: E402
+from backends.udp.datapath import VNET_HDR, VNET_NONE
+from backends.udp.packet import checksum
 
 PEER = "127.0.0.1"
 NET = ipaddress.IPv4Network("10.5.2.0/24")
 
 
 def test_extension_is_built():
-    from backends import _fastpath
-    from backends.datapath import choose_datapath
+    from backends.udp import _fastpath
+    from backends.udp.selection import choose_datapath
 
     assert choose_datapath("c", {}) is c_datapath.CDatapath
     # `make asan` checks that its sanitized build is the one under test.

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 
 # make setup builds the extension; without it this import fails loudly, never skips.
-from backends import _fastpath
+from backends.udp import _fastpath
 
 VNET = struct.Struct("=BBHHHH")  # struct virtio_net_hdr, host byte order
 ZERO_VNET = bytes(10)

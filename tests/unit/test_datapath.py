@@ -1,4 +1,4 @@
-"""Unit tests for backends.datapath: PythonDatapath on a stand-in TUN and loopback UDP."""
+"""Unit tests for PythonDatapath on a stand-in TUN and loopback UDP, and datapath choice."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from backends.datapath import DATAPATHS, PythonDatapath, choose_datapath
-from backends.packet import checksum
+from backends.udp.packet import checksum
+from backends.udp.python_datapath import PythonDatapath
+from backends.udp.selection import DATAPATHS, choose_datapath
 
 MTU = 1400
 NET_A = ipaddress.IPv4Network("10.5.2.0/24")
@@ -611,18 +612,18 @@ def test_stop_before_run_is_harmless(make_rig):
 @pytest.fixture
 def no_fastpath(monkeypatch):
     """The C datapath is not built."""
-    import backends.datapath
+    import backends.udp.selection
 
-    monkeypatch.setattr(backends.datapath, "_c_datapath", lambda: None)
+    monkeypatch.setattr(backends.udp.selection, "_c_datapath", lambda: None)
 
 
 @pytest.fixture
 def fake_fastpath(monkeypatch) -> type:
     """A built C datapath, whatever the build here."""
-    import backends.datapath
+    import backends.udp.selection
 
     cls = type("CDatapath", (), {"name": "c"})
-    monkeypatch.setattr(backends.datapath, "_c_datapath", lambda: cls)
+    monkeypatch.setattr(backends.udp.selection, "_c_datapath", lambda: cls)
     return cls
 
 

@@ -22,7 +22,7 @@ def test_every_flag_is_documented(name):
 
 def backend_options() -> set[str]:
     names = set()
-    for path in (ROOT / "backends").glob("*.py"):
+    for path in (ROOT / "backends").rglob("*.py"):
         names |= set(re.findall(r'opt_(?:int|bool|str)\(backend, "(\w+)"', path.read_text()))
     return names
 

@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from backends.external_iface import ExternalInterface, InterfaceError, choose_interface
-from backends.netlink import Link
+from backends.kernel.types import Link
 
 
 def link(name: str, index: int, *addrs: str, mtu: int = 1500) -> Link:

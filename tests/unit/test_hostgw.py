@@ -14,7 +14,8 @@ from agent.lease_codec import LeaseAttrs, encode_lease
 from agent.lease_manager import Lease, PeerEvent, PeerLease
 from backends.external_iface import ExternalInterface
 from backends.hostgw import HostGwBackend, HostGwNetwork
-from backends.netlink import FakeNetlink, Route
+from backends.kernel.fake import FakeNetlink
+from backends.kernel.types import Route
 
 CONFIG = parse_config('{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}')
 IP = ipaddress.IPv4Address

@@ -1,4 +1,4 @@
-"""Unit tests for backends.iptables: the keeper over a stand-in for the iptables commands,
+"""Unit tests for backends.iptables.keeper: the keeper over a stand-in for the iptables commands,
 and the command adapter over small scripts (no root, no kernel)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from backends.iptables import Iptables, IptablesError, IptablesKeeper
-from backends.iptables_plan import (
+from backends.iptables.keeper import Iptables, IptablesError, IptablesKeeper
+from backends.iptables.plan import (
     FILTER,
     NAT,
     Op,
@@ -102,7 +102,7 @@ FWD = [render(r) for r in forward_chain(N).rules]
 
 
 def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "backends.iptables"]
+    return [r.getMessage() for r in caplog.records if r.name == "backends.iptables.keeper"]
 
 
 async def test_first_check_sets_up_both_tables_with_one_line(caplog) -> None:

@@ -1,4 +1,4 @@
-"""Unit tests for backends.iptables_plan: flanneld's rules, iptables-save parsing, repairs."""
+"""Unit tests for backends.iptables.plan: flanneld's rules, iptables-save parsing, repairs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from backends.iptables_plan import (
+from backends.iptables.plan import (
     FILTER,
     NAT,
     Op,

@@ -1,11 +1,11 @@
-"""Unit tests for backends.lpm.RouteTable: longest-prefix match from IPv4 addresses to values."""
+"""Unit tests for backends.udp.lpm.RouteTable: longest-prefix match, IPv4 address to value."""
 
 from __future__ import annotations
 
 import ipaddress
 import random
 
-from backends.lpm import RouteTable
+from backends.udp.lpm import RouteTable
 
 
 def net(text: str) -> ipaddress.IPv4Network:

@@ -27,7 +27,7 @@ from agent.metrics import iptables_families, render, udp_families
 from agent.registry import MemoryRegistry, RegistryUnavailable
 from backends.external_iface import ExternalInterface
 from backends.hostgw import HostGwNetwork
-from backends.netlink import FakeNetlink
+from backends.kernel.fake import FakeNetlink
 
 IP = ipaddress.IPv4Address
 CONFIG = parse_config('{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}')

@@ -1,4 +1,4 @@
-"""Unit tests for backends.packet: checksum, header checks, TTL decrement, ICMP net-unreachable."""
+"""Unit tests for backends.udp.packet: checksum, header checks, TTL, ICMP net-unreachable."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from backends.packet import (
+from backends.udp.packet import (
     checksum,
     decrement_ttl,
     is_first_fragment,

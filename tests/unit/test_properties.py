@@ -33,7 +33,7 @@ from agent.subnet_file import (
     render_subnet_env,
 )
 from backends.base import BackendError
-from backends.udp import parse_options as udp_options
+from backends.udp.network import parse_options as udp_options
 from backends.vxlan import parse_options as vxlan_options
 
 DEEP = "[" * 100_000  # deeper than json's recursion limit

@@ -19,7 +19,7 @@ from agent.lease_manager import Lease, LeaseManager, PeerEvent, PeerLease
 from agent.registry import MemoryRegistry
 from backends.external_iface import ExternalInterface
 from backends.hostgw import HostGwNetwork
-from backends.netlink import FakeNetlink
+from backends.kernel.fake import FakeNetlink
 from backends.vxlan import VxlanBackend, VxlanNetwork
 from tests.support.aio import background, until
 

@@ -1,11 +1,11 @@
-"""Unit tests for backends.route_table: the desired-vs-kernel route diff."""
+"""Unit tests for backends.kernel.diff: the desired-vs-kernel route diff."""
 
 from __future__ import annotations
 
 import ipaddress
 
-from backends.netlink import Route
-from backends.route_table import Diff, diff_routes
+from backends.kernel.diff import Diff, diff_routes
+from backends.kernel.types import Route
 
 
 def route(dst: str, gw: str | None = "192.168.100.2", oif: int = 2, onlink: bool = False) -> Route:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import subnet_file
+from agent import atomic_file
 from agent.subnet_file import (
     SubnetEnv,
     parse_subnet_env,
@@ -137,7 +137,7 @@ def test_write_failure_leaves_old_file_and_no_temp(
     def boom(*_args: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(subnet_file.os, "replace", boom)
+    monkeypatch.setattr(atomic_file.os, "replace", boom)
     env = SubnetEnv(V4.network, ipaddress.IPv4Network("10.5.9.0/24"), 1450, False)
     with pytest.raises(OSError, match="disk full"):
         write_subnet_file(path, env)

@@ -9,7 +9,7 @@ import pytest
 
 from agent.config import parse_config
 from backends.base import BackendError
-from backends.udp import UdpOptions, parse_options
+from backends.udp.network import UdpOptions, parse_options
 
 
 def backend(**options: Any) -> dict[str, Any]:

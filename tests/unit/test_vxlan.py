@@ -17,7 +17,8 @@ from agent.lease_codec import LeaseAttrs, decode_lease, encode_lease
 from agent.lease_manager import Lease, PeerEvent, PeerLease
 from backends.base import BackendError
 from backends.external_iface import ExternalInterface
-from backends.netlink import FakeNetlink, Fdb, Neigh, Route, VxlanDevice, VxlanSpec
+from backends.kernel.fake import FakeNetlink
+from backends.kernel.types import Fdb, Neigh, Route, VxlanDevice, VxlanSpec
 from backends.vxlan import (
     MacStore,
     VxlanBackend,

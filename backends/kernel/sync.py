@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from agent.histogram import Histogram
-from backends.netlink import ChangeSet, KernelError, Netlink
+from backends.kernel.types import ChangeSet, KernelError, Netlink
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from backends.netlink import Route
+from backends.kernel.types import Route
 
 T = TypeVar("T")
 K = TypeVar("K", bound=Hashable)

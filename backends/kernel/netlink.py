@@ -1,9 +1,8 @@
-"""Netlink facade: the few idempotent kernel calls the backends need, and a fake of it.
+"""The kernel through pyroute2: `IPRouteNetlink` implements the `Netlink` protocol.
 
-`Netlink` wraps pyroute2's IPRoute. pyroute2's asyncio socket cannot run on uvloop (uvloop
-refuses netlink datagram endpoints), so every call runs the synchronous IPRoute in one
-dedicated worker thread; a batch of route changes is one hop to that thread. `FakeNetlink`
-keeps routes in memory, records calls and fails on demand, for tests without root.
+pyroute2's asyncio socket cannot run on uvloop (uvloop refuses netlink datagram endpoints),
+so every call runs the synchronous IPRoute in one dedicated worker thread; a batch of route
+changes is one hop to that thread.
 """
 
 from __future__ import annotations
@@ -12,10 +11,21 @@ import asyncio
 import errno
 import ipaddress
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from backends.kernel.types import (
+    VXLAN_DEFAULT_PORT,
+    ChangeSet,
+    Fdb,
+    KernelError,
+    Link,
+    Neigh,
+    Route,
+    VxlanDevice,
+    VxlanSpec,
+)
 
 T = TypeVar("T")
 
@@ -26,104 +36,9 @@ RT_SCOPE_LINK = 253
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 AF_BRIDGE = 7
-VXLAN_DEFAULT_PORT = 8472
 
 
-@dataclass(frozen=True, order=True)
-class Route:
-    """An IPv4 route in the main table."""
-
-    dst: ipaddress.IPv4Network
-    gateway: ipaddress.IPv4Address | None
-    oif: int
-    onlink: bool = False
-
-
-@dataclass(frozen=True)
-class Link:
-    """A network interface and its IPv4 addresses."""
-
-    name: str
-    index: int
-    mtu: int
-    up: bool
-    addresses: tuple[ipaddress.IPv4Interface, ...]
-    kind: str = ""
-    mac: str = ""
-
-
-@dataclass(frozen=True, order=True)
-class Neigh:
-    """A permanent ARP entry: `ip` has hardware address `mac` on device `index`."""
-
-    ip: ipaddress.IPv4Address
-    mac: str
-    index: int
-
-
-@dataclass(frozen=True, order=True)
-class Fdb:
-    """A forwarding entry of a vxlan device: frames for `mac` go to the VTEP at `dst`."""
-
-    mac: str
-    dst: ipaddress.IPv4Address
-    index: int
-
-
-@dataclass(frozen=True)
-class VxlanSpec:
-    """What a vxlan device must look like; two specs equal means the device can be reused."""
-
-    name: str
-    vni: int
-    local: ipaddress.IPv4Address
-    link: int  # index of the underlay device
-    port: int  # 0: the kernel's default (8472)
-    learning: bool = False
-    gbp: bool = False
-
-
-@dataclass(frozen=True)
-class VxlanDevice:
-    """A vxlan device found in the kernel."""
-
-    spec: VxlanSpec
-    index: int
-    mac: str
-    mtu: int
-    up: bool
-    addresses: tuple[ipaddress.IPv4Interface, ...]
-
-
-@dataclass
-class ChangeSet:
-    """Kernel changes applied in one hop, in an order that never leaves a route dangling:
-    routes are deleted first and added last, after the neighbours and FDB entries."""
-
-    route_replace: list[Route] = field(default_factory=list)
-    route_delete: list[Route] = field(default_factory=list)
-    neigh_replace: list[Neigh] = field(default_factory=list)
-    neigh_delete: list[Neigh] = field(default_factory=list)
-    fdb_replace: list[Fdb] = field(default_factory=list)
-    fdb_delete: list[Fdb] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return any((self.route_replace, self.route_delete, self.neigh_replace,
-                    self.neigh_delete, self.fdb_replace, self.fdb_delete))
-
-
-@dataclass(frozen=True)
-class KernelError:
-    """One change the kernel refused."""
-
-    what: str  # "route", "neigh" or "fdb"
-    op: str  # "replace" or "delete"
-    item: Route | Neigh | Fdb
-    error: str
-
-
-
-class Netlink:
+class IPRouteNetlink:
     """Real kernel access through pyroute2, serialised on one worker thread."""
 
     def __init__(self) -> None:
@@ -251,13 +166,7 @@ class Netlink:
             return []
         return await self._run(lambda: self._apply_sync(cs))
 
-    async def apply_routes(
-        self, replace: Iterable[Route], delete: Iterable[Route]
-    ) -> list[KernelError]:
-        """Replace and delete routes in one hop; returns the changes the kernel refused."""
-        return await self.apply(ChangeSet(route_replace=list(replace), route_delete=list(delete)))
 
-    # -- neighbours and FDB ------------------------------------------------------------
     def _neigh_sync(self, index: int) -> list[Neigh]:
         out = []
         for msg in self._ip().get_neighbours(family=socket.AF_INET, ifindex=index):
@@ -435,92 +344,3 @@ def _err(exc: Exception) -> str:
     if isinstance(code, int) and code in errno.errorcode:
         return f"{errno.errorcode[code]} ({code}): {exc}"
     return str(exc)
-
-
-class FakeNetlink:
-    """In-memory stand-in for Netlink: keeps routes, neighbours and FDB entries, records
-    calls, fails on demand (`fail(what, op, item)` returns an error text or None)."""
-
-    def __init__(self, links: Iterable[Link] = ()) -> None:
-        self._links = list(links)
-        self.table: dict[ipaddress.IPv4Network, Route] = {}
-        self.neigh: set[Neigh] = set()
-        self.fdb: set[Fdb] = set()
-        self.vxlan: dict[str, VxlanDevice] = {}
-        self.calls: list[tuple[str, object]] = []
-        self.fail: Callable[[str, object], str | None] = lambda op, item: None
-
-    async def links(self) -> list[Link]:
-        return list(self._links)
-
-    async def route_get_oif(self, dst: ipaddress.IPv4Address) -> int | None:
-        for link in self._links:
-            if any(dst in a.network for a in link.addresses):
-                return link.index
-        return await self.default_route_oif()
-
-    async def default_route_oif(self) -> int | None:
-        return self._links[0].index if self._links else None
-
-    async def routes(self, oif: int | None = None) -> list[Route]:
-        return [r for r in self.table.values() if oif is None or r.oif == oif]
-
-    async def neighbours(self, index: int) -> list[Neigh]:
-        return sorted(n for n in self.neigh if n.index == index)
-
-    async def fdb_entries(self, index: int) -> list[Fdb]:
-        return sorted(f for f in self.fdb if f.index == index)
-
-    async def find_vxlan(self, name: str) -> VxlanDevice | None:
-        return self.vxlan.get(name)
-
-    async def configure_link(
-        self, name: str, address: ipaddress.IPv4Interface, mtu: int, txqlen: int
-    ) -> int:
-        self.calls.append(("configure_link", (name, address, mtu, txqlen)))
-        return 200
-
-    async def ensure_vxlan(
-        self, spec: VxlanSpec, mac: str, mtu: int, address: ipaddress.IPv4Interface
-    ) -> VxlanDevice:
-        old = self.vxlan.get(spec.name)
-        index = old.index if old is not None and old.spec == spec else 100 + len(self.calls)
-        dev = VxlanDevice(spec, index, mac, mtu, True, (address,))
-        self.vxlan[spec.name] = dev
-        self.calls.append(("ensure_vxlan", dev))
-        return dev
-
-    async def apply(self, cs: ChangeSet) -> list[KernelError]:
-        errors: list[KernelError] = []
-        steps: list[tuple[str, str, Any, Callable[[Any], None]]] = [
-            *(("route", "delete", r, lambda r: self.table.pop(r.dst, None))
-              for r in cs.route_delete),
-            *(("neigh", "delete", n, self.neigh.discard) for n in cs.neigh_delete),
-            *(("fdb", "delete", f, self.fdb.discard) for f in cs.fdb_delete),
-            *(("fdb", "replace", f, self._fdb_replace) for f in cs.fdb_replace),
-            *(("neigh", "replace", n, self._neigh_replace) for n in cs.neigh_replace),
-            *(("route", "replace", r, lambda r: self.table.__setitem__(r.dst, r))
-              for r in cs.route_replace),
-        ]
-        for what, op, item, do in steps:
-            self.calls.append((op, item))
-            problem = self.fail(op, item)
-            if problem:
-                errors.append(KernelError(what, op, item, problem))
-            else:
-                do(item)
-        return errors
-
-    def _neigh_replace(self, n: Neigh) -> None:
-        self.neigh = {x for x in self.neigh if (x.ip, x.index) != (n.ip, n.index)} | {n}
-
-    def _fdb_replace(self, f: Fdb) -> None:
-        self.fdb = {x for x in self.fdb if (x.mac, x.index) != (f.mac, f.index)} | {f}
-
-    async def apply_routes(
-        self, replace: Iterable[Route], delete: Iterable[Route]
-    ) -> list[KernelError]:
-        return await self.apply(ChangeSet(route_replace=list(replace), route_delete=list(delete)))
-
-    async def close(self) -> None:
-        return None

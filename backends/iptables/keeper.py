@@ -2,7 +2,7 @@
 
 `Iptables` runs the `iptables`, `iptables-save` and `iptables-restore` commands (whatever
 backend they are: nft here) as asyncio subprocesses; that is all the I/O. `IptablesKeeper`
-brings the chains planned by `backends.iptables_plan` into place once the subnet is known,
+brings the chains planned by `backends.iptables.plan` into place once the subnet is known,
 re-checks them every `--iptables-resync` seconds, repairs what changed (one log line per
 repair, none on a quiet check), follows a new subnet, and counts checks, repairs and
 errors. When iptables is missing or fails it says so once and the agent goes on without it.
@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 
-from backends.iptables_plan import (
+from backends.iptables.plan import (
     KINDS,
     ChainPlan,
     ParseError,

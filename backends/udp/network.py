@@ -36,12 +36,13 @@ from agent.config import NetworkConfig
 from agent.lease_codec import LeaseAttrs
 from agent.lease_manager import Lease, PeerEvent
 from backends.base import BackendError
-from backends.datapath import Datapath, choose_datapath
 from backends.external_iface import ExternalInterface
-from backends.kernel_sync import KernelSync
-from backends.netlink import ChangeSet, Netlink, Route
+from backends.kernel.diff import diff_routes
+from backends.kernel.sync import KernelSync
+from backends.kernel.types import ChangeSet, Netlink, Route
 from backends.options import opt_bool, opt_int, opt_str
-from backends.route_table import diff_routes
+from backends.udp.datapath import Datapath
+from backends.udp.selection import choose_datapath
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import asyncio
 import ipaddress
 import socket
 
-from backends import _fastpath  # type: ignore[attr-defined]
-from backends.datapath import COUNTERS, describe_offloads, offload_counters
+from backends.udp import _fastpath  # type: ignore[attr-defined]
+from backends.udp.datapath import COUNTERS, describe_offloads, offload_counters
 
 
 class CDatapath:

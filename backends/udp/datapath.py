@@ -1,0 +1,90 @@
+"""Datapath: moves packets between the TUN device and the UDP socket for the udp backend.
+
+The interface is small (set_route, del_route, run, stop, counters) so that a pure-Python
+(backends/udp/python_datapath.py) and a C implementation (backends/udp/c_datapath.py over
+_fastpath.c) can stand behind it, chosen by name (backends/udp/selection.py). This module
+holds only the contract they share: the protocol, the counter and offload names, and the
+wire constants.
+
+Wire format (flanneld's): each UDP datagram carries exactly one raw IPv4 packet. Both
+ends decrement the inner TTL; a packet whose TTL would reach 0 is dropped. A packet from
+the TUN with no matching peer subnet gets an ICMP net-unreachable written back into the
+TUN. On receive, datagrams are dropped (and counted by reason) when they come from an
+address that is no current peer's PublicIP, are not a whole IPv4 packet, are larger than
+the TUN's MTU, or carry an inner source outside the sending peer's subnets; the two
+source checks can be turned off for NATed setups.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import Protocol
+
+#: Counter names, in the order they are reported.
+COUNTERS = (
+    "tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "rx_datagrams",
+    "tx_drop_malformed", "tx_drop_no_route", "tx_drop_ttl", "tx_drop_send_error",
+    "rx_drop_unknown_source", "rx_drop_malformed", "rx_drop_oversized",
+    "rx_drop_spoofed_source", "rx_drop_ttl", "rx_drop_tun_error", "icmp_unreachable_sent",
+    "gso_sends", "gro_receives", "coalesced_writes", "tso_reads",
+)
+#: The offloads a datapath may use, as reported by offloads() and in counters() as
+#: `offload_<name>` (1 in use, 0 not).
+OFFLOADS = ("tun_tso", "udp_gso", "udp_gro", "tun_coalesce")
+BUF_SIZE = 65536
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+#: Linux accepts at most 64 segments per UDP GSO send, and 64 KiB in all.
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000
+#: struct virtio_net_hdr (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset),
+#: in the host's byte order, as a TUN opened with IFF_VNET_HDR reads and writes it.
+VNET_HDR = struct.Struct("=BBHHHH")
+VNET_NONE = VNET_HDR.pack(0, 0, 0, 0, 0, 0)
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+
+
+class Datapath(Protocol):
+    """What the udp backend needs from a packet mover."""
+
+    name: str
+
+    def set_route(self, subnet: ipaddress.IPv4Network, peer: ipaddress.IPv4Address) -> None:
+        """Packets for `subnet` go to `peer` (its PublicIP); datagrams from `peer` may
+        carry sources in `subnet`."""
+        ...
+
+    def del_route(self, subnet: ipaddress.IPv4Network) -> None:
+        ...
+
+    async def run(self) -> None:
+        """Move packets until stop()."""
+        ...
+
+    def stop(self) -> None:
+        ...
+
+    def counters(self) -> dict[str, int]:
+        ...
+
+    def mode(self) -> str:
+        """Which datapath and offloads are in use, for the log."""
+        ...
+
+    def offloads(self) -> dict[str, bool]:
+        """Each of OFFLOADS and whether it is in use now."""
+        ...
+
+
+def describe_offloads(offloads: dict[str, bool]) -> str:
+    """`tun tso on, udp gso on, ...` for the log line."""
+    return ", ".join(f"{name.replace('_', ' ')} {'on' if offloads.get(name) else 'off'}"
+                     for name in OFFLOADS)
+
+
+def offload_counters(offloads: dict[str, bool]) -> dict[str, int]:
+    """The offloads as `offload_<name>` entries of counters()."""
+    return {f"offload_{name}": int(bool(offloads.get(name))) for name in OFFLOADS}
