@@ -26,7 +26,8 @@ from agent.cli import Options
 from agent.config import ConfigError, NetworkConfig, parse_config
 from agent.etcd_registry import EtcdRegistry, EtcdSettings, EtcdSetupError
 from agent.health import Heartbeat
-from agent.lease_manager import Lease, LeaseManager, PeerEvent
+from agent.lease import Lease, PeerEvent
+from agent.lease_manager import LeaseManager
 from agent.registry import Compacted, Registry, RegistryUnavailable
 from agent.subnet_file import SubnetEnv, read_previous_subnet, write_subnet_file
 from backends import AVAILABLE

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from agent.allocator import Existing, OutOfSubnets, choose_subnet
 from agent.backoff import Backoff, OutageLog
 from agent.config import NetworkConfig
+from agent.lease import Lease, PeerEvent, PeerEventKind, PeerLease
 from agent.lease_codec import (
     LeaseAttrs,
     LeaseDecodeError,
@@ -42,37 +43,6 @@ log = logging.getLogger(__name__)
 
 #: flanneld's lease lifetime: 24 hours.
 DEFAULT_TTL = 24 * 3600
-
-
-@dataclass(frozen=True)
-class Lease:
-    """The lease this host holds."""
-
-    subnet: ipaddress.IPv4Network
-    name: str
-    attrs: LeaseAttrs
-    mod_revision: int
-    expires_at: float | None  # time.monotonic() deadline; None for a reservation
-
-    @property
-    def reservation(self) -> bool:
-        return self.expires_at is None
-
-
-@dataclass(frozen=True)
-class PeerLease:
-    """Another host's lease: its subnet lives behind attrs.public_ip."""
-
-    subnet: ipaddress.IPv4Network
-    attrs: LeaseAttrs
-
-
-@dataclass(frozen=True)
-class PeerEvent:
-    """A peer appeared or changed ("added", an upsert) or went away ("removed")."""
-
-    kind: str
-    lease: PeerLease
 
 
 BatchHandler = Callable[[list[PeerEvent]], Awaitable[None]]
@@ -327,9 +297,11 @@ class LeaseManager:
                 fresh[rec.name] = peer
         if lease is not None and not own_seen:
             self._lost.set()
-        events = [PeerEvent("removed", p) for n, p in self._peers.items() if n not in fresh]
+        events = [
+            PeerEvent(PeerEventKind.REMOVED, p) for n, p in self._peers.items() if n not in fresh
+        ]
         events += [
-            PeerEvent("added", p) for n, p in fresh.items() if self._peers.get(n) != p
+            PeerEvent(PeerEventKind.ADDED, p) for n, p in fresh.items() if self._peers.get(n) != p
         ]
         self._peers = fresh
         return events
@@ -354,9 +326,9 @@ class LeaseManager:
             if new is not None:
                 self._peers[ev.name] = new
                 if new != old:
-                    out.append(PeerEvent("added", new))
+                    out.append(PeerEvent(PeerEventKind.ADDED, new))
             elif old is not None:
-                out.append(PeerEvent("removed", old))
+                out.append(PeerEvent(PeerEventKind.REMOVED, old))
         return out
 
     @property

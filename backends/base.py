@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Protocol
 
 from agent.config import NetworkConfig
+from agent.lease import Lease, PeerEvent
 from agent.lease_codec import LeaseAttrs
-from agent.lease_manager import Lease, PeerEvent
 from backends.external_iface import ExternalInterface
 
 __all__ = ["Backend", "BackendError", "ExternalInterface", "Network"]

@@ -13,8 +13,8 @@ from __future__ import annotations
 import ipaddress
 
 from agent.config import NetworkConfig
+from agent.lease import Lease, PeerEvent, PeerEventKind
 from agent.lease_codec import LeaseAttrs
-from agent.lease_manager import Lease, PeerEvent
 from backends.external_iface import ExternalInterface
 from backends.kernel.diff import diff_routes
 from backends.kernel.sync import KernelSync
@@ -94,7 +94,7 @@ class HostGwNetwork:
         self.peers_known = True
         for ev in events:
             subnet = ev.lease.subnet
-            if ev.kind == "removed" or ev.lease.attrs.backend_type != TYPE:
+            if ev.kind is PeerEventKind.REMOVED or ev.lease.attrs.backend_type != TYPE:
                 # vxlan/udp peers cannot be reached by a plain route; flanneld skips them too.
                 self.desired.pop(subnet, None)
             elif subnet != self.own:

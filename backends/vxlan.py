@@ -30,8 +30,8 @@ from typing import Any
 
 from agent.atomic_file import atomic_write
 from agent.config import NetworkConfig
+from agent.lease import Lease, PeerEvent, PeerEventKind
 from agent.lease_codec import LeaseAttrs
-from agent.lease_manager import Lease, PeerEvent
 from backends.base import BackendError
 from backends.external_iface import ExternalInterface
 from backends.hostgw import owns_peer_route
@@ -220,7 +220,7 @@ class VxlanNetwork:
         self.peers_known = True
         for ev in events:
             subnet, attrs = ev.lease.subnet, ev.lease.attrs
-            if ev.kind == "removed" or attrs.backend_type != TYPE or subnet == self.own:
+            if ev.kind is PeerEventKind.REMOVED or attrs.backend_type != TYPE or subnet == self.own:
                 self.peers.pop(subnet, None)
                 continue
             if peer_mac(attrs) is None:

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.config import NetworkConfig
+from agent.lease import Lease, PeerEvent, PeerEventKind
 from agent.lease_codec import LeaseAttrs
-from agent.lease_manager import Lease, PeerEvent
 from backends.base import BackendError
 from backends.external_iface import ExternalInterface
 from backends.kernel.diff import diff_routes
@@ -185,7 +185,7 @@ class UdpNetwork:
         assert dp is not None
         for ev in events:
             subnet = ev.lease.subnet
-            if ev.kind == "removed" or subnet == self.own:
+            if ev.kind is PeerEventKind.REMOVED or subnet == self.own:
                 if self.peers.pop(subnet, None) is not None:
                     dp.del_route(subnet)
                     log.info("udp: removed peer %s", subnet)

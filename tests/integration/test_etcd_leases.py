@@ -15,8 +15,9 @@ from etcd3aio import Etcd3Client
 from agent.config import parse_config
 from agent.daemon import wait_for_config
 from agent.etcd_registry import EtcdRegistry, EtcdSettings
+from agent.lease import PeerEvent
 from agent.lease_codec import LeaseAttrs, encode_lease
-from agent.lease_manager import LeaseManager, PeerEvent
+from agent.lease_manager import LeaseManager
 from tests.support.aio import background, until
 
 pytestmark = pytest.mark.etcd

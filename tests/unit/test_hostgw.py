@@ -10,8 +10,8 @@ import logging
 import pytest
 
 from agent.config import parse_config
+from agent.lease import Lease, PeerEvent, PeerEventKind, PeerLease
 from agent.lease_codec import LeaseAttrs, encode_lease
-from agent.lease_manager import Lease, PeerEvent, PeerLease
 from backends.external_iface import ExternalInterface
 from backends.hostgw import HostGwBackend, HostGwNetwork
 from backends.kernel.fake import FakeNetlink
@@ -29,7 +29,7 @@ def net(text: str) -> ipaddress.IPv4Network:
 
 def peer(subnet: str, n: int, btype: str = "host-gw", kind: str = "added") -> PeerEvent:
     attrs = LeaseAttrs(IP(f"192.168.100.{n}"), None, btype, None)
-    return PeerEvent(kind, PeerLease(net(subnet), attrs))
+    return PeerEvent(PeerEventKind(kind), PeerLease(net(subnet), attrs))
 
 
 def via(subnet: str, n: int, oif: int = 2) -> Route:

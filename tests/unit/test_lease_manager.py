@@ -10,8 +10,9 @@ import random
 import pytest
 
 from agent.config import parse_config
+from agent.lease import Lease, PeerEvent
 from agent.lease_codec import LeaseAttrs, encode_lease
-from agent.lease_manager import Lease, LeaseManager, PeerEvent
+from agent.lease_manager import LeaseManager
 from agent.registry import MemoryRegistry, Record
 from tests.support.aio import background, until
 

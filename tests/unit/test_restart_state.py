@@ -14,8 +14,9 @@ import random
 from pathlib import Path
 
 from agent.config import parse_config
+from agent.lease import Lease, PeerEvent, PeerEventKind, PeerLease
 from agent.lease_codec import LeaseAttrs, encode_lease
-from agent.lease_manager import Lease, LeaseManager, PeerEvent, PeerLease
+from agent.lease_manager import LeaseManager
 from agent.registry import MemoryRegistry
 from backends.external_iface import ExternalInterface
 from backends.hostgw import HostGwNetwork
@@ -32,14 +33,14 @@ VXLAN = parse_config('{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}')
 
 
 def hostgw_peer(subnet: str, n: int, kind: str = "added") -> PeerEvent:
-    return PeerEvent(kind, PeerLease(NET(subnet), LeaseAttrs(IP(f"192.168.100.{n}"), None,
-                                                              "host-gw", None)))
+    attrs = LeaseAttrs(IP(f"192.168.100.{n}"), None, "host-gw", None)
+    return PeerEvent(PeerEventKind(kind), PeerLease(NET(subnet), attrs))
 
 
 def vxlan_peer(subnet: str, n: int) -> PeerEvent:
     attrs = LeaseAttrs(IP(f"192.168.100.{n}"), None, "vxlan",
                        {"VNI": 1, "VtepMAC": f"0e:00:00:00:00:{n:02x}"})
-    return PeerEvent("added", PeerLease(NET(subnet), attrs))
+    return PeerEvent(PeerEventKind.ADDED, PeerLease(NET(subnet), attrs))
 
 
 async def test_hostgw_restart_keeps_routes_until_the_peers_are_known() -> None:

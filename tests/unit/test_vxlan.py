@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from agent.config import NetworkConfig, parse_config
+from agent.lease import Lease, PeerEvent, PeerEventKind, PeerLease
 from agent.lease_codec import LeaseAttrs, decode_lease, encode_lease
-from agent.lease_manager import Lease, PeerEvent, PeerLease
 from backends.base import BackendError
 from backends.external_iface import ExternalInterface
 from backends.kernel.fake import FakeNetlink
@@ -62,7 +62,7 @@ def attrs(n: int | str, vtep: Any, btype: str = "vxlan") -> LeaseAttrs:
 
 def peer(subnet: str, n: int | str, vtep: Any, btype: str = "vxlan",
          kind: str = "added") -> PeerEvent:
-    return PeerEvent(kind, PeerLease(net(subnet), attrs(n, vtep, btype)))
+    return PeerEvent(PeerEventKind(kind), PeerLease(net(subnet), attrs(n, vtep, btype)))
 
 
 def gone(subnet: str, n: int, vtep: str) -> PeerEvent:

@@ -1,0 +1,52 @@
+"""The lease values both planes share: our `Lease`, a `PeerLease`, and the `PeerEvent`s that
+carry peer changes from the lease manager to the backends.
+
+Pure: no I/O. The etcd-driven `LeaseManager` (agent/lease_manager.py) produces these; the
+backends consume them without knowing where they came from.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass
+
+from agent.lease_codec import LeaseAttrs
+
+
+class PeerEventKind(enum.StrEnum):
+    """What happened to a peer's lease."""
+
+    ADDED = "added"  # appeared or changed: an upsert
+    REMOVED = "removed"
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The lease this host holds."""
+
+    subnet: ipaddress.IPv4Network
+    name: str
+    attrs: LeaseAttrs
+    mod_revision: int
+    expires_at: float | None  # time.monotonic() deadline; None for a reservation
+
+    @property
+    def reservation(self) -> bool:
+        return self.expires_at is None
+
+
+@dataclass(frozen=True)
+class PeerLease:
+    """Another host's lease: its subnet lives behind attrs.public_ip."""
+
+    subnet: ipaddress.IPv4Network
+    attrs: LeaseAttrs
+
+
+@dataclass(frozen=True)
+class PeerEvent:
+    """A peer appeared or changed (ADDED, an upsert) or went away (REMOVED)."""
+
+    kind: PeerEventKind
+    lease: PeerLease
