@@ -14,6 +14,7 @@ from agent.config import NetworkConfig
 from agent.lease import Lease, PeerEvent
 from agent.lease_codec import LeaseAttrs
 from backends.external_iface import ExternalInterface
+from backends.kernel.sync import KernelSync
 
 __all__ = ["Backend", "BackendError", "ExternalInterface", "Network"]
 
@@ -27,6 +28,9 @@ class Network(Protocol):
 
     lease_attrs: LeaseAttrs
     mtu: int
+    #: Brings the kernel to the desired state; the daemon tells it when a batch arrived
+    #: (`expect`) and metrics read its operation counters and delay histogram.
+    kernel: KernelSync
 
     async def setup(self, lease: Lease) -> None:
         """Create devices and addresses for our lease (idempotent)."""
@@ -42,6 +46,11 @@ class Network(Protocol):
 
     def ready(self) -> bool:
         """True once the last apply or resync left the kernel as desired."""
+        ...
+
+    def counters(self) -> dict[str, int]:
+        """The datapath's packet counters, for metrics; empty when the kernel carries
+        the packets."""
         ...
 
     async def close(self) -> None:

@@ -112,6 +112,9 @@ class HostGwNetwork:
     async def run(self) -> None:
         await self.kernel.run()
 
+    def counters(self) -> dict[str, int]:
+        return {}
+
     async def close(self) -> None:
         return None
 

@@ -241,6 +241,9 @@ class VxlanNetwork:
     async def run(self) -> None:
         await self.kernel.run()
 
+    def counters(self) -> dict[str, int]:
+        return {}
+
     async def close(self) -> None:
         return None
 
