@@ -43,8 +43,10 @@ test: setup
 unit: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit
 
+# ruff over everything, and the type checker (mypy, settings in pyproject.toml) over the code.
 lint: setup
 	$(VENV)/bin/ruff check agent backends tests
+	$(VENV)/bin/mypy
 
 BACKEND ?= host-gw
 demo: setup
