@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.json_fields import get_bool, get_int
+
 IPv4Network = ipaddress.IPv4Network
 IPv6Network = ipaddress.IPv6Network
 AnyNetwork = IPv4Network | IPv6Network
@@ -66,21 +68,11 @@ def _fold(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def _bool(cfg: dict[str, Any], name: str, default: bool) -> bool:
-    value = cfg.get(name.lower(), default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise ConfigError(f"{name}: must be true or false, got {value!r}")
-    return value
+    return get_bool(cfg, name, default, error=ConfigError)
 
 
 def _int(cfg: dict[str, Any], name: str) -> int:
-    value = cfg.get(name.lower(), 0)
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name}: must be an integer, got {value!r}")
-    return value
+    return get_int(cfg, name, 0, error=ConfigError)
 
 
 def _network(cfg: dict[str, Any], name: str, version: int) -> AnyNetwork | None:

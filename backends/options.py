@@ -1,38 +1,25 @@
 """Reading a backend's options from the network config's Backend object.
 
 The config parser has already lower-cased the keys (flanneld matches them
-case-insensitively); these helpers check types and ranges and name the option in errors.
+case-insensitively); these check types and ranges with the validators the config itself
+uses (`agent.json_fields`) and name the option in errors as `Backend.<Name>`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from agent.json_fields import get_bool, get_int, get_str
 from backends.base import BackendError
 
 
 def opt_int(backend: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
-    value = backend.get(name.lower(), default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise BackendError(f"Backend.{name}: must be an integer in {lo}..{hi}, got {value!r}")
-    return value
+    return get_int(backend, name, default, (lo, hi), error=BackendError, prefix="Backend.")
 
 
 def opt_bool(backend: dict[str, Any], name: str, default: bool = False) -> bool:
-    value = backend.get(name.lower(), default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise BackendError(f"Backend.{name}: must be true or false, got {value!r}")
-    return value
+    return get_bool(backend, name, default, error=BackendError, prefix="Backend.")
 
 
 def opt_str(backend: dict[str, Any], name: str, default: str) -> str:
-    value = backend.get(name.lower(), default)
-    if value is None:
-        return default
-    if not isinstance(value, str):
-        raise BackendError(f"Backend.{name}: must be a string, got {value!r}")
-    return value
+    return get_str(backend, name, default, error=BackendError, prefix="Backend.")
