@@ -34,23 +34,25 @@ def valid_header(buf: bytes | bytearray | memoryview, length: int) -> bool:
     return IPV4_MIN_HEADER <= ihl <= total <= length
 
 
-def decrement_ttl(buf: bytearray | memoryview) -> bool:
-    """Decrement the TTL and patch the checksum in place; False if the TTL reaches 0
-    (the packet must be dropped; the buffer is then left as it was)."""
-    ttl = buf[8]
+def decrement_ttl(buf: bytearray | memoryview, pos: int = 0) -> bool:
+    """Decrement the TTL of the IPv4 header at buf[pos:] and patch its checksum in place;
+    False if the TTL would reach 0 (the packet must be dropped; the buffer is then left as
+    it was). Both datapaths' hot paths call this (the C one has its twin in _fastpath.c):
+    `pos` lets the caller patch a packet inside a larger buffer without slicing it."""
+    ttl = buf[pos + 8]
     if ttl <= 1:
         return False
-    buf[8] = ttl - 1
+    buf[pos + 8] = ttl - 1
     # The 16-bit word holding TTL (high byte) and protocol went down by 0x0100, so the
     # one's complement checksum goes up by 0x0100, with end-around carry (RFC 1141), and
     # the one case where that differs from RFC 1624's eqn. 3 (a result of 0xFFFF) is fixed.
-    csum = ((buf[10] << 8) | buf[11]) + 0x0100
+    csum = ((buf[pos + 10] << 8) | buf[pos + 11]) + 0x0100
     csum = (csum & 0xFFFF) + (csum >> 16)
     if csum == 0xFFFF:
         # RFC 1624: a computed checksum is never 0xFFFF (that is "-0"); eqn. 3 gives 0.
         csum = 0
-    buf[10] = csum >> 8
-    buf[11] = csum & 0xFF
+    buf[pos + 10] = csum >> 8
+    buf[pos + 11] = csum & 0xFF
     return True
 
 

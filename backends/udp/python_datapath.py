@@ -33,7 +33,7 @@ from backends.udp.datapath import (
     offload_counters,
 )
 from backends.udp.lpm import RouteTable
-from backends.udp.packet import checksum, net_unreachable
+from backends.udp.packet import checksum, decrement_ttl, net_unreachable
 
 
 class PythonDatapath:
@@ -132,7 +132,7 @@ class PythonDatapath:
         plain = [VNET_NONE] if self.vnet_hdr else []
         sendto, sendmsg = self.sock.sendto, self.sock.sendmsg
         pack = struct.Struct("=H").pack
-        from_bytes = int.from_bytes
+        from_bytes, dec_ttl = int.from_bytes, decrement_ttl
 
         def send_run(start: int, end: int, seg: int, count: int, addr: tuple[str, int]) -> None:
             if count == 1 or not self.gso:
@@ -189,17 +189,9 @@ class PythonDatapath:
                         except OSError:
                             pass
                     continue
-                ttl = buf[off + 8]
-                if ttl <= 1:
+                if not dec_ttl(buf, off):
                     self.tx_drop_ttl += 1
                     continue
-                buf[off + 8] = ttl - 1
-                csum = ((buf[off + 10] << 8) | buf[off + 11]) + 0x0100
-                csum = (csum & 0xFFFF) + (csum >> 16)
-                if csum == 0xFFFF:  # RFC 1624: never -0
-                    csum = 0
-                buf[off + 10] = csum >> 8
-                buf[off + 11] = csum & 0xFF
                 if count and (addr != raddr or n > seg or short or count >= GSO_MAX_SEGMENTS
                               or off + n - start > GSO_MAX_BYTES):
                     send_run(start, off, seg, count, raddr)  # type: ignore[arg-type]
@@ -225,7 +217,7 @@ class PythonDatapath:
         bufs = [buf]
         writev, fd = os.writev, self.tun_fd
         mtu = self.mtu
-        from_bytes = int.from_bytes
+        from_bytes, dec_ttl = int.from_bytes, decrement_ttl
         ancsize = socket.CMSG_SPACE(4)
         vnet = self.vnet_hdr
         coalesce = self.coalesce
@@ -253,17 +245,9 @@ class PythonDatapath:
                 else:
                     self.rx_drop_spoofed_source += 1
                     return 0
-            ttl = buf[pos + 8]
-            if ttl <= 1:
+            if not dec_ttl(buf, pos):
                 self.rx_drop_ttl += 1
                 return 0
-            buf[pos + 8] = ttl - 1
-            csum = ((buf[pos + 10] << 8) | buf[pos + 11]) + 0x0100
-            csum = (csum & 0xFFFF) + (csum >> 16)
-            if csum == 0xFFFF:  # RFC 1624: never -0
-                csum = 0
-            buf[pos + 10] = csum >> 8
-            buf[pos + 11] = csum & 0xFF
             return total
 
         def write(parts: list, count: int, nbytes: int) -> None:

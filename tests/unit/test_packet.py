@@ -163,6 +163,17 @@ def test_decrement_ttl_works_on_memoryview_slice():
     assert buf[:4] == b"\xee" * 4 and buf[24:] == b"tail"
 
 
+def test_decrement_ttl_at_an_offset_patches_only_that_header():
+    # How the python datapath calls it: a packet in the middle of its receive buffer.
+    first, second = header(ttl=10), header(ttl=64, ident=0x4321)
+    buf = bytearray(b"\xee" * 3) + first + second + b"tail"
+    assert decrement_ttl(buf, 3 + len(first))
+    assert buf[3:3 + len(first)] == first  # the neighbour is untouched
+    patched = buf[3 + len(first):3 + len(first) + len(second)]
+    assert patched[8] == 63 and checksum(patched) == 0
+    assert buf[:3] == b"\xee" * 3 and buf[-4:] == b"tail"
+
+
 @pytest.mark.parametrize("ttl", [0, 1])
 def test_decrement_ttl_expired_leaves_buffer(ttl):
     h = header(ttl=ttl)
