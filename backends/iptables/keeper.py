@@ -38,8 +38,13 @@ async def _exited(proc: subprocess.Popen[bytes]) -> None:
     """Wait until `proc` exits (its pidfd turns readable) without blocking the loop."""
     loop = asyncio.get_running_loop()
     pidfd = os.pidfd_open(proc.pid)
-    done = loop.create_future()
-    loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
+    done: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(pidfd, readable)
     try:
         await done
     finally:

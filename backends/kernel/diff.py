@@ -11,12 +11,19 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from backends.kernel.types import Route
 
+
+class _Key(Hashable, Protocol):
+    """A key of a table: hashable, and ordered so that changes come out sorted."""
+
+    def __lt__(self, other: Any, /) -> bool: ...
+
+
 T = TypeVar("T")
-K = TypeVar("K", bound=Hashable)
+K = TypeVar("K", bound=_Key)
 
 
 @dataclass(frozen=True)
@@ -28,7 +35,6 @@ class Diff(Generic[T]):
 
     def __bool__(self) -> bool:
         return bool(self.replace or self.delete)
-
 
 
 def diff_entries(
@@ -51,7 +57,7 @@ def diff_entries(
         # there are several (then the extras go).
         and (k not in desired or len(items) > 1)
     ]
-    return Diff(tuple(sorted(replace, key=key)), tuple(sorted(delete, key=key)))  # type: ignore[arg-type]
+    return Diff(tuple(sorted(replace, key=key)), tuple(sorted(delete, key=key)))
 
 
 def diff_routes(

@@ -76,24 +76,23 @@ class FakeNetlink:
         return dev
 
     async def apply(self, cs: ChangeSet) -> list[KernelError]:
+        do: dict[tuple[str, str], Callable[[Any], object]] = {
+            ("route", "delete"): lambda r: self.table.pop(r.dst, None),
+            ("neigh", "delete"): lambda n: self.neigh.discard(n),
+            ("fdb", "delete"): lambda f: self.fdb.discard(f),
+            ("fdb", "replace"): self._fdb_replace,
+            ("neigh", "replace"): self._neigh_replace,
+            ("route", "replace"): lambda r: self.table.__setitem__(r.dst, r),
+        }
         errors: list[KernelError] = []
-        steps: list[tuple[str, str, Any, Callable[[Any], None]]] = [
-            *(("route", "delete", r, lambda r: self.table.pop(r.dst, None))
-              for r in cs.route_delete),
-            *(("neigh", "delete", n, self.neigh.discard) for n in cs.neigh_delete),
-            *(("fdb", "delete", f, self.fdb.discard) for f in cs.fdb_delete),
-            *(("fdb", "replace", f, self._fdb_replace) for f in cs.fdb_replace),
-            *(("neigh", "replace", n, self._neigh_replace) for n in cs.neigh_replace),
-            *(("route", "replace", r, lambda r: self.table.__setitem__(r.dst, r))
-              for r in cs.route_replace),
-        ]
-        for what, op, item, do in steps:
-            self.calls.append((op, item))
-            problem = self.fail(op, item)
-            if problem:
-                errors.append(KernelError(what, op, item, problem))
-            else:
-                do(item)
+        for what, op, items in cs.steps():
+            for item in items:
+                self.calls.append((op, item))
+                problem = self.fail(op, item)
+                if problem:
+                    errors.append(KernelError(what, op, item, problem))
+                else:
+                    do[(what, op)](item)
         return errors
 
     def _neigh_replace(self, n: Neigh) -> None:

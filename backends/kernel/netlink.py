@@ -136,28 +136,22 @@ class IPRouteNetlink:
 
     def _apply_sync(self, cs: ChangeSet) -> list[KernelError]:
         ipr = self._ip()
+        # Per kind: the IPRoute call (taking "del" or "replace") and its arguments.
+        calls: dict[str, tuple[Callable[..., Any], Callable[[Any], dict[str, Any]]]] = {
+            "route": (ipr.route, _route_kw), "neigh": (ipr.neigh, _neigh_kw),
+            "fdb": (ipr.fdb, _fdb_kw),
+        }
         errors: list[KernelError] = []
-
-        def run(what: str, op: str, item: Any, call: Callable[[], Any]) -> None:
-            try:
-                call()
-            except Exception as exc:  # noqa: BLE001 - reported to the caller per change
-                if op == "delete" and getattr(exc, "code", None) in (errno.ESRCH, errno.ENOENT):
-                    return  # already gone: that is what we wanted
-                errors.append(KernelError(what, op, item, _err(exc)))
-
-        for r in cs.route_delete:
-            run("route", "delete", r, lambda r=r: ipr.route("del", **_route_kw(r)))
-        for n in cs.neigh_delete:
-            run("neigh", "delete", n, lambda n=n: ipr.neigh("del", **_neigh_kw(n)))
-        for f in cs.fdb_delete:
-            run("fdb", "delete", f, lambda f=f: ipr.fdb("del", **_fdb_kw(f)))
-        for f in cs.fdb_replace:
-            run("fdb", "replace", f, lambda f=f: ipr.fdb("replace", **_fdb_kw(f)))
-        for n in cs.neigh_replace:
-            run("neigh", "replace", n, lambda n=n: ipr.neigh("replace", **_neigh_kw(n)))
-        for r in cs.route_replace:
-            run("route", "replace", r, lambda r=r: ipr.route("replace", **_route_kw(r)))
+        for what, op, items in cs.steps():
+            call, kwargs = calls[what]
+            for item in items:
+                try:
+                    call("del" if op == "delete" else "replace", **kwargs(item))
+                except Exception as exc:  # noqa: BLE001 - reported to the caller per change
+                    if op == "delete" and getattr(exc, "code", None) in (errno.ESRCH,
+                                                                         errno.ENOENT):
+                        continue  # already gone: that is what we wanted
+                    errors.append(KernelError(what, op, item, _err(exc)))
         return errors
 
     async def apply(self, cs: ChangeSet) -> list[KernelError]:
@@ -165,7 +159,6 @@ class IPRouteNetlink:
         if not cs:
             return []
         return await self._run(lambda: self._apply_sync(cs))
-
 
     def _neigh_sync(self, index: int) -> list[Neigh]:
         out = []

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from agent.histogram import Histogram
-from backends.kernel.types import ChangeSet, KernelError, Netlink
+from backends.kernel.types import ChangeSet, Entry, KernelError, Neigh, Netlink, Route
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +33,15 @@ KINDS = ("route", "neigh", "fdb")
 OPS = ("replace", "delete")
 
 
-def describe(what: str, item: object) -> str:
+def describe(item: Entry) -> str:
     """A short `ip`-like description of a route, neighbour or FDB entry."""
-    if what == "route":
-        r = item
-        via = f" via {r.gateway}" if r.gateway is not None else ""  # type: ignore[attr-defined]
-        onlink = " onlink" if r.onlink else ""  # type: ignore[attr-defined]
-        return f"route {r.dst}{via} oif {r.oif}{onlink}"  # type: ignore[attr-defined]
-    if what == "neigh":
-        return f"neigh {item.ip} lladdr {item.mac} dev {item.index}"  # type: ignore[attr-defined]
-    return f"fdb {item.mac} dst {item.dst} dev {item.index}"  # type: ignore[attr-defined]
+    if isinstance(item, Route):
+        via = f" via {item.gateway}" if item.gateway is not None else ""
+        onlink = " onlink" if item.onlink else ""
+        return f"route {item.dst}{via} oif {item.oif}{onlink}"
+    if isinstance(item, Neigh):
+        return f"neigh {item.ip} lladdr {item.mac} dev {item.index}"
+    return f"fdb {item.mac} dst {item.dst} dev {item.index}"
 
 
 class KernelSync:
@@ -111,17 +110,13 @@ class KernelSync:
                 self._settle(pending, False)
                 raise
             failed = {id(e.item) for e in errors}
-            for what, op, items in (
-                ("route", "delete", cs.route_delete), ("neigh", "delete", cs.neigh_delete),
-                ("fdb", "delete", cs.fdb_delete), ("fdb", "replace", cs.fdb_replace),
-                ("neigh", "replace", cs.neigh_replace), ("route", "replace", cs.route_replace),
-            ):
+            for what, op, items in cs.steps():
                 for item in items:
                     result = "error" if id(item) in failed else "ok"
                     self.ops[(what, op, result)] += 1
                     if result == "ok":
                         log.info("%s %s", "removed" if op == "delete" else "set",
-                                 describe(what, item))
+                                 describe(item))
             self._report(errors)
             self._ok = not errors
             self._settle(pending, self._ok)
@@ -130,7 +125,7 @@ class KernelSync:
     def _report(self, errors: list[KernelError]) -> None:
         for e in errors:
             self.errors += 1
-            text = describe(e.what, e.item)
+            text = describe(e.item)
             if (text, e.error) not in self._reported:
                 self._reported.add((text, e.error))
                 log.error("cannot %s %s: %s", e.op, text, e.error)

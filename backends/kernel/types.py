@@ -9,6 +9,7 @@ protocol that both the pyroute2 adapter (`backends.kernel.netlink`) and the in-m
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -81,6 +82,10 @@ class VxlanDevice:
     addresses: tuple[ipaddress.IPv4Interface, ...]
 
 
+#: One kernel entry a ChangeSet may hold.
+Entry = Route | Neigh | Fdb
+
+
 @dataclass
 class ChangeSet:
     """Kernel changes applied in one hop, in an order that never leaves a route dangling:
@@ -97,6 +102,15 @@ class ChangeSet:
         return any((self.route_replace, self.route_delete, self.neigh_replace,
                     self.neigh_delete, self.fdb_replace, self.fdb_delete))
 
+    def steps(self) -> list[tuple[str, str, Sequence[Entry]]]:
+        """(kind, op, entries) in the order they must be applied; the one place that
+        order is written (the adapter, the fake and KernelSync's log all follow it)."""
+        return [
+            ("route", "delete", self.route_delete), ("neigh", "delete", self.neigh_delete),
+            ("fdb", "delete", self.fdb_delete), ("fdb", "replace", self.fdb_replace),
+            ("neigh", "replace", self.neigh_replace), ("route", "replace", self.route_replace),
+        ]
+
 
 @dataclass(frozen=True)
 class KernelError:
@@ -104,7 +118,7 @@ class KernelError:
 
     what: str  # "route", "neigh" or "fdb"
     op: str  # "replace" or "delete"
-    item: Route | Neigh | Fdb
+    item: Entry
     error: str
 
 
