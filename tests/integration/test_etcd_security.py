@@ -111,15 +111,6 @@ def manager_for(reg: EtcdRegistry, n: int = 1, **kw: object) -> LeaseManager:
                         backoff_cap=0.3, **kw)  # type: ignore[arg-type]
 
 
-async def until_async(pred: Callable[[], Awaitable[bool]], limit: float) -> None:
-    """Await pred() until it is true; fail after `limit` seconds."""
-    end = asyncio.get_running_loop().time() + limit
-    while not await pred():
-        if asyncio.get_running_loop().time() > end:
-            raise AssertionError(f"condition not met within {limit} s")
-        await asyncio.sleep(0.05)
-
-
 def answers_from(reg: EtcdRegistry, value: bytes) -> Callable[[], Awaitable[bool]]:
     async def pred() -> bool:
         try:
@@ -263,10 +254,12 @@ async def test_several_https_endpoints_by_address(start_etcd, pki):
                 seen.add((await reg.get_config())[0])
             return seen == {b"first", b"second"}
 
-        await until_async(answers, limit=30)  # round robin over both members
+        await until(answers, limit=30, step=0.05,  # round robin over both members
+                    what="answers from both members")
         first.stop()
         seen.clear()
-        await until_async(answers_from(reg, b"second"), limit=30)
+        await until(answers_from(reg, b"second"), limit=30, step=0.05,
+                    what="answers from the second member only")
         for _ in range(5):
             assert (await reg.get_config())[0] == b"second"
 

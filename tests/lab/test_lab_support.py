@@ -18,6 +18,7 @@ import uvloop
 from tests.support.etcd import Etcdctl, EtcdServer
 from tests.support.netns import Lab, list_netns, parse_env, root_ns_snapshot
 from tests.support.proxy import TcpProxy
+from tests.support.wait import WaitTimeout, poll, until, wait_for
 
 # --- etcd -------------------------------------------------------------------------------
 
@@ -138,7 +139,7 @@ def test_proxy_forwards_cuts_and_restores(echo_server, tcp_proxy) -> None:
         a.sendall(b"more")  # in case the RST only arrives after the first send
         a.recv(10)
     a.close()
-    _until(lambda: proxy.active == 0)
+    wait_for(lambda: proxy.active == 0, 5, step=0.02, what="no connection left open")
     # New connections are refused with a reset, nothing reaches the target. (Under load
     # the reset can already arrive while connect() returns, so connect is inside too.)
     with pytest.raises((ConnectionResetError, BrokenPipeError)):
@@ -149,7 +150,8 @@ def test_proxy_forwards_cuts_and_restores(echo_server, tcp_proxy) -> None:
         finally:
             b.close()
     # The proxy thread counts after it sends the reset: wait for it rather than race it.
-    _until(lambda: proxy.accepted == 2 and proxy.refused == 1)
+    wait_for(lambda: proxy.accepted == 2 and proxy.refused == 1, 5, step=0.02,
+             what="the refused connection counted")
 
     proxy.restore()
     c = connect(proxy)
@@ -164,20 +166,13 @@ def test_proxy_forwards_cuts_and_restores(echo_server, tcp_proxy) -> None:
     reader.join(30)
     assert bytes(received) == blob
     c.close()
-    _until(lambda: proxy.active == 0)
+    wait_for(lambda: proxy.active == 0, 5, step=0.02, what="no connection left open")
     assert proxy.accepted == 3
 
 
 def _read_all(s: socket.socket, into: bytearray) -> None:
     while chunk := s.recv(65536):
         into += chunk
-
-
-def _until(pred, timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < end, "condition not met"
-        time.sleep(0.02)
 
 
 def test_proxy_blackhole_mode(echo_server, tcp_proxy) -> None:
@@ -332,3 +327,51 @@ def test_parse_env() -> None:
     text = "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.72.1/24\n\n# c\nFLANNEL_MTU=1450\n"
     assert parse_env(text) == {"FLANNEL_NETWORK": "10.5.0.0/16",
                                "FLANNEL_SUBNET": "10.5.72.1/24", "FLANNEL_MTU": "1450"}
+
+
+# --- waiting ----------------------------------------------------------------------------
+
+
+def test_wait_for_returns_the_first_truthy_value() -> None:
+    calls = []
+
+    def pred() -> list[int] | None:
+        calls.append(1)
+        return [len(calls)] if len(calls) == 3 else None
+
+    assert wait_for(pred, 5, step=0.001) == [3]
+    assert len(calls) == 3
+
+
+def test_wait_for_names_what_it_waited_for_the_last_value_and_the_detail() -> None:
+    t0 = time.monotonic()
+    with pytest.raises(WaitTimeout) as info:
+        wait_for(lambda: [], 0.2, step=0.01, what="routes on h1", detail=lambda: "log tail")
+    assert 0.2 <= time.monotonic() - t0 < 2
+    assert str(info.value) == "routes on h1: not met within 0.2 s (last value [])\nlog tail"
+    assert isinstance(info.value, AssertionError)
+    # Unnamed: the predicate's name and line; False says nothing, so it is left out.
+    with pytest.raises(WaitTimeout, match=r"^test_wait_for_names.*<lambda> at "
+                       r"\S*tests/lab/test_lab_support\.py:\d+: not met within 0\.05 s$"):
+        wait_for(lambda: False, 0.05, step=0.01)
+
+
+def test_poll_returns_the_last_falsy_value_at_the_deadline() -> None:
+    assert poll(lambda: 0, 0.05, step=0.01) == 0
+    assert poll(lambda: "x", 0.05) == "x"
+
+
+async def test_until_takes_plain_and_async_predicates_and_bounds_a_hanging_one() -> None:
+    n = 0
+
+    async def grows() -> int:
+        nonlocal n
+        n += 1
+        return n if n >= 3 else 0
+
+    assert await until(grows, 5, step=0.001) == 3
+    assert await until(lambda: "plain", 5) == "plain"
+    t0 = time.monotonic()
+    with pytest.raises(WaitTimeout, match=r"^etcd answers: not met within 0\.2 s$"):
+        await until(lambda: asyncio.sleep(60), 0.2, what="etcd answers")
+    assert time.monotonic() - t0 < 2  # the hanging predicate was cancelled

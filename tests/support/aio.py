@@ -1,32 +1,22 @@
-"""Waiting in async tests: poll a condition with a bound, run coroutines in the background."""
+"""Async tests: run coroutines in the background for the length of a block.
+
+`until` (poll a condition with a bound) lives in tests.support.wait with its sync twin and
+is re-exported here for the tests that import it from this module.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 
-TIMEOUT = 10.0
+from tests.support.wait import until
 
-
-async def until(pred: Callable[[], object], limit: float = TIMEOUT) -> object:
-    """Wait until pred() is truthy; fail after `limit` seconds."""
-
-    async def poll() -> object:
-        while True:
-            got = pred()
-            if got:
-                return got
-            await asyncio.sleep(0.01)
-
-    try:
-        return await asyncio.wait_for(poll(), limit)
-    except TimeoutError:
-        raise AssertionError(f"condition not met within {limit} s") from None
+__all__ = ["background", "until"]
 
 
 @contextlib.asynccontextmanager
 async def background(*coros):
+    """Run coros as tasks inside the block; cancel them after; re-raise one that failed."""
     tasks = [asyncio.create_task(c) for c in coros]
     try:
         yield tasks

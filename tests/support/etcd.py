@@ -22,10 +22,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+from tests.support.wait import poll
 
 ETCD = "/usr/bin/etcd"
 ETCDCTL = "/usr/bin/etcdctl"
@@ -300,10 +301,13 @@ class EtcdServer(Etcdctl):
             )
 
     def _wait_healthy(self, timeout: float) -> None:
-        assert self.proc is not None
-        end = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
+        proc = self.proc
+        assert proc is not None
+        why = "port not open"  # the last reason it was not healthy, for the error
+
+        def healthy() -> bool:
+            nonlocal why
+            if proc.poll() is not None:
                 tail = self.log_tail()
                 self.proc = None
                 msg = f"etcd exited during start ({self.client_url}); log tail:\n{tail}"
@@ -311,25 +315,24 @@ class EtcdServer(Etcdctl):
                     raise _PortTaken(msg)
                 raise RuntimeError(msg)
             if self.netns is None and not _listening(self.host, self.port):
-                res = None
-            else:
-                res = subprocess.run(
-                    self._wrap([ETCDCTL, f"--endpoints={self.client_url}",
-                                "--dial-timeout=500ms", "--command-timeout=2s",
-                                *self._conn_args(), "endpoint", "health"]),
-                    capture_output=True, text=True, env=self._ctl_env(), check=False,
-                    timeout=10,
-                )
-                if res.returncode == 0:
-                    return
-            if time.monotonic() > end:
-                self.stop()
-                why = res.stderr.strip() if res is not None else "port not open"
-                raise RuntimeError(
-                    f"etcd at {self.client_url} not healthy within {timeout} s "
-                    f"({why}); log tail:\n{self.log_tail()}"
-                )
-            time.sleep(0.05)
+                why = "port not open"
+                return False
+            res = subprocess.run(
+                self._wrap([ETCDCTL, f"--endpoints={self.client_url}",
+                            "--dial-timeout=500ms", "--command-timeout=2s",
+                            *self._conn_args(), "endpoint", "health"]),
+                capture_output=True, text=True, env=self._ctl_env(), check=False,
+                timeout=10,
+            )
+            why = res.stderr.strip()
+            return res.returncode == 0
+
+        if not poll(healthy, timeout, step=0.05):
+            self.stop()
+            raise RuntimeError(
+                f"etcd at {self.client_url} not healthy within {timeout} s "
+                f"({why}); log tail:\n{self.log_tail()}"
+            )
 
     def _log_since_start(self) -> str:
         try:

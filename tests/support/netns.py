@@ -19,13 +19,13 @@ import re
 import signal
 import string
 import subprocess
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from tests.support.etcd import EtcdServer
+from tests.support.wait import poll
 
 UNDERLAY = ipaddress.IPv4Network("192.168.100.0/24")
 UNDERLAY_GW = "192.168.100.254"
@@ -120,11 +120,9 @@ def stop_processes(procs: Iterable[subprocess.Popen[Any]], timeout: float = 3.0)
     for p in live:
         with contextlib.suppress(ProcessLookupError):
             p.send_signal(signal.SIGTERM)
-    end = time.monotonic() + timeout
+    poll(lambda: all(p.poll() is not None for p in live), timeout, step=0.02)
     for p in live:
-        try:
-            p.wait(timeout=max(0.0, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
+        if p.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 p.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
