@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from backends.kernel.types import Link
@@ -31,6 +31,10 @@ class ExternalInterface:
     def on_segment(self, ip: ipaddress.IPv4Address) -> bool:
         """True if `ip` is directly reachable on this interface's segment."""
         return self.network is not None and ip in self.network
+
+
+#: Looks for the interface one flag value names: (links, value, --public-ip) -> it or None.
+_Search = Callable[[Sequence[Link], str, str], ExternalInterface | None]
 
 
 class InterfaceError(RuntimeError):
@@ -91,24 +95,20 @@ def choose_interface(
     """Apply flanneld's interface rules to `links`: each --iface in turn, then each
     --iface-regex, then --iface-can-reach; the default route only when none is given."""
     problems: list[str] = []
-    for want in iface:
+    # (flag as named in errors, search, its argument, what to say when nothing is found)
+    searches: list[tuple[str, _Search, str, str]] = [
+        *((f"--iface {w}", _by_iface, w, "no such interface or address") for w in iface),
+        *((f"--iface-regex {p}", _by_regex, p, "nothing matches") for p in iface_regex),
+    ]
+    for flag, search, want, missing in searches:
         try:
-            found = _by_iface(links, want, public_ip)
+            found = search(links, want, public_ip)
         except InterfaceError as exc:
-            problems.append(f"--iface {want}: {exc}")
+            problems.append(f"{flag}: {exc}")
             continue
         if found is not None:
             return found
-        problems.append(f"--iface {want}: no such interface or address")
-    for pattern in iface_regex:
-        try:
-            found = _by_regex(links, pattern, public_ip)
-        except InterfaceError as exc:
-            problems.append(f"--iface-regex {pattern}: {exc}")
-            continue
-        if found is not None:
-            return found
-        problems.append(f"--iface-regex {pattern}: nothing matches")
+        problems.append(f"{flag}: {missing}")
     if can_reach_oif is not None:
         for link in links:
             if link.index == can_reach_oif:

@@ -185,3 +185,13 @@ def test_iface_without_address_falls_through_to_next_iface() -> None:
 def test_iface_no_match_falls_through_to_regex() -> None:
     ext = choose_interface(LINKS, iface=["eth7"], iface_regex=["^wlan"])
     assert ext.name == "wlan0"
+
+
+def test_every_failed_iface_and_regex_is_named_in_order() -> None:
+    with pytest.raises(InterfaceError) as info:
+        choose_interface(LINKS, iface=["eth7", "dummy0"], iface_regex=["^zz", "^dummy"])
+    assert str(info.value) == (
+        "no usable interface: --iface eth7: no such interface or address; "
+        "--iface dummy0: interface dummy0 has no IPv4 address; "
+        "--iface-regex ^zz: nothing matches; --iface-regex ^dummy: nothing matches"
+    )
