@@ -30,12 +30,11 @@ from agent.lease import Lease, PeerEvent
 from agent.lease_manager import LeaseManager
 from agent.registry import Compacted, Registry, RegistryUnavailable
 from agent.subnet_file import SubnetEnv, read_previous_subnet, write_subnet_file
-from backends import AVAILABLE
-from backends.base import Backend, BackendError, Network
+from backends import backend_problem, build_backend
+from backends.base import BackendContext, BackendError, Network
 from backends.external_iface import ExternalInterface, InterfaceError, choose_interface
 from backends.iptables.keeper import Iptables, IptablesKeeper
 from backends.kernel.netlink import IPRouteNetlink
-from backends.kernel.types import Netlink
 
 log = logging.getLogger("tweed")
 
@@ -93,31 +92,6 @@ async def wait_for_config(
             await backoff.wait()
 
 
-def backend_problem(config: NetworkConfig) -> str | None:
-    """Why building the backend of `config` would fail at start, or None.
-
-    parse_config checks the config's own fields; the backend checks its options only when
-    it is built. A config changed at run time is judged with both, so that one a restart
-    could not use is reported as invalid rather than as "restart to apply".
-    """
-    btype = config.backend_type
-    if btype not in AVAILABLE:
-        return f"Backend.Type {btype!r} is not available in tweed (available: " \
-            f"{', '.join(AVAILABLE)})"
-    try:
-        if btype == "vxlan":
-            from backends.vxlan import parse_options as vxlan_options
-
-            vxlan_options(config.backend)
-        elif btype == "udp":
-            from backends.udp.network import parse_options as udp_options
-
-            udp_options(config.backend)
-    except BackendError as exc:
-        return str(exc)
-    return None
-
-
 def describe_change(old: NetworkConfig, new: NetworkConfig) -> str:
     """The fields that differ, e.g. `backend {"type": "vxlan"} -> {"port": 4789, ...}`."""
     def show(value: object) -> str:
@@ -131,30 +105,6 @@ def describe_change(old: NetworkConfig, new: NetworkConfig) -> str:
         if getattr(old, f.name) != getattr(new, f.name)
     ]
     return "; ".join(parts)
-
-
-def build_backend(
-    config: NetworkConfig, netlink: Netlink, ext: ExternalInterface, opts: Options
-) -> Backend:
-    """The backend named by the config; StartupError if this build has no such backend."""
-    btype = config.backend_type
-    if btype == "host-gw":
-        from backends.hostgw import HostGwBackend
-
-        return HostGwBackend(netlink, ext, resync=opts.resync_period)
-    if btype == "udp":
-        from backends.udp.network import UdpBackend
-
-        return UdpBackend(netlink, ext, resync=opts.resync_period)
-    if btype == "vxlan":
-        from backends.vxlan import VxlanBackend
-
-        # The VtepMAC is kept next to the subnet file, named after it.
-        sf = Path(opts.subnet_file)
-        return VxlanBackend(netlink, ext, sf.parent, sf.name, resync=opts.resync_period)
-    raise StartupError(
-        f"Backend.Type {btype!r} is not available in tweed (available: {', '.join(AVAILABLE)})"
-    )
 
 
 class Daemon:
@@ -332,8 +282,11 @@ class Daemon:
         self.waiting_for = None
         log.info("network config: %s, subnets /%d, backend %s",
                  self.config.network, self.config.subnet_len, self.config.backend_type)
-        backend = build_backend(self.config, self.netlink, ext, o)
+        # The VtepMAC (vxlan) is kept next to the subnet file, named after it.
+        ctx = BackendContext(self.netlink, ext, o.resync_period, self.subnet_file.parent,
+                             self.subnet_file.name)
         try:
+            backend = build_backend(self.config, ctx)
             self.network = await backend.register_network(self.config)
         except BackendError as exc:
             raise StartupError(str(exc)) from None

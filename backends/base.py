@@ -1,6 +1,7 @@
 """What every backend offers the daemon, and what the daemon tells every backend.
 
-A Backend is built once per host; `register_network(config)` gives a Network, which
+A Backend is built once per host from a BackendContext (the registry in `backends` does
+that, by the config's Backend.Type); `register_network(config)` gives a Network, which
 says what to advertise in our lease (`lease_attrs`) and which MTU containers get, is
 `setup()` once the lease is held, then takes batches of peer events (`apply`) and runs
 its own periodic resync (`run`) until `close()`.
@@ -8,15 +9,34 @@ its own periodic resync (`run`) until `close()`.
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 from agent.config import NetworkConfig
 from agent.lease import Lease, PeerEvent
 from agent.lease_codec import LeaseAttrs
 from backends.external_iface import ExternalInterface
 from backends.kernel.sync import KernelSync
+from backends.kernel.types import Netlink
 
-__all__ = ["Backend", "BackendError", "ExternalInterface", "Network"]
+__all__ = ["Backend", "BackendContext", "BackendError", "ExternalInterface", "Network"]
+
+
+@dataclass(frozen=True)
+class BackendContext:
+    """What the daemon gives every backend it builds."""
+
+    netlink: Netlink
+    #: The host interface the overlay runs over (--iface and friends).
+    ext: ExternalInterface
+    #: Seconds between checks that the kernel state is as desired (--resync-period).
+    resync: float
+    #: Where a backend keeps state between runs (the subnet file's folder), and the prefix
+    #: of its file names there (the subnet file's name): vxlan keeps its VtepMAC in
+    #: `<state_dir>/<state_prefix>.flannel.<VNI>.json`.
+    state_dir: Path
+    state_prefix: str
 
 
 class BackendError(RuntimeError):
@@ -59,9 +79,18 @@ class Network(Protocol):
 
 
 class Backend(Protocol):
-    """A way of carrying packets between hosts."""
+    """A way of carrying packets between hosts; built as `cls(ctx)` by the registry."""
 
     name: str
+
+    def __init__(self, ctx: BackendContext) -> None:
+        ...
+
+    @staticmethod
+    def check_options(backend: dict[str, Any]) -> None:
+        """Raise BackendError naming the first of the config's Backend options (keys
+        lower-cased) that this backend cannot use; builds nothing, touches nothing."""
+        ...
 
     async def register_network(self, config: NetworkConfig) -> Network:
         ...

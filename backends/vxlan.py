@@ -30,15 +30,14 @@ from typing import Any
 
 from agent.atomic_file import atomic_write
 from agent.config import NetworkConfig
-from agent.lease import Lease, PeerEvent, PeerEventKind
+from agent.lease import Lease
 from agent.lease_codec import LeaseAttrs
-from backends.base import BackendError
+from backends.base import BackendContext, BackendError
 from backends.external_iface import ExternalInterface
-from backends.hostgw import owns_peer_route
 from backends.kernel.diff import diff_entries, diff_routes
-from backends.kernel.sync import KernelSync
 from backends.kernel.types import ChangeSet, Fdb, Neigh, Netlink, Route, VxlanSpec
 from backends.options import opt_bool, opt_int
+from backends.routed import RoutedNetwork
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +136,10 @@ def desired_state(
     return routes, neigh, fdb
 
 
-class VxlanNetwork:
+class VxlanNetwork(RoutedNetwork):
     """The flannel.<VNI> device and the per-peer kernel entries behind it."""
+
+    backend_type = TYPE
 
     def __init__(
         self,
@@ -149,9 +150,7 @@ class VxlanNetwork:
         mac: str,
         resync: float,
     ) -> None:
-        self.netlink = netlink
-        self.ext = ext
-        self.config = config
+        super().__init__(netlink, ext, config, resync)
         self.opts = opts
         self.mac = mac
         self.dev_name = f"flannel.{opts.vni}"
@@ -160,23 +159,12 @@ class VxlanNetwork:
         )
         self.mtu = (opts.mtu or ext.mtu) - OVERHEAD
         self.dev_index = 0
-        self.own: ipaddress.IPv4Network | None = None
-        self.peers: dict[ipaddress.IPv4Network, LeaseAttrs] = {}
-        # Every peer subnet ever desired (a superset of self.peers).
-        self.installed: set[ipaddress.IPv4Network] = set()
-        # Until the first batch of peers arrives, the entries of the last run are the best
-        # guess there is: a restart must not remove them (and drop traffic) only to add
-        # them back a moment later, so deletions wait for the peer set.
-        self.peers_known = False
-        self.kernel = KernelSync(netlink, self._plan, resync)
 
     def spec(self) -> VxlanSpec:
         return VxlanSpec(self.dev_name, self.opts.vni, self.ext.iface_addr, self.ext.index,
                          self.opts.port, self.opts.learning, self.opts.gbp)
 
-    async def setup(self, lease: Lease) -> None:
-        self.own = lease.subnet
-        self.peers.pop(lease.subnet, None)
+    async def _prepare(self, lease: Lease) -> None:
         address = ipaddress.IPv4Interface(f"{lease.subnet.network_address}/32")
         try:
             dev = await self.netlink.ensure_vxlan(self.spec(), self.mac, self.mtu, address)
@@ -185,13 +173,18 @@ class VxlanNetwork:
         self.dev_index = dev.index
         log.info("vxlan device %s (index %d, VNI %d, VtepMAC %s, MTU %d, address %s)",
                  self.dev_name, dev.index, self.opts.vni, self.mac, self.mtu, address)
-        await self.sync()
+
+    def _usable(self, subnet: ipaddress.IPv4Network, attrs: LeaseAttrs) -> bool:
+        if peer_mac(attrs) is None:
+            log.warning("ignoring the vxlan lease of %s (%s): BackendData has no valid"
+                        " VtepMAC", subnet, attrs.public_ip)
+            return False
+        return True
 
     def _owned_route(self, r: Route) -> bool:
         if r.oif == self.dev_index and r.dst == self.own and r.gateway is not None:
             return True  # a peer's old route to what is now our own subnet
-        oif = self.dev_index if r.oif == self.dev_index else self.ext.index
-        return owns_peer_route(r, self.config, oif, self.own, self.installed)
+        return self._owns(r, self.dev_index if r.oif == self.dev_index else self.ext.index)
 
     async def _plan(self) -> ChangeSet:
         if not self.dev_index:
@@ -206,46 +199,17 @@ class VxlanNetwork:
                              lambda n: n.ip, lambda n: True)
         fdiff = diff_entries(fdb, await self.netlink.fdb_entries(self.dev_index),
                              lambda f: f.mac, lambda f: True)
-        known = self.peers_known
         return ChangeSet(
             route_replace=list(rdiff.replace),
-            route_delete=list(rdiff.delete) if known else [],
+            route_delete=self._deletions(rdiff.delete),
             neigh_replace=list(ndiff.replace),
-            neigh_delete=list(ndiff.delete) if known else [],
+            neigh_delete=self._deletions(ndiff.delete),
             fdb_replace=list(fdiff.replace),
-            fdb_delete=list(fdiff.delete) if known else [],
+            fdb_delete=self._deletions(fdiff.delete),
         )
-
-    async def apply(self, events: list[PeerEvent]) -> None:
-        self.peers_known = True
-        for ev in events:
-            subnet, attrs = ev.lease.subnet, ev.lease.attrs
-            if ev.kind is PeerEventKind.REMOVED or attrs.backend_type != TYPE or subnet == self.own:
-                self.peers.pop(subnet, None)
-                continue
-            if peer_mac(attrs) is None:
-                log.warning("ignoring the vxlan lease of %s (%s): BackendData has no valid"
-                            " VtepMAC", subnet, attrs.public_ip)
-                self.peers.pop(subnet, None)
-                continue
-            self.peers[subnet] = attrs
-            self.installed.add(subnet)
-        await self.sync()
-
-    async def sync(self) -> bool:
-        return await self.kernel.sync()
 
     def ready(self) -> bool:
         return bool(self.dev_index) and self.kernel.ready()
-
-    async def run(self) -> None:
-        await self.kernel.run()
-
-    def counters(self) -> dict[str, int]:
-        return {}
-
-    async def close(self) -> None:
-        return None
 
 
 class VxlanBackend:
@@ -253,38 +217,31 @@ class VxlanBackend:
 
     name = TYPE
 
-    def __init__(
-        self,
-        netlink: Netlink,
-        ext: ExternalInterface,
-        state_dir: Path,
-        state_prefix: str,
-        resync: float = 10.0,
-        rng: random.Random | None = None,
-    ) -> None:
-        self.netlink = netlink
-        self.ext = ext
-        self.state_dir = state_dir
-        self.state_prefix = state_prefix
-        self.resync = resync
+    def __init__(self, ctx: BackendContext, *, rng: random.Random | None = None) -> None:
+        self.ctx = ctx
         self.rng = rng or random.SystemRandom()
 
+    @staticmethod
+    def check_options(backend: dict[str, Any]) -> None:
+        parse_options(backend)
+
     async def register_network(self, config: NetworkConfig) -> VxlanNetwork:
+        ctx = self.ctx
         opts = parse_options(config.backend)
-        if (opts.mtu or self.ext.mtu) - OVERHEAD < 68:
+        if (opts.mtu or ctx.ext.mtu) - OVERHEAD < 68:
             raise BackendError(
-                f"Backend.MTU: {opts.mtu or self.ext.mtu} leaves less than 68 bytes after"
+                f"Backend.MTU: {opts.mtu or ctx.ext.mtu} leaves less than 68 bytes after"
                 f" the {OVERHEAD}-byte vxlan header"
             )
-        store = MacStore(self.state_dir / f"{self.state_prefix}.flannel.{opts.vni}.json")
+        store = MacStore(ctx.state_dir / f"{ctx.state_prefix}.flannel.{opts.vni}.json")
         mac = store.load()
         source = "state file"
         if mac is None:
-            dev = await self.netlink.find_vxlan(f"flannel.{opts.vni}")
+            dev = await ctx.netlink.find_vxlan(f"flannel.{opts.vni}")
             if dev is not None and dev.spec.vni == opts.vni and _MAC_RE.fullmatch(dev.mac or ""):
                 mac, source = dev.mac, "existing device"
             else:
                 mac, source = random_mac(self.rng), "new"
             store.save(mac)
         log.info("VtepMAC %s (%s; kept in %s)", mac, source, store.path)
-        return VxlanNetwork(self.netlink, self.ext, config, opts, mac, self.resync)
+        return VxlanNetwork(ctx.netlink, ctx.ext, config, opts, mac, ctx.resync)

@@ -8,7 +8,7 @@ In the kernel: a TUN device `flannel0` (IFF_TUN | IFF_NO_PI) holding our subnet'
 address as a /32, MTU iface-28, a long transmit queue, and `route <Network> dev flannel0`.
 Every peer lease (whatever its BackendType, as flanneld does) becomes a datapath route
 `<peer subnet> -> <peer PublicIP>`. The packets themselves are moved by a Datapath
-(backends/datapath.py). Our lease carries neither BackendType nor BackendData.
+(backends/udp/datapath.py). Our lease carries neither BackendType nor BackendData.
 
 Options: `Port` (8285), `Datapath` (`auto`/`python`/`c`; TWEED_DATAPATH wins),
 `CheckSource` (true; false accepts datagrams from any address and any inner source, for
@@ -35,7 +35,7 @@ from typing import Any
 from agent.config import NetworkConfig
 from agent.lease import Lease, PeerEvent, PeerEventKind
 from agent.lease_codec import LeaseAttrs
-from backends.base import BackendError
+from backends.base import BackendContext, BackendError
 from backends.external_iface import ExternalInterface
 from backends.kernel.diff import diff_routes
 from backends.kernel.sync import KernelSync
@@ -227,17 +227,20 @@ class UdpBackend:
 
     name = TYPE
 
-    def __init__(self, netlink: Netlink, ext: ExternalInterface, resync: float = 10.0) -> None:
-        self.netlink = netlink
-        self.ext = ext
-        self.resync = resync
+    def __init__(self, ctx: BackendContext) -> None:
+        self.ctx = ctx
+
+    @staticmethod
+    def check_options(backend: dict[str, Any]) -> None:
+        parse_options(backend)
 
     async def register_network(self, config: NetworkConfig) -> UdpNetwork:
+        ctx = self.ctx
         opts = parse_options(config.backend)
         try:
             cls = choose_datapath(opts.datapath, dict(os.environ))
         except ValueError as exc:
             raise BackendError(str(exc)) from None
-        if (opts.mtu or self.ext.mtu) - OVERHEAD < 68:
-            raise BackendError(f"Backend.MTU: {opts.mtu or self.ext.mtu} is too small for udp")
-        return UdpNetwork(self.netlink, self.ext, config, opts, cls, self.resync)
+        if (opts.mtu or ctx.ext.mtu) - OVERHEAD < 68:
+            raise BackendError(f"Backend.MTU: {opts.mtu or ctx.ext.mtu} is too small for udp")
+        return UdpNetwork(ctx.netlink, ctx.ext, config, opts, cls, ctx.resync)

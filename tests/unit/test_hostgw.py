@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+from pathlib import Path
 
 import pytest
 
 from agent.config import parse_config
 from agent.lease import Lease, PeerEvent, PeerEventKind, PeerLease
 from agent.lease_codec import LeaseAttrs, encode_lease
+from backends.base import BackendContext
 from backends.external_iface import ExternalInterface
 from backends.hostgw import HostGwBackend, HostGwNetwork
 from backends.kernel.fake import FakeNetlink
@@ -43,14 +45,14 @@ def fake() -> FakeNetlink:
 
 @pytest.fixture
 async def hostgw(fake: FakeNetlink) -> HostGwNetwork:
-    network = HostGwNetwork(fake, EXT, CONFIG, resync=10.0)  # type: ignore[arg-type]
+    network = HostGwNetwork(fake, EXT, CONFIG, resync=10.0)
     own = Lease(OWN, "10.5.1.0-24", network.lease_attrs, 5, None)
     await network.setup(own)
     return network
 
 
 def test_lease_attrs_encode_to_hostgw_json() -> None:
-    network = HostGwNetwork(FakeNetlink(), EXT, CONFIG, 10.0)  # type: ignore[arg-type]
+    network = HostGwNetwork(FakeNetlink(), EXT, CONFIG, 10.0)
     assert encode_lease(network.lease_attrs) == (
         b'{"PublicIP":"192.168.100.1","PublicIPv6":null,"BackendType":"host-gw"}'
     )
@@ -59,13 +61,13 @@ def test_lease_attrs_encode_to_hostgw_json() -> None:
 
 def test_lease_attrs_use_public_ip_override() -> None:
     ext = ExternalInterface("eth0", 2, 9000, IP("10.0.0.5"), IP("203.0.113.9"))
-    network = HostGwNetwork(FakeNetlink(), ext, CONFIG, 10.0)  # type: ignore[arg-type]
+    network = HostGwNetwork(FakeNetlink(), ext, CONFIG, 10.0)
     assert network.lease_attrs.public_ip == IP("203.0.113.9")
     assert network.mtu == 9000
 
 
-async def test_register_network() -> None:
-    backend = HostGwBackend(FakeNetlink(), EXT, resync=3.0)  # type: ignore[arg-type]
+async def test_register_network(tmp_path: Path) -> None:
+    backend = HostGwBackend(BackendContext(FakeNetlink(), EXT, 3.0, tmp_path, "subnet.env"))
     assert backend.name == "host-gw"
     network = await backend.register_network(CONFIG)
     assert isinstance(network, HostGwNetwork)
@@ -74,7 +76,7 @@ async def test_register_network() -> None:
 
 
 async def test_not_ready_before_first_sync(fake: FakeNetlink) -> None:
-    network = HostGwNetwork(fake, EXT, CONFIG, 10.0)  # type: ignore[arg-type]
+    network = HostGwNetwork(fake, EXT, CONFIG, 10.0)
     assert network.ready() is False
 
 
@@ -165,7 +167,7 @@ async def test_routes_not_owned_are_never_deleted(fake: FakeNetlink) -> None:
         fake.table[r.dst] = r
     stale = via("10.5.10.0/24", 55)  # looks like ours: peer-sized, in Network, via eth0
     fake.table[stale.dst] = stale
-    network = HostGwNetwork(fake, EXT, CONFIG, 10.0)  # type: ignore[arg-type]
+    network = HostGwNetwork(fake, EXT, CONFIG, 10.0)
     await network.setup(Lease(OWN, "10.5.1.0-24", network.lease_attrs, 5, None))
     await network.apply([peer("10.5.2.0/24", 2)])
     await network.sync()
@@ -224,11 +226,11 @@ async def test_setup_with_new_lease_drops_route_to_own_subnet(
     await hostgw.apply([peer("10.5.2.0/24", 2)])
     # We moved to 10.5.2.0/24 (say the peer left and we took it): no route to ourselves.
     await hostgw.setup(Lease(net("10.5.2.0/24"), "10.5.2.0-24", hostgw.lease_attrs, 9, None))
-    assert net("10.5.2.0/24") not in hostgw.desired
+    assert net("10.5.2.0/24") not in hostgw.peers
 
 
 async def test_run_resyncs_periodically(fake: FakeNetlink) -> None:
-    network = HostGwNetwork(fake, EXT, CONFIG, resync=0.05)  # type: ignore[arg-type]
+    network = HostGwNetwork(fake, EXT, CONFIG, resync=0.05)
     await network.setup(Lease(OWN, "10.5.1.0-24", network.lease_attrs, 5, None))
     await network.apply([peer("10.5.2.0/24", 2)])
     task = asyncio.create_task(network.run())

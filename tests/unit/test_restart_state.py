@@ -18,6 +18,7 @@ from agent.lease import Lease, PeerEvent, PeerEventKind, PeerLease
 from agent.lease_codec import LeaseAttrs, encode_lease
 from agent.lease_manager import LeaseManager
 from agent.registry import MemoryRegistry
+from backends.base import BackendContext
 from backends.external_iface import ExternalInterface
 from backends.hostgw import HostGwNetwork
 from backends.kernel.fake import FakeNetlink
@@ -45,14 +46,14 @@ def vxlan_peer(subnet: str, n: int) -> PeerEvent:
 
 async def test_hostgw_restart_keeps_routes_until_the_peers_are_known() -> None:
     fake = FakeNetlink()
-    first = HostGwNetwork(fake, EXT, HOSTGW, resync=10.0)  # type: ignore[arg-type]
+    first = HostGwNetwork(fake, EXT, HOSTGW, resync=10.0)
     await first.setup(Lease(OWN, "10.5.1.0-24", first.lease_attrs, 5, None))
     await first.apply([hostgw_peer("10.5.2.0/24", 2), hostgw_peer("10.5.3.0/24", 3)])
     before = dict(fake.table)
     assert set(before) == {NET("10.5.2.0/24"), NET("10.5.3.0/24")}
 
     # The process dies; a new one starts over the same kernel.
-    second = HostGwNetwork(fake, EXT, HOSTGW, resync=10.0)  # type: ignore[arg-type]
+    second = HostGwNetwork(fake, EXT, HOSTGW, resync=10.0)
     await second.setup(Lease(OWN, "10.5.1.0-24", second.lease_attrs, 5, None))
     await second.sync()  # a resync before the first listing
     assert fake.table == before
@@ -65,8 +66,8 @@ async def test_vxlan_restart_keeps_entries_until_the_peers_are_known(tmp_path: P
     fake = FakeNetlink()
 
     async def run() -> VxlanNetwork:
-        backend = VxlanBackend(fake, EXT, tmp_path, "subnet.env",  # type: ignore[arg-type]
-                               resync=10.0, rng=random.Random(1))
+        backend = VxlanBackend(BackendContext(fake, EXT, 10.0, tmp_path, "subnet.env"),
+                               rng=random.Random(1))
         network = await backend.register_network(VXLAN)
         await network.setup(Lease(OWN, "10.5.1.0-24", network.lease_attrs, 5, None))
         return network

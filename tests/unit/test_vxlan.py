@@ -15,7 +15,7 @@ import pytest
 from agent.config import NetworkConfig, parse_config
 from agent.lease import Lease, PeerEvent, PeerEventKind, PeerLease
 from agent.lease_codec import LeaseAttrs, decode_lease, encode_lease
-from backends.base import BackendError
+from backends.base import BackendContext, BackendError
 from backends.external_iface import ExternalInterface
 from backends.kernel.fake import FakeNetlink
 from backends.kernel.types import Fdb, Neigh, Route, VxlanDevice, VxlanSpec
@@ -90,7 +90,7 @@ async def make_network(
     fake: FakeNetlink, tmp_path: Path, cfg: NetworkConfig = CONFIG,
     ext: ExternalInterface = EXT, seed: int = 1,
 ) -> VxlanNetwork:
-    backend = VxlanBackend(fake, ext, tmp_path, "subnet.env", resync=10.0,  # type: ignore[arg-type]
+    backend = VxlanBackend(BackendContext(fake, ext, 10.0, tmp_path, "subnet.env"),
                            rng=random.Random(seed))
     return await backend.register_network(cfg)
 
