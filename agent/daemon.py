@@ -1,4 +1,8 @@
-"""The daemon: the one place that builds concrete classes and runs the agent's phases.
+"""The daemon: the composition root, and the agent's phases.
+
+`Daemon` receives the factories of what touches the world (the registry, netlink, iptables)
+and builds nothing a test would want to replace; `run()` hands it the real ones (etcd,
+pyroute2, the iptables commands), tests hand it MemoryRegistry and FakeNetlink.
 
 Phases: choose the external interface; connect to etcd; wait for a valid network config;
 build the backend; acquire the lease; program the backend and write subnet.env; then run
@@ -22,12 +26,12 @@ import uvloop
 
 from agent import sd_notify
 from agent.backoff import Backoff, OutageLog
-from agent.cli import Options
 from agent.config import ConfigError, NetworkConfig, parse_config
-from agent.etcd_registry import EtcdRegistry, EtcdSettings, EtcdSetupError
+from agent.etcd_registry import EtcdRegistry, EtcdSetupError
 from agent.health import Heartbeat
 from agent.lease import Lease, PeerEvent
 from agent.lease_manager import LeaseManager
+from agent.options import EtcdSettings, Options, etcd_settings
 from agent.registry import Compacted, Registry, RegistryUnavailable
 from agent.subnet_file import SubnetEnv, read_previous_subnet, write_subnet_file
 from backends import backend_problem, build_backend
@@ -35,11 +39,17 @@ from backends.base import BackendContext, BackendError, Network
 from backends.external_iface import ExternalInterface, InterfaceError, choose_interface
 from backends.iptables.keeper import Iptables, IptablesKeeper
 from backends.kernel.netlink import IPRouteNetlink
+from backends.kernel.types import Netlink
 
 log = logging.getLogger("tweed")
 
 #: Seconds a clean stop may take before the remaining work is abandoned.
 STOP_GRACE = 1.5
+
+#: How the daemon gets what touches the world; run() passes the real ones.
+RegistryFactory = Callable[[EtcdSettings], Registry]
+NetlinkFactory = Callable[[], Netlink]
+IptablesFactory = Callable[[], Iptables]
 
 
 class StartupError(RuntimeError):
@@ -108,12 +118,25 @@ def describe_change(old: NetworkConfig, new: NetworkConfig) -> str:
 
 
 class Daemon:
-    """One run of the agent."""
+    """One run of the agent, over the registry, netlink and iptables its factories make.
 
-    def __init__(self, opts: Options) -> None:
+    The registry is made in serve() (a bad --etcd-* setting is a startup error there);
+    EtcdSetupError from the factory becomes a StartupError.
+    """
+
+    def __init__(
+        self,
+        opts: Options,
+        *,
+        registry_factory: RegistryFactory,
+        netlink_factory: NetlinkFactory,
+        iptables_factory: IptablesFactory,
+    ) -> None:
         self.opts = opts
-        self.netlink = IPRouteNetlink()
-        self.registry: EtcdRegistry | None = None
+        self._registry_factory = registry_factory
+        self._iptables_factory = iptables_factory
+        self.netlink = netlink_factory()
+        self.registry: Registry | None = None
         self.manager: LeaseManager | None = None
         self.network: Network | None = None
         self.config: NetworkConfig | None = None
@@ -251,9 +274,7 @@ class Daemon:
     async def _on_batch(self, events: list[PeerEvent]) -> None:
         """Peer changes to the backend; the kernel sync times them from their arrival."""
         assert self.network is not None and self.manager is not None
-        kernel = getattr(self.network, "kernel", None)
-        if kernel is not None:
-            kernel.expect(self.manager.batch_received)
+        self.network.kernel.expect(self.manager.batch_received)
         await self.network.apply(events)
 
     async def _on_listed(self) -> None:
@@ -269,11 +290,7 @@ class Daemon:
         o = self.opts
         ext = await self._interface()
         try:
-            self.registry = EtcdRegistry(EtcdSettings(
-                tuple(e for e in o.etcd_endpoints.split(",") if e),
-                o.etcd_prefix, o.etcd_keyfile, o.etcd_certfile, o.etcd_cafile,
-                o.etcd_username, o.etcd_password,
-            ))
+            self.registry = self._registry_factory(etcd_settings(o))
         except EtcdSetupError as exc:
             raise StartupError(str(exc)) from None
         self.config = await wait_for_config(
@@ -303,7 +320,7 @@ class Daemon:
             raise StartupError(str(exc)) from None
         if o.ip_masq or o.iptables_forward_rules:
             self.iptables = IptablesKeeper(
-                Iptables(), self.config.network, lease.subnet, ip_masq=o.ip_masq,
+                self._iptables_factory(), self.config.network, lease.subnet, ip_masq=o.ip_masq,
                 forward_rules=o.iptables_forward_rules,
                 random_fully_disable=o.ip_masq_fully_random_disable, resync=o.iptables_resync,
             )
@@ -381,5 +398,8 @@ class Daemon:
 
 
 def run(opts: Options) -> int:
-    """Run the daemon on uvloop; returns the process exit code."""
-    return uvloop.run(Daemon(opts).main())
+    """Run the daemon on uvloop over etcd, the kernel and the iptables commands; returns
+    the process exit code."""
+    daemon = Daemon(opts, registry_factory=EtcdRegistry, netlink_factory=IPRouteNetlink,
+                    iptables_factory=Iptables)
+    return uvloop.run(daemon.main())

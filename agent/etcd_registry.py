@@ -22,7 +22,6 @@ import logging
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -36,6 +35,7 @@ from etcd3aio import (
 )
 from etcd3aio._protobuf import WatchCreateRequest, WatchRequest, WatchStub
 
+from agent.options import EtcdSettings
 from agent.registry import Compacted, Event, Record, RegistryUnavailable, Snapshot
 
 log = logging.getLogger(__name__)
@@ -56,19 +56,6 @@ GRPC_RECONNECT_OPTIONS = (
 
 class EtcdSetupError(ValueError):
     """The etcd settings cannot work (bad endpoint URL, unreadable certificate)."""
-
-
-@dataclass(frozen=True)
-class EtcdSettings:
-    """How to reach etcd: flanneld's --etcd-* flags."""
-
-    endpoints: tuple[str, ...]
-    prefix: str = "/coreos.com/network"
-    keyfile: str = ""
-    certfile: str = ""
-    cafile: str = ""
-    username: str = ""
-    password: str = ""
 
 
 def parse_endpoints(urls: tuple[str, ...]) -> tuple[list[str], bool, str | None]:

@@ -1,5 +1,6 @@
 """The lease values both planes share: our `Lease`, a `PeerLease`, and the `PeerEvent`s that
-carry peer changes from the lease manager to the backends.
+carry peer changes from the lease manager to the backends, and `diff_peers`, the rule that
+turns a lease listing (or one watch event) into those events.
 
 Pure: no I/O. The etcd-driven `LeaseManager` (agent/lease_manager.py) produces these; the
 backends consume them without knowing where they came from.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from agent.lease_codec import LeaseAttrs
@@ -50,3 +52,16 @@ class PeerEvent:
 
     kind: PeerEventKind
     lease: PeerLease
+
+
+def diff_peers(known: Mapping[str, PeerLease], fresh: Mapping[str, PeerLease]) -> list[PeerEvent]:
+    """The events that turn the peers `known` into the peers `fresh`, both keyed by subnet
+    key name: REMOVED for each name gone, then ADDED for each name new or changed (an
+    unchanged peer gives none)."""
+    events = [
+        PeerEvent(PeerEventKind.REMOVED, p) for n, p in known.items() if n not in fresh
+    ]
+    events += [
+        PeerEvent(PeerEventKind.ADDED, p) for n, p in fresh.items() if known.get(n) != p
+    ]
+    return events

@@ -23,11 +23,12 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Literal, TypeVar
 
 from agent.allocator import Existing, OutOfSubnets, choose_subnet
 from agent.backoff import Backoff, OutageLog
 from agent.config import NetworkConfig
-from agent.lease import Lease, PeerEvent, PeerEventKind, PeerLease
+from agent.lease import Lease, PeerEvent, PeerLease, diff_peers
 from agent.lease_codec import (
     LeaseAttrs,
     LeaseDecodeError,
@@ -40,6 +41,8 @@ from agent.lease_codec import (
 from agent.registry import Compacted, Event, Record, Registry, RegistryUnavailable
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: flanneld's lease lifetime: 24 hours.
 DEFAULT_TTL = 24 * 3600
@@ -113,21 +116,23 @@ class LeaseManager:
             self._warned.add((name, problem))
             log.warning("skipping subnets/%s: %s", name, problem)
 
-    def _parse_key(self, name: str) -> SubnetKey | None:
+    def _checked(
+        self, name: str, decode: Callable[[], T], bad: Literal["bad_keys", "bad_values"]
+    ) -> T | None:
+        """decode()'s result, or None when subnets/`name` does not decode: counted under
+        `bad` and logged once per name and problem."""
         try:
-            return parse_subnet_key(name)
+            return decode()
         except LeaseDecodeError as exc:
-            self.counters.bad_keys += 1
+            setattr(self.counters, bad, getattr(self.counters, bad) + 1)
             self._warn_once(name, str(exc))
             return None
 
+    def _parse_key(self, name: str) -> SubnetKey | None:
+        return self._checked(name, lambda: parse_subnet_key(name), "bad_keys")
+
     def _decode(self, name: str, value: bytes) -> LeaseAttrs | None:
-        try:
-            return decode_lease(value)
-        except LeaseDecodeError as exc:
-            self.counters.bad_values += 1
-            self._warn_once(name, str(exc))
-            return None
+        return self._checked(name, lambda: decode_lease(value), "bad_values")
 
     # -- acquire ---------------------------------------------------------------------
     async def acquire(self, prefer: ipaddress.IPv4Network | None = None) -> Lease:
@@ -297,12 +302,7 @@ class LeaseManager:
                 fresh[rec.name] = peer
         if lease is not None and not own_seen:
             self._lost.set()
-        events = [
-            PeerEvent(PeerEventKind.REMOVED, p) for n, p in self._peers.items() if n not in fresh
-        ]
-        events += [
-            PeerEvent(PeerEventKind.ADDED, p) for n, p in fresh.items() if self._peers.get(n) != p
-        ]
+        events = diff_peers(self._peers, fresh)
         self._peers = fresh
         return events
 
@@ -325,10 +325,8 @@ class LeaseManager:
             new = self._peer_of(ev.name, ev.value) if ev.kind == "put" else None
             if new is not None:
                 self._peers[ev.name] = new
-                if new != old:
-                    out.append(PeerEvent(PeerEventKind.ADDED, new))
-            elif old is not None:
-                out.append(PeerEvent(PeerEventKind.REMOVED, old))
+            # The same rule as for a listing, over the one name this event is about.
+            out += diff_peers(_only(ev.name, old), _only(ev.name, new))
         return out
 
     @property
@@ -387,3 +385,8 @@ class LeaseManager:
                 self.counters.watch_reconnects += 1
                 outage.fail(str(exc))
                 await backoff.wait()
+
+
+def _only(name: str, peer: PeerLease | None) -> dict[str, PeerLease]:
+    """`name` -> `peer` as a listing of one, or an empty one when there is no peer."""
+    return {} if peer is None else {name: peer}

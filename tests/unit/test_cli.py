@@ -1,4 +1,5 @@
-"""Unit tests for agent.cli: Go-style flags, FLANNELD_* environment, usage errors, exit codes."""
+"""Unit tests for agent.options and agent.cli: Go-style flags, FLANNELD_* environment, usage
+errors, exit codes."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import os
 
 import pytest
 
-from agent import __version__, cli
-from agent.cli import Options, UsageError, main, parse_args
+from agent import __version__, options
+from agent.cli import main
+from agent.options import Options, UsageError, parse_args
 
 
 def parse(*argv: str, **env: str) -> Options:
@@ -33,7 +35,7 @@ def test_defaults_match_flanneld() -> None:
 
 def test_flag_defaults_agree_with_options_defaults() -> None:
     defaults = Options()
-    for flag in cli.FLAGS:
+    for flag in options.FLAGS:
         assert getattr(defaults, flag.name.replace("-", "_")) == flag.default, flag.name
 
 

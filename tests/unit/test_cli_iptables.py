@@ -1,10 +1,10 @@
-"""Unit tests for the iptables flags of agent.cli: flanneld's names, defaults, environment."""
+"""Unit tests for the iptables flags of agent.options: flanneld's names, defaults, environment."""
 
 from __future__ import annotations
 
 import pytest
 
-from agent.cli import UsageError, parse_args, usage
+from agent.options import UsageError, parse_args, usage
 
 
 def test_iptables_defaults_are_flanneld_defaults() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import FLAGS
+from agent.options import FLAGS
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = (ROOT / "docs" / "reference.md").read_text()

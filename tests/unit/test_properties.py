@@ -14,7 +14,6 @@ from pathlib import Path
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from agent.cli import UsageError, parse_args
 from agent.config import ConfigError, parse_config
 from agent.lease_codec import (
     LeaseAttrs,
@@ -25,6 +24,7 @@ from agent.lease_codec import (
     format_subnet_key,
     parse_subnet_key,
 )
+from agent.options import UsageError, parse_args
 from agent.subnet_file import (
     SubnetEnv,
     parse_subnet_env,
