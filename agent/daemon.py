@@ -33,6 +33,7 @@ from agent.lease import Lease, PeerEvent
 from agent.lease_manager import LeaseManager
 from agent.options import EtcdSettings, Options, etcd_settings
 from agent.registry import Compacted, Registry, RegistryUnavailable
+from agent.state import ConfigState
 from agent.subnet_file import SubnetEnv, read_previous_subnet, write_subnet_file
 from backends import backend_problem, build_backend
 from backends.base import BackendContext, BackendError, Network
@@ -118,7 +119,8 @@ def describe_change(old: NetworkConfig, new: NetworkConfig) -> str:
 
 
 class Daemon:
-    """One run of the agent, over the registry, netlink and iptables its factories make.
+    """One run of the agent, over the registry, netlink and iptables its factories make;
+    an agent.state.AgentState for metrics and systemd.
 
     The registry is made in serve() (a bad --etcd-* setting is a startup error there);
     EtcdSetupError from the factory becomes a StartupError.
@@ -148,7 +150,7 @@ class Daemon:
         self.waiting_for: str | None = None  # what wait_for_config waits for, for /readyz
         #: How the config in etcd compares with the running one: "running" (the same),
         #: "changed", "invalid" or "deleted"; each new state is logged once.
-        self.config_state = "running"
+        self.config_state: ConfigState = "running"
         self._config_reported: object = "running"
         self.iptables: IptablesKeeper | None = None  # --ip-masq / --iptables-forward-rules
 
@@ -319,6 +321,8 @@ class Daemon:
         except BackendError as exc:
             raise StartupError(str(exc)) from None
         if o.ip_masq or o.iptables_forward_rules:
+            # A lease is held, and only a subnet of an IPv4 Network can be leased.
+            assert self.config.network is not None
             self.iptables = IptablesKeeper(
                 self._iptables_factory(), self.config.network, lease.subnet, ip_masq=o.ip_masq,
                 forward_rules=o.iptables_forward_rules,
@@ -362,16 +366,16 @@ class Daemon:
         code = 0
         if task.done():
             code = 1
-            exc = task.exception()
+            error = task.exception()
             reporter.cancel()
-            notifier.stopping(f"stopped by an error: {exc}")
-            if isinstance(exc, StartupError):
-                log.error("%s", exc)
-            elif isinstance(exc, BaseExceptionGroup):
-                for sub in exc.exceptions:
+            notifier.stopping(f"stopped by an error: {error}")
+            if isinstance(error, StartupError):
+                log.error("%s", error)
+            elif isinstance(error, BaseExceptionGroup):
+                for sub in error.exceptions:
                     log.error("stopped by an error: %r", sub, exc_info=sub)
             else:
-                log.error("stopped by an error: %r", exc, exc_info=exc)
+                log.error("stopped by an error: %r", error, exc_info=error)
         else:
             log.info("stopping; the lease and the kernel state stay in place")
             reporter.cancel()

@@ -21,7 +21,7 @@ import ipaddress
 import logging
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -91,7 +91,7 @@ def parse_endpoints(urls: tuple[str, ...]) -> tuple[list[str], bool, str | None]
                 infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
             except OSError as exc:
                 raise EtcdSetupError(f"--etcd-endpoints: cannot resolve {host!r}: {exc}") from None
-            addrs = sorted({info[4][0] for info in infos})
+            addrs = sorted({str(info[4][0]) for info in infos})  # AF_INET: (host, port)
         targets.extend(f"{a}:{port}" for a in addrs)
     if len(schemes) > 1:
         raise EtcdSetupError("--etcd-endpoints: mixes http and https endpoints")
@@ -152,17 +152,17 @@ class EtcdRegistry:
     def __init__(self, settings: EtcdSettings) -> None:
         targets, tls, server_name = parse_endpoints(settings.endpoints)
         check_tls_files(settings)
-        conn: dict[str, bytes | None] = {}
+        # All None: a plain channel (etcd3aio's defaults).
+        ca: bytes | None = None
+        cert_key: bytes | None = None
+        cert_chain: bytes | None = None
         if tls:
             ca = _read(settings.cafile, "--etcd-cafile")
             if ca is None:
                 # No CA given: trust the system store, as flanneld does.
                 ca = _system_ca()
-            conn = {
-                "ca_cert": ca,
-                "cert_key": _read(settings.keyfile, "--etcd-keyfile"),
-                "cert_chain": _read(settings.certfile, "--etcd-certfile"),
-            }
+            cert_key = _read(settings.keyfile, "--etcd-keyfile")
+            cert_chain = _read(settings.certfile, "--etcd-certfile")
         elif settings.cafile or settings.certfile:
             # flanneld does the same (the scheme decides); say so, as it is easy to miss.
             log.warning("--etcd-endpoints are http://, so --etcd-cafile/--etcd-certfile/"
@@ -170,7 +170,8 @@ class EtcdRegistry:
         self._tls = tls
         self._server_name = server_name
         self._client = Etcd3Client(
-            targets, rpc_max_attempts=1, tls_server_name=server_name, **conn
+            targets, rpc_max_attempts=1, tls_server_name=server_name, ca_cert=ca,
+            cert_key=cert_key, cert_chain=cert_chain,
         )
         # etcd3aio takes no channel options; its list is read when the channel is made.
         self._client._manager.grpc_options.extend(GRPC_RECONNECT_OPTIONS)
@@ -330,7 +331,7 @@ class EtcdRegistry:
 
     async def watch_config(
         self, start_revision: int
-    ) -> AsyncIterator[tuple[bytes | None, int]]:
+    ) -> AsyncGenerator[tuple[bytes | None, int], None]:
         async with contextlib.aclosing(
             self._watch(self._config_key, b"", start_revision)
         ) as stream:
@@ -424,12 +425,12 @@ class EtcdRegistry:
 
         await self._call("delete subnet", op)
 
-    def watch_subnets(self, start_revision: int) -> AsyncIterator[list[Event]]:
+    def watch_subnets(self, start_revision: int) -> AsyncGenerator[list[Event], None]:
         return self._watch(self._subnets, prefix_range_end(self._subnets), start_revision)
 
     async def _watch(
         self, key: bytes, range_end: bytes, start_revision: int
-    ) -> AsyncIterator[list[Event]]:
+    ) -> AsyncGenerator[list[Event], None]:
         """One watch stream; ends by raising (Compacted / RegistryUnavailable), never silently.
 
         etcd checks the token only when a watch is created, so a watch made after the token
@@ -457,7 +458,7 @@ class EtcdRegistry:
 
     async def _watch_stream(
         self, key: bytes, range_end: bytes, start_revision: int
-    ) -> AsyncIterator[list[Event]]:
+    ) -> AsyncGenerator[list[Event], None]:
         client = await self._call("watch", lambda c: _noop(c), count=False)
         login = self._login  # the token this watch is created with
         assert client._channel is not None

@@ -134,6 +134,14 @@ class LeaseManager:
     def _decode(self, name: str, value: bytes) -> LeaseAttrs | None:
         return self._checked(name, lambda: decode_lease(value), "bad_values")
 
+    async def _etcd_away(
+        self, exc: RegistryUnavailable, outage: OutageLog, backoff: Backoff
+    ) -> None:
+        """etcd did not answer: mark it unreachable, log (once per outage), back off."""
+        self.etcd_reachable = False
+        outage.fail(str(exc))
+        await backoff.wait()
+
     # -- acquire ---------------------------------------------------------------------
     async def acquire(self, prefer: ipaddress.IPv4Network | None = None) -> Lease:
         """Lease a subnet; retries (never gives up) until it holds one."""
@@ -144,10 +152,8 @@ class LeaseManager:
             try:
                 lease = await self._try_acquire(previous)
             except RegistryUnavailable as exc:
-                self.etcd_reachable = False
                 self.counters.acquire_errors += 1
-                outage.fail(str(exc))
-                await backoff.wait()
+                await self._etcd_away(exc, outage, backoff)
                 continue
             except OutOfSubnets as exc:
                 self.etcd_reachable = True
@@ -237,10 +243,8 @@ class LeaseManager:
                     lease.name, self.value, self.ttl, current.mod_revision
                 )
             except RegistryUnavailable as exc:
-                self.etcd_reachable = False
                 self.counters.renewal_errors += 1
-                outage.fail(str(exc))
-                await backoff.wait()
+                await self._etcd_away(exc, outage, backoff)
                 continue
             self.etcd_reachable = True
             outage.ok()
@@ -381,10 +385,8 @@ class LeaseManager:
                 log.warning("%s; listing the leases again", exc)
                 next_rev = None
             except RegistryUnavailable as exc:
-                self.etcd_reachable = False
                 self.counters.watch_reconnects += 1
-                outage.fail(str(exc))
-                await backoff.wait()
+                await self._etcd_away(exc, outage, backoff)
 
 
 def _only(name: str, peer: PeerLease | None) -> dict[str, PeerLease]:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
@@ -20,15 +19,19 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     InfoMetricFamily,
 )
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from agent import __version__
+from agent.config import NetworkConfig
+from agent.lease_manager import LeaseManager
+from agent.state import CONFIG_STATES, AgentState
+from backends.base import Network
 
 #: etcd operations always exported (0 until used), so rate() has a series from the start.
 ETCD_OPERATIONS = ("get_config", "list_subnets", "grant_lease", "revoke_lease",
                    "create_subnet", "update_subnet", "delete_subnet", "watch_subnets",
                    "watch_config")
-CONFIG_STATES = ("running", "changed", "invalid", "deleted")
 
 
 def _counter(name: str, help_: str, value: float) -> CounterMetricFamily:
@@ -46,31 +49,27 @@ def _gauge(name: str, help_: str, value: float) -> GaugeMetricFamily:
 class AgentCollector(Collector):
     """Turns the daemon's state into metric families on each scrape."""
 
-    def __init__(self, daemon: Any) -> None:
+    def __init__(self, daemon: AgentState) -> None:
         self.daemon = daemon
 
-    def collect(self) -> Iterator[Any]:
+    def collect(self) -> Iterator[Metric]:
         d = self.daemon
         yield InfoMetricFamily("tweed_build", "tweed version and the Python running it",
                                value={"version": __version__,
                                       "python": platform.python_version()})
         yield _gauge("tweed_ready", "1 when /readyz answers 200 (lease held, subnet.env "
                      "written, backend programmed)", 1.0 if d.not_ready_reason() is None else 0.0)
-        state = getattr(d, "config_state", None)
-        if d.config is not None and state is not None:
+        if d.config is not None:
             fam = GaugeMetricFamily("tweed_network_config_state", "1 for how the network "
                                     "config in etcd compares with the running one",
                                     labels=["state"])
             for s in CONFIG_STATES:
-                fam.add_metric([s], 1.0 if s == state else 0.0)
+                fam.add_metric([s], 1.0 if s == d.config_state else 0.0)
             yield fam
-        heartbeat = getattr(d, "heartbeat", None)
-        if heartbeat is not None:
-            yield _gauge("tweed_event_loop_lag_seconds",
-                         "how late the event loop ran the last heartbeat timer", heartbeat.lag)
-        requests = getattr(d.registry, "requests", None)
-        if requests is not None:
-            yield from etcd_families(requests)
+        yield _gauge("tweed_event_loop_lag_seconds",
+                     "how late the event loop ran the last heartbeat timer", d.heartbeat.lag)
+        if d.registry is not None:
+            yield from etcd_families(d.registry.requests)
         if d.manager is not None:
             yield from manager_families(d.manager, d.config, d.network)
         if d.network is not None:
@@ -79,7 +78,7 @@ class AgentCollector(Collector):
             yield from iptables_families(d.iptables.counters(), d.iptables.ok())
 
 
-def etcd_families(requests: dict[tuple[str, str], int]) -> Iterator[Any]:
+def etcd_families(requests: Mapping[tuple[str, str], int]) -> Iterator[Metric]:
     """etcd requests by operation and result."""
     fam = CounterMetricFamily("tweed_etcd_requests", "etcd requests by operation and result",
                               labels=["operation", "result"])
@@ -89,7 +88,9 @@ def etcd_families(requests: dict[tuple[str, str], int]) -> Iterator[Any]:
     yield fam
 
 
-def manager_families(m: Any, config: Any, network: Any) -> Iterator[Any]:
+def manager_families(
+    m: LeaseManager, config: NetworkConfig | None, network: Network | None
+) -> Iterator[Metric]:
     """The lease manager's state and counters: lease, etcd, watch, peers."""
     yield _gauge("tweed_etcd_reachable", "1 when the last etcd call worked",
                  1.0 if m.etcd_reachable else 0.0)
@@ -146,32 +147,29 @@ def manager_families(m: Any, config: Any, network: Any) -> Iterator[Any]:
     yield peers
 
 
-def network_families(network: Any) -> Iterator[Any]:
+def network_families(network: Network) -> Iterator[Metric]:
     """The backend: programmed or not, kernel operations, resyncs, the event-to-kernel
     delay and (udp) the datapath's counters."""
     yield _gauge("tweed_backend_programmed", "1 when the backend's last sync left the kernel "
                  "as desired", 1.0 if network.ready() else 0.0)
-    kernel = getattr(network, "kernel", None)
-    if kernel is not None:
-        ops = CounterMetricFamily("tweed_kernel_operations", "kernel changes made by the "
-                                  "sync, by kind (route, neigh, fdb), operation and result",
-                                  labels=["kind", "op", "result"])
-        for (kind, op, result), value in sorted(kernel.ops.items()):
-            ops.add_metric([kind, op, result], value)
-        yield ops
-        resyncs = CounterMetricFamily("tweed_kernel_resyncs", "periodic checks of the kernel "
-                                      "state by result", labels=["result"])
-        for result, value in sorted(kernel.resyncs.items()):
-            resyncs.add_metric([result], value)
-        yield resyncs
-        h = kernel.delay
-        yield HistogramMetricFamily(
-            "tweed_event_to_kernel_seconds", "from a batch of lease events reaching tweed to "
-            "the kernel (and datapath) programmed for it", buckets=h.cumulative(),
-            sum_value=h.sum)
-    counters: Callable[[], dict[str, int]] | None = getattr(network, "counters", None)
-    if counters is not None:
-        yield from udp_families(counters())
+    kernel = network.kernel
+    ops = CounterMetricFamily("tweed_kernel_operations", "kernel changes made by the "
+                              "sync, by kind (route, neigh, fdb), operation and result",
+                              labels=["kind", "op", "result"])
+    for (kind, op, result), value in sorted(kernel.ops.items()):
+        ops.add_metric([kind, op, result], value)
+    yield ops
+    resyncs = CounterMetricFamily("tweed_kernel_resyncs", "periodic checks of the kernel "
+                                  "state by result", labels=["result"])
+    for result, value in sorted(kernel.resyncs.items()):
+        resyncs.add_metric([result], value)
+    yield resyncs
+    h = kernel.delay
+    yield HistogramMetricFamily(
+        "tweed_event_to_kernel_seconds", "from a batch of lease events reaching tweed to "
+        "the kernel (and datapath) programmed for it", buckets=h.cumulative(),
+        sum_value=h.sum)
+    yield from udp_families(network.counters())
 
 
 #: Datapath counters exported under their own names below; any other key is exported
@@ -187,7 +185,7 @@ _UDP_HELP = {
 }
 
 
-def udp_families(values: dict[str, int]) -> Iterator[Any]:
+def udp_families(values: Mapping[str, int]) -> Iterator[Metric]:
     """The udp datapath's counters as metric families (whatever keys it reports)."""
     if not values:
         return
@@ -203,7 +201,7 @@ def udp_families(values: dict[str, int]) -> Iterator[Any]:
                                 labels=["direction", "reason"])
     offload = GaugeMetricFamily("tweed_udp_offload", "1 if the datapath uses this offload now",
                                 labels=["offload"])
-    others: list[Any] = []
+    others: list[Metric] = []
     for key, value in sorted(values.items()):
         direction, _, rest = key.partition("_drop_")
         if rest and direction in ("tx", "rx"):
@@ -218,7 +216,7 @@ def udp_families(values: dict[str, int]) -> Iterator[Any]:
     yield from others
 
 
-def iptables_families(values: dict[str, int], ok: bool) -> Iterator[Any]:
+def iptables_families(values: Mapping[str, int], ok: bool) -> Iterator[Metric]:
     """The iptables keeper (--ip-masq, --iptables-forward-rules): checks and repairs."""
     yield _gauge("tweed_iptables_ok", "1 when the last check found or left the chains as "
                  "planned", 1.0 if ok else 0.0)
@@ -234,7 +232,7 @@ def iptables_families(values: dict[str, int], ok: bool) -> Iterator[Any]:
     yield repairs
 
 
-def render(daemon: Any) -> bytes:
+def render(daemon: AgentState) -> bytes:
     """The Prometheus text exposition of the daemon's metrics (and the process')."""
     registry = CollectorRegistry()
     registry.register(AgentCollector(daemon))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -57,13 +57,22 @@ class Snapshot:
 
 
 class Registry(Protocol):
-    """What the lease manager needs from the store."""
+    """What the lease manager needs from the store.
+
+    The watches are async generators, so a caller can close one it leaves early
+    (contextlib.aclosing) and the stream behind it is released at once.
+    """
+
+    #: (operation, "ok" | "error") -> count, for tweed_etcd_requests_total.
+    requests: dict[tuple[str, str], int]
 
     async def get_config(self) -> tuple[bytes | None, int]:
         """The config value (None if absent) and the store revision."""
         ...
 
-    def watch_config(self, start_revision: int) -> AsyncIterator[tuple[bytes | None, int]]:
+    def watch_config(
+        self, start_revision: int
+    ) -> AsyncGenerator[tuple[bytes | None, int], None]:
         """Yield (value, revision) each time the config changes (value None: deleted)."""
         ...
 
@@ -92,7 +101,7 @@ class Registry(Protocol):
         """Delete a key (used for our own leases that no longer fit the config)."""
         ...
 
-    def watch_subnets(self, start_revision: int) -> AsyncIterator[list[Event]]:
+    def watch_subnets(self, start_revision: int) -> AsyncGenerator[list[Event], None]:
         """Yield batches of events from `start_revision` on (all events of one response).
 
         An empty batch says the stream is (re)established and carries no events.
@@ -201,7 +210,7 @@ class MemoryRegistry:
 
     async def watch_config(
         self, start_revision: int
-    ) -> AsyncIterator[tuple[bytes | None, int]]:
+    ) -> AsyncGenerator[tuple[bytes | None, int], None]:
         last = self.config
         while True:
             self._check()
@@ -242,7 +251,7 @@ class MemoryRegistry:
         self._check("delete_subnet")
         await self.delete(name)
 
-    async def watch_subnets(self, start_revision: int) -> AsyncIterator[list[Event]]:
+    async def watch_subnets(self, start_revision: int) -> AsyncGenerator[list[Event], None]:
         nxt = start_revision
         while True:
             self._check()

@@ -19,7 +19,8 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Mapping
-from typing import Any
+
+from agent.state import AgentState
 
 log = logging.getLogger("tweed.sd_notify")
 
@@ -131,18 +132,19 @@ class Notifier:
             self._sock = None
 
 
-def daemon_status(daemon: Any) -> tuple[bool, str]:
-    """(ready, STATUS text) of an agent.daemon.Daemon: ready is not_ready_reason() is None."""
+def daemon_status(daemon: AgentState) -> tuple[bool, str]:
+    """(ready, STATUS text) of the agent: ready is not_ready_reason() is None."""
     reason = daemon.not_ready_reason()
     if reason is not None:
         return False, f"not ready: {reason}"
     manager, config = daemon.manager, daemon.config
+    # Ready means a config is running and a lease is held.
+    assert manager is not None and manager.lease is not None and config is not None
     parts = [f"ready: subnet {manager.lease.subnet}, backend {config.backend_type}"]
     if not manager.etcd_reachable:
         parts.append("etcd unreachable, retrying (data path unaffected)")
-    state = getattr(daemon, "config_state", "running")
-    if state != "running":
-        parts.append(f"network config in etcd {state}, running on the old one")
+    if daemon.config_state != "running":
+        parts.append(f"network config in etcd {daemon.config_state}, running on the old one")
     return True, "; ".join(parts)
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from agent import sd_notify
 from agent.sd_notify import Notifier, daemon_status, report, socket_address, watchdog_interval
+from tests.support.daemon_rig import DaemonRig
 
 
 @pytest.fixture
@@ -163,6 +164,26 @@ def test_daemon_status_texts() -> None:
     assert ready
     assert "etcd unreachable" in text
     assert "network config in etcd changed" in text
+
+
+async def test_daemon_status_of_a_real_daemon(tmp_path: Path) -> None:
+    rig = DaemonRig(tmp_path)  # a Daemon over MemoryRegistry and FakeNetlink
+    d = rig.daemon
+    assert daemon_status(d) == (False, "not ready: waiting for a valid network config")
+    try:
+        await rig.serve_ready()
+        assert daemon_status(d) == (True, "ready: subnet 10.5.1.0/24, backend host-gw")
+        await rig.reg.set_config(b'{"Network":"10.6.0.0/16","Backend":{"Type":"host-gw"}}')
+        await rig.until(lambda: d.config_state == "changed", "the new config noticed")
+        assert daemon_status(d) == (True, "ready: subnet 10.5.1.0/24, backend host-gw; network "
+                                    "config in etcd changed, running on the old one")
+        rig.reg.available = False
+        await rig.until(lambda: d.manager is not None and not d.manager.etcd_reachable,
+                        "etcd unreachable")
+        ready, text = daemon_status(d)
+        assert ready and "; etcd unreachable, retrying (data path unaffected)" in text
+    finally:
+        await rig.stop()
 
 
 async def test_report_status_changes_ready_once_and_watchdog(listener, monkeypatch) -> None:
