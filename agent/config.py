@@ -1,6 +1,6 @@
 """Network config: parse and validate the JSON that operators write to `<prefix>/config`.
 
-Pure logic, no I/O. The rules are flanneld's (see INTEROP.md): field names match
+Pure logic, no I/O. The rules are flanneld's (docs/interop.md#the-network-config): field names match
 case-insensitively, SubnetLen/SubnetMin/SubnetMax get defaults from Network, an absent
 Backend means udp. Every error names the field and the rule it broke.
 """

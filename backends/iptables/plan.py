@@ -1,7 +1,7 @@
 """iptables planning for --ip-masq and the forward rules: pure functions, no I/O.
 
 Owns the desired chains (flanneld's FLANNEL-POSTRTG in nat and FLANNEL-FWD in filter, with
-the rules, comments and order of INTEROP "iptables"), parsing one table of `iptables-save`
+the rules, comments and order of docs/interop.md#iptables), parsing one table of `iptables-save`
 output, and the minimal list of repairs that turns what the kernel has into what we want:
 a missing chain, a missing or doubled jump from POSTROUTING/FORWARD, and in our own chains
 missing rules, duplicates, rules out of order and rules that do not belong there (those of

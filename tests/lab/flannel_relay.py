@@ -1,4 +1,4 @@
-"""A stand-in for flanneld's udp backend, written from INTEROP, that also inspects what it
+"""A stand-in for flanneld's udp backend, from docs/interop.md#udp, that also inspects what it
 receives: a TUN `flannel0` without any offload, and a UDP socket on port 8285 carrying
 exactly one raw IPv4 packet per datagram each way, one read and one send per packet (as
 flanneld's C loop does). Only stdlib, so it shares no code with tweed.

@@ -1,5 +1,5 @@
 """udp end to end: real tweed processes carrying container traffic through flannel0 and
-UDP port 8285, a flanneld-style stand-in peer built from INTEROP, drops counted."""
+UDP port 8285, a flanneld-style stand-in peer built from docs/interop.md#udp, drops counted."""
 
 from __future__ import annotations
 
@@ -210,7 +210,7 @@ def test_random_datagrams_leave_the_agent_running_and_counters_consistent(lab, t
 
 
 def test_exchanges_traffic_with_a_flanneld_style_stand_in(lab, tmp_path, dp):
-    """Host 3 runs a plain stand-in for flanneld's udp backend, written from INTEROP: a
+    """Host 3 runs a plain stand-in for flanneld's udp backend, written from docs/interop.md#udp: a
     TUN-less relay in a few lines of socket code. Its container's packets are captured
     on a raw socket... here simply: the stand-in owns 10.5.200.0/24, answers ICMP echo
     requests that arrive in datagrams, and originates one echo request itself."""

@@ -71,7 +71,7 @@ def test_vxlan_carries_traffic_on_udp_8472_with_vni_1(lab, tmp_path):
     h2, a2, c2 = bring_up(lab, etcd, tmp_path, 2)
     assert a1.env()["FLANNEL_MTU"] == "1450"
 
-    # Kernel state exactly as INTEROP describes.
+    # Kernel state exactly as docs/interop.md#vxlan describes.
     dev = link_json(h1, "flannel.1")
     info = dev["linkinfo"]["info_data"]
     assert dev["mtu"] == 1450
@@ -114,7 +114,7 @@ def test_vxlan_carries_traffic_on_udp_8472_with_vni_1(lab, tmp_path):
 
 
 def test_mixes_with_a_host_set_up_as_flanneld_does(lab, tmp_path):
-    """Host 3 is built by hand from INTEROP (its vxlan device, its lease, its per-peer
+    """Host 3 is built by hand from docs/interop.md#vxlan (its vxlan device, its lease, its per-peer
     entries), standing in for a stock flanneld host: traffic flows both ways."""
     etcd = lab.start_etcd()
     put_config(etcd, backend="vxlan")

@@ -1,4 +1,4 @@
-"""Unit tests for agent.config: flanneld's network config rules (INTEROP.md)."""
+"""Unit tests for agent.config: flanneld's rules in docs/interop.md#the-network-config."""
 
 from __future__ import annotations
 
