@@ -7,24 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from agent.subnet_file import parse_subnet_env
+from tests.support.wait import wait_for  # the lab tests import it from here too
 
 PREFIX = "/coreos.com/network"
-
-
-def wait_for(pred, timeout: float = 20.0, step: float = 0.05, what: str = "condition"):
-    """Poll pred() until truthy; AssertionError naming `what` after `timeout` s."""
-    end = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"{what}: not met within {timeout} s")
-        time.sleep(step)
 
 
 class Agent:
@@ -78,7 +66,8 @@ class Agent:
             env = self.env()
             return env if "FLANNEL_SUBNET" in env else None
 
-        return wait_for(ready, timeout, what=f"subnet.env on {self.host.ns}")
+        return wait_for(ready, timeout, what=f"subnet.env on {self.host.ns}",
+                        detail=lambda: f"its log:\n{self.log()[-3000:]}")
 
     @property
     def subnet(self) -> str:

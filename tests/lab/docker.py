@@ -25,9 +25,10 @@ import shutil
 import signal
 import subprocess
 import tarfile
-import time
 from pathlib import Path
 from typing import Any
+
+from tests.support.wait import wait_for
 
 DOCKERD = "/usr/sbin/dockerd"
 DOCKER = "/usr/bin/docker"  # Debian's CLI (a different `docker` may come first in PATH)
@@ -110,19 +111,18 @@ class Dockerd:
         ]
         with open(self.log_path, "ab") as log:
             # nsenter execs dockerd: the PID is dockerd's own.
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT)
-        end = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
+            self.proc = proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                                stderr=subprocess.STDOUT)
+
+        def up() -> bool:
+            if proc.poll() is not None:
                 raise AssertionError(f"dockerd on {self.host.ns} exited "
-                                     f"{self.proc.returncode}:\n{self.log()[-3000:]}")
-            if self.sock.exists() and self.docker("version", check=False).returncode == 0:
-                return self
-            if time.monotonic() > end:
-                raise AssertionError(f"dockerd on {self.host.ns} not up in {timeout} s:\n"
-                                     f"{self.log()[-3000:]}")
-            time.sleep(0.2)
+                                     f"{proc.returncode}:\n{self.log()[-3000:]}")
+            return self.sock.exists() and self.docker("version", check=False).returncode == 0
+
+        wait_for(up, timeout, step=0.2, what=f"dockerd on {self.host.ns} up",
+                 detail=lambda: self.log()[-3000:])
+        return self
 
     def docker(self, *args: str, check: bool = True,
                timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
