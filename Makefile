@@ -65,7 +65,8 @@ soak: setup
 	SOAK_MINUTES=$(SOAK_MINUTES) $(PY) -m tests.soak
 
 # The C datapath built with AddressSanitizer and UBSan, and its tests run against that
-# build (in a copy of the tree, so the normal build is left alone).
+# build (in a copy of the tree, so the normal build is left alone): the datapath suite (both
+# datapaths; the C one is the sanitized build), the C-only tests and the udp lab.
 ASAN_DIR := build/asan
 asan: setup
 	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)
@@ -75,8 +76,8 @@ asan: setup
 	  $(CURDIR)/$(PY) setup.py -q build_ext --inplace
 	cd $(ASAN_DIR) && LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 	  ASAN_OPTIONS=detect_leaks=0 TWEED_EXPECT_FASTPATH=$(CURDIR)/$(ASAN_DIR)/backends/udp \
-	  $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_c_datapath.py \
-	  tests/unit/test_c_segmentation.py tests/lab/test_udp_lab.py
+	  $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_datapath.py \
+	  tests/unit/test_c_datapath.py tests/unit/test_c_segmentation.py tests/lab/test_udp_lab.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

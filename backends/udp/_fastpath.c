@@ -1,15 +1,30 @@
 /*
- * _fastpath: the C datapath of the udp backend.
+ * _fastpath: the C datapath of the udp backend (C11: <stdatomic.h>; setup.py builds it
+ * with -std=c11).
  *
- * One packet thread per datapath moves packets between the TUN fd and the UDP socket with
- * the GIL released: it never calls into Python. Python only changes routes (under a
- * read-write lock, taken per lookup and never across I/O) and reads counters (relaxed
- * atomics).
+ * Threads. One packet thread per datapath moves packets between the TUN fd and the UDP
+ * socket without the GIL: it never calls into Python. Python (holding the GIL) changes
+ * routes, reads counters and offloads, and starts and stops the thread. What the two
+ * share, and how:
+ *  - the routes: a read-write lock. The packet thread takes the read lock for one lookup
+ *    (a route for a destination, or a sender's source check) and drops it before doing
+ *    anything else, so it never holds it across I/O; Python takes the write lock with the
+ *    GIL released, so that a Python thread waiting for it does not stall the others;
+ *  - the counters and the `gso` flag (the packet thread turns GSO off when a send cannot
+ *    segment; Python reads it in offloads()): C11 atomics, relaxed, since each is a value
+ *    on its own and orders nothing else;
+ *  - everything else the packet thread reads (the fds, the MTU, the port, the flags) is
+ *    written in Core_init, before the thread exists, and never again: Core_init refuses a
+ *    second call and start() refuses an uninitialised Core. The buffers belong to the
+ *    packet thread while it runs; the test hooks drain_tun/drain_udp refuse to run then.
  *
- * Semantics are the pure-Python datapath's (backends/datapath.py), counter for counter:
- * one inner IPv4 packet per datagram, TTL decremented on both ends with an incremental
- * checksum fix, ICMP net-unreachable for packets no peer subnet matches (never for ICMP
- * or non-first fragments), receive drops by reason.
+ * Semantics are the pure-Python datapath's (backends/udp/python_datapath.py, contract in
+ * backends/udp/datapath.py), counter for counter, and one test suite runs against both
+ * (tests/unit/test_datapath.py): one inner IPv4 packet per datagram, TTL decremented on
+ * both ends with an incremental checksum fix, ICMP net-unreachable for packets no peer
+ * subnet matches (never for ICMP or non-first fragments), receive drops by reason. The
+ * algorithms are the same too: the per-prefix-length route table of backends/udp/lpm.py,
+ * the same send runs and batches, the same coalescing rule and caps.
  *
  * What makes it fast, each step probed at start and turned off when the kernel refuses:
  *  - batches: each fd is drained until EAGAIN; sends go out with one sendmmsg, receives
@@ -73,22 +88,22 @@ struct vnet_hdr {
 #define VNET_GSO_TCPV4 1
 #define VNET_GSO_ECN 0x80
 
-#define BATCH 64          /* TUN reads per send batch */
+#define BATCH 64          /* TUN reads per send batch (TUN_BATCH in datapath.py) */
 #define READ_MAX 65536    /* one TUN read: the largest IPv4 packet */
 #define TX_ARENA (8 * READ_MAX)
 #define MAX_SEGS 1024     /* packets per send batch */
 #define HDR_SLOT 128      /* room for one segment's IP + TCP headers (60 + 60 at most) */
 #define GSO_SEGS 64       /* Linux takes at most 64 segments per UDP GSO send... */
 #define GSO_BYTES 65000   /* ...and about 64 KiB */
-#define RX_BATCH 16
+#define RX_BATCH 16       /* receives (recvmmsg) per batch written to the TUN */
 #define RX_SLOT 65536     /* with UDP GRO one buffer may hold up to 64 KiB of datagrams */
 #define PEND_MAX 2048     /* received packets waiting to be written to the TUN */
-#define MERGE_MAX 64      /* segments per coalesced write */
+#define MERGE_MAX 64      /* segments per coalesced write (COALESCE_MAX_SEGMENTS) */
 #define MERGE_BYTES 65000
 #define CMSG_SLOT CMSG_SPACE(sizeof(uint16_t))
 #define SEND_WAIT_MS 20   /* how long a full socket buffer may hold up the TUN side */
 
-/* Counter order: must match COUNTERS in backends/datapath.py. */
+/* Counter order: must match COUNTERS in backends/udp/datapath.py. */
 enum {
     TX_PACKETS, TX_BYTES, RX_PACKETS, RX_BYTES, RX_DATAGRAMS,
     TX_DROP_MALFORMED, TX_DROP_NO_ROUTE, TX_DROP_TTL, TX_DROP_SEND_ERROR,
@@ -98,8 +113,30 @@ enum {
     NCOUNTERS
 };
 
-struct route {
-    uint32_t net, mask, peer; /* host byte order */
+/* A hash table from a 32-bit key to a 32-bit value (addresses in host byte order):
+ * open addressing with linear probing, at most half full, deletion by backward shift (no
+ * tombstones), so a probe is short whatever the history of changes. */
+struct slot {
+    uint32_t key, val;
+    uint32_t used;
+};
+
+struct table {
+    struct slot *slots;
+    uint32_t cap;   /* a power of two (0 before the first insert) */
+    uint32_t bits;  /* log2(cap) */
+    uint32_t count;
+};
+
+/* The routes, as in backends/udp/lpm.py: for each prefix length present, a table from
+ * the masked address to the peer, probed longest first (peer subnets usually share one
+ * length, so a lookup is one mask and one probe); and a table from each peer to how many
+ * subnets it holds, for the receive side's "is this sender a peer" check. */
+struct routes {
+    struct table len[33];   /* by prefix length */
+    uint8_t order[33];      /* the lengths present, longest first */
+    int nlen;
+    struct table peers;     /* peer -> number of subnets */
 };
 
 /* One packet to send: two iovecs (headers, payload; a plain packet leaves the second
@@ -119,12 +156,15 @@ typedef struct {
     PyObject_HEAD
     int tun, udp, efd;
     uint16_t port;
-    int mtu, check_source, vnet, gso, gro, tso, coalesce;
+    int mtu, check_source, vnet, gro, tso, coalesce; /* set once, before the thread */
+    atomic_int gso;        /* on until a send cannot segment; read by Python */
+    int ready;             /* Core_init succeeded: buffers, eventfd and lock are there */
+    int lock_ready;        /* the lock was initialised (so dealloc destroys it) */
+    int efd_open;          /* efd is ours to close */
     pthread_t thread;
-    int running;
-    pthread_rwlock_t lock; /* the routes: read by the packet thread, written by Python */
-    struct route *routes;
-    int nroutes, cap;
+    int running;           /* Python's side only (under the GIL) */
+    pthread_rwlock_t lock; /* the routes: the packet thread reads, Python writes */
+    struct routes routes;
     _Atomic uint64_t counters[NCOUNTERS];
     /* send side */
     uint8_t *txbuf;        /* TX_ARENA: packets as read from the TUN */
@@ -399,34 +439,198 @@ static size_t merge_headers(const struct pend *pk, int i, int k, struct vnet_hdr
 
 /* ---- routes ----------------------------------------------------------------------- */
 
-/* Longest-prefix match; caller holds the lock. Returns the peer or 0. */
-static uint32_t lookup(Core *c, uint32_t dst)
+static uint32_t prefix_mask(int plen)
 {
-    uint32_t best_mask = 0, peer = 0;
-    int found = 0;
-    for (int i = 0; i < c->nroutes; i++) {
-        struct route *r = &c->routes[i];
-        if ((dst & r->mask) == r->net && (!found || r->mask > best_mask)) {
-            best_mask = r->mask;
-            peer = r->peer;
-            found = 1;
+    return plen ? 0xFFFFFFFFu << (32 - plen) : 0;
+}
+
+/* Fibonacci hashing: the top bits of key * 2^32/phi, good for masked addresses whose low
+ * bits are all zero. */
+static uint32_t slot_of(const struct table *t, uint32_t key)
+{
+    return t->bits ? (uint32_t)(key * 2654435769u) >> (32 - t->bits) : 0;
+}
+
+static struct slot *table_find(const struct table *t, uint32_t key)
+{
+    if (!t->count)
+        return NULL;
+    uint32_t m = t->cap - 1;
+    for (uint32_t i = slot_of(t, key);; i = (i + 1) & m) {
+        struct slot *s = &t->slots[i];
+        if (!s->used)
+            return NULL;
+        if (s->key == key)
+            return s;
+    }
+}
+
+/* Room for one more entry (grown so that the table stays at most half full); -1 if out
+ * of memory, the table unchanged. */
+static int table_reserve(struct table *t)
+{
+    if (2 * (t->count + 1) <= t->cap)
+        return 0;
+    uint32_t bits = t->cap ? t->bits + 1 : 3, cap = 1u << bits;
+    struct slot *slots = PyMem_RawCalloc(cap, sizeof *slots);
+    if (!slots)
+        return -1;
+    struct table bigger = {slots, cap, bits, t->count};
+    for (uint32_t i = 0; i < t->cap; i++) {
+        if (!t->slots[i].used)
+            continue;
+        uint32_t j = slot_of(&bigger, t->slots[i].key);
+        while (slots[j].used)
+            j = (j + 1) & (cap - 1);
+        slots[j] = t->slots[i];
+    }
+    PyMem_RawFree(t->slots);
+    *t = bigger;
+    return 0;
+}
+
+/* Insert or replace; table_reserve must have made room. */
+static void table_put(struct table *t, uint32_t key, uint32_t val)
+{
+    uint32_t m = t->cap - 1, i = slot_of(t, key);
+    while (t->slots[i].used && t->slots[i].key != key)
+        i = (i + 1) & m;
+    if (!t->slots[i].used)
+        t->count++;
+    t->slots[i] = (struct slot){key, val, 1};
+}
+
+/* Remove `key` if present. Backward shift: each entry after the hole that may move into
+ * it (its home slot is not between the hole and itself) does, so probes stay unbroken. */
+static void table_del(struct table *t, uint32_t key)
+{
+    struct slot *s = table_find(t, key);
+    if (!s)
+        return;
+    uint32_t m = t->cap - 1, hole = (uint32_t)(s - t->slots);
+    for (uint32_t j = (hole + 1) & m; t->slots[j].used; j = (j + 1) & m) {
+        uint32_t home = slot_of(t, t->slots[j].key);
+        int stays = hole <= j ? (hole < home && home <= j) : (hole < home || home <= j);
+        if (!stays) {
+            t->slots[hole] = t->slots[j];
+            hole = j;
         }
     }
+    t->slots[hole].used = 0;
+    if (--t->count == 0) { /* an empty table gives its memory back */
+        PyMem_RawFree(t->slots);
+        *t = (struct table){0};
+    }
+}
+
+static void routes_reorder(struct routes *r)
+{
+    r->nlen = 0;
+    for (int plen = 32; plen >= 0; plen--)
+        if (r->len[plen].count)
+            r->order[r->nlen++] = (uint8_t)plen;
+}
+
+static void peer_add(struct routes *r, uint32_t peer, int delta)
+{
+    struct slot *s = table_find(&r->peers, peer);
+    uint32_t n = (s ? s->val : 0) + (uint32_t)delta;
+    if (n)
+        table_put(&r->peers, peer, n); /* room: reserved by the caller when new */
+    else
+        table_del(&r->peers, peer);
+}
+
+/* Packets for net/plen go to `peer`, which may send from it. -1 if out of memory (the
+ * routes unchanged). Caller holds the write lock. */
+static int routes_set(struct routes *r, uint32_t net, int plen, uint32_t peer)
+{
+    struct table *t = &r->len[plen];
+    net &= prefix_mask(plen);
+    if (table_reserve(t) < 0 || table_reserve(&r->peers) < 0)
+        return -1;
+    struct slot *old = table_find(t, net);
+    if (old && old->val == peer)
+        return 0;
+    /* The new peer is counted before the old one is uncounted: uncounting may empty and
+     * free the peer table, whose room was reserved above. */
+    peer_add(r, peer, 1);
+    if (old) {
+        uint32_t was = old->val;
+        old->val = peer;
+        peer_add(r, was, -1);
+    } else {
+        table_put(t, net, peer);
+        if (t->count == 1)
+            routes_reorder(r);
+    }
+    return 0;
+}
+
+/* Caller holds the write lock. */
+static void routes_del(struct routes *r, uint32_t net, int plen)
+{
+    struct table *t = &r->len[plen];
+    net &= prefix_mask(plen);
+    struct slot *old = table_find(t, net);
+    if (!old)
+        return;
+    peer_add(r, old->val, -1);
+    table_del(t, net);
+    if (t->count == 0)
+        routes_reorder(r);
+}
+
+static void routes_free(struct routes *r)
+{
+    for (int plen = 0; plen <= 32; plen++)
+        PyMem_RawFree(r->len[plen].slots);
+    PyMem_RawFree(r->peers.slots);
+    memset(r, 0, sizeof *r);
+}
+
+/* Longest-prefix match: the peer, or 0 for no route. Caller holds the read lock. */
+static uint32_t lookup(const struct routes *r, uint32_t dst)
+{
+    for (int i = 0; i < r->nlen; i++) {
+        int plen = r->order[i];
+        const struct slot *s = table_find(&r->len[plen], dst & prefix_mask(plen));
+        if (s)
+            return s->val;
+    }
+    return 0;
+}
+
+/* 0: `peer` holds no route; 1: it does but not for `src`; 2: `src` is in one of its
+ * subnets (a subnet is the peer's when its entry names the peer, so each length present
+ * is one probe). Caller holds the read lock. */
+static int source_ok(const struct routes *r, uint32_t peer, uint32_t src)
+{
+    if (!table_find(&r->peers, peer))
+        return 0;
+    for (int i = 0; i < r->nlen; i++) {
+        int plen = r->order[i];
+        const struct slot *s = table_find(&r->len[plen], src & prefix_mask(plen));
+        if (s && s->val == peer)
+            return 2;
+    }
+    return 1;
+}
+
+/* The two lookups of the packet path, each under the read lock for that lookup only. */
+static uint32_t route_for(Core *c, uint32_t dst)
+{
+    pthread_rwlock_rdlock(&c->lock);
+    uint32_t peer = lookup(&c->routes, dst);
+    pthread_rwlock_unlock(&c->lock);
     return peer;
 }
 
-/* 0: `peer` holds no route; 1: it does but not for `src`; 2: `src` is in its subnets. */
-static int source_ok(Core *c, uint32_t peer, uint32_t src)
+static int source_check(Core *c, uint32_t peer, uint32_t src)
 {
-    int known = 0;
-    for (int i = 0; i < c->nroutes; i++) {
-        struct route *r = &c->routes[i];
-        if (r->peer != peer)
-            continue;
-        known = 1;
-        if ((src & r->mask) == r->net)
-            return 2;
-    }
+    pthread_rwlock_rdlock(&c->lock);
+    int known = source_ok(&c->routes, peer, src);
+    pthread_rwlock_unlock(&c->lock);
     return known;
 }
 
@@ -531,10 +735,11 @@ static void net_unreachable(Core *c, const uint8_t *off, size_t n)
 static void flush_segments(Core *c)
 {
     int nm = 0, k = c->nsegs;
+    int gso = atomic_load_explicit(&c->gso, memory_order_relaxed);
     for (int i = 0; i < k;) {
         size_t seg = c->segs[i].len, total = seg;
         int j = i + 1;
-        while (c->gso && j < k && c->segs[j].peer == c->segs[i].peer &&
+        while (gso && j < k && c->segs[j].peer == c->segs[i].peer &&
                c->segs[j - 1].len == seg && c->segs[j].len <= seg &&
                total + c->segs[j].len <= GSO_BYTES && j - i < GSO_SEGS) {
             total += c->segs[j].len;
@@ -570,13 +775,15 @@ static void flush_segments(Core *c)
         if (r < 0) {
             if (errno == EINTR)
                 continue;
-            if ((errno == EAGAIN || errno == ENOBUFS) && waits++ < 3) {
+            int full = errno == EAGAIN || errno == ENOBUFS;
+            if (full && waits++ < 3) {
                 struct pollfd pf = {c->udp, POLLOUT, 0};
                 (void)poll(&pf, 1, SEND_WAIT_MS);
                 continue;
             }
-            if (errno != EAGAIN && errno != ENOBUFS && c->npkts[sent] > 1) {
-                c->gso = 0; /* the path cannot segment: one datagram per message from now */
+            if (!full && c->npkts[sent] > 1) {
+                /* The path cannot segment: one datagram per message from now on. */
+                atomic_store_explicit(&c->gso, 0, memory_order_relaxed);
                 int left = 0;
                 for (int i = sent; i < nm; i++)
                     left += c->npkts[i];
@@ -588,10 +795,17 @@ static void flush_segments(Core *c)
                 flush_segments(c);
                 return;
             }
-            /* Still full, or unreachable: drop the rest, as a router would. */
-            for (int i = sent; i < nm; i++)
-                count(c, TX_DROP_SEND_ERROR, (uint64_t)c->npkts[i]);
-            break;
+            if (full) { /* still full: drop the rest, as a router would */
+                for (int i = sent; i < nm; i++)
+                    count(c, TX_DROP_SEND_ERROR, (uint64_t)c->npkts[i]);
+                break;
+            }
+            /* This one message cannot go (its peer is unreachable, a firewall refuses
+             * it, ...): drop it alone and go on with the others, as the python datapath
+             * does. */
+            count(c, TX_DROP_SEND_ERROR, (uint64_t)c->npkts[sent]);
+            sent++;
+            continue;
         }
         for (int i = sent; i < sent + r; i++) {
             uint64_t bytes = 0;
@@ -640,9 +854,7 @@ static void from_tun(Core *c)
                 count(c, TX_DROP_MALFORMED, 1);
                 continue;
             }
-            pthread_rwlock_rdlock(&c->lock);
-            uint32_t peer = lookup(c, be32(p + 16));
-            pthread_rwlock_unlock(&c->lock);
+            uint32_t peer = route_for(c, be32(p + 16));
             if (!peer) {
                 count(c, TX_DROP_NO_ROUTE, 1);
                 net_unreachable(c, p, n);
@@ -682,10 +894,10 @@ static void from_tun(Core *c)
 /* ---- the receive side ------------------------------------------------------------- */
 
 /* Check one received inner packet at p (n bytes) from `peer` and patch its TTL; queue it
- * for the TUN. Caller holds the lock. */
+ * for the TUN (which may write the queue out: no lock is held here). */
 static void deliver(Core *c, uint8_t *p, size_t n, uint32_t peer, int truncated)
 {
-    int known = source_ok(c, peer, n >= 16 ? be32(p + 12) : 0);
+    int known = c->check_source ? source_check(c, peer, n >= 16 ? be32(p + 12) : 0) : 2;
     if (c->check_source && known == 0) {
         count(c, RX_DROP_UNKNOWN_SOURCE, 1);
         return;
@@ -746,7 +958,6 @@ static void from_udp(Core *c)
                 continue;
             return;
         }
-        pthread_rwlock_rdlock(&c->lock);
         for (int i = 0; i < r; i++) {
             uint8_t *p = v[i].iov_base;
             size_t n = m[i].msg_len;
@@ -774,7 +985,6 @@ static void from_udp(Core *c)
                 deliver(c, p + pos, n - pos < seg ? n - pos : seg, peer, 0);
             }
         }
-        pthread_rwlock_unlock(&c->lock);
         flush_pending(c);
         if (r < RX_BATCH)
             return;
@@ -807,27 +1017,62 @@ static void *loop(void *arg)
 
 /* ---- Python side ---------------------------------------------------------------- */
 
+/* Free what Core_init made, leaving the Core as tp_new made it (zeroed). */
+static void core_free(Core *c)
+{
+    if (c->efd_open)
+        close(c->efd);
+    c->efd_open = 0;
+    if (c->lock_ready)
+        pthread_rwlock_destroy(&c->lock);
+    c->lock_ready = 0;
+    PyMem_RawFree(c->txbuf);
+    PyMem_RawFree(c->hdrs);
+    PyMem_RawFree(c->segs);
+    PyMem_RawFree(c->iov);
+    PyMem_RawFree(c->msgs);
+    PyMem_RawFree(c->to);
+    PyMem_RawFree(c->npkts);
+    PyMem_RawFree(c->cmsgs);
+    PyMem_RawFree(c->pend);
+    PyMem_RawFree(c->rxbuf);
+    c->txbuf = c->hdrs = c->cmsgs = c->rxbuf = NULL;
+    c->segs = NULL;
+    c->iov = NULL;
+    c->msgs = NULL;
+    c->to = NULL;
+    c->npkts = NULL;
+    c->pend = NULL;
+    routes_free(&c->routes);
+    c->ready = 0;
+}
+
 static int Core_init(Core *c, PyObject *args, PyObject *kw)
 {
     static char *names[] = {"tun_fd", "sock_fd", "port", "mtu", "check_source", "vnet_hdr",
                             "gso", "gro", "tso", "coalesce", NULL};
-    int port, check = 1, vnet = 0, gso = 1, gro = 1, tso = 1, coalesce = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiii|pppppp", names, &c->tun, &c->udp,
-                                     &port, &c->mtu, &check, &vnet, &gso, &gro, &tso,
-                                     &coalesce))
+    int tun, udp, port, mtu, check = 1, vnet = 0, gso = 1, gro = 1, tso = 1, coalesce = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiii|pppppp", names, &tun, &udp, &port, &mtu,
+                                     &check, &vnet, &gso, &gro, &tso, &coalesce))
         return -1;
-    if (c->txbuf) {
+    /* Once: a second call would change what a running packet thread reads. */
+    if (c->ready) {
         PyErr_SetString(PyExc_RuntimeError, "Core is already initialised");
         return -1;
     }
-    if (c->mtu < 68 || c->mtu > 65535 || port < 1 || port > 65535) {
+    if (mtu < 68 || mtu > 65535 || port < 1 || port > 65535) {
         PyErr_SetString(PyExc_ValueError, "bad mtu or port");
         return -1;
     }
+    c->tun = tun;
+    c->udp = udp;
+    c->mtu = mtu;
     int one = 1, zero = 0;
     c->gro = gro && setsockopt(c->udp, SOL_UDP, UDP_GRO, &one, sizeof one) == 0;
     /* Probe UDP GSO once: a kernel without it refuses the option. */
-    c->gso = gso && setsockopt(c->udp, SOL_UDP, UDP_SEGMENT, &zero, sizeof zero) == 0;
+    atomic_store_explicit(&c->gso,
+                          gso && setsockopt(c->udp, SOL_UDP, UDP_SEGMENT, &zero, sizeof zero) == 0,
+                          memory_order_relaxed);
     /* TSO needs the vnet header; a TUN (or stand-in) that refuses the ioctl gets none. */
     unsigned int off = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN;
     c->tso = vnet && tso && ioctl(c->tun, TUNSETOFFLOAD, off) == 0;
@@ -844,6 +1089,20 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw)
     c->port = (uint16_t)port;
     c->check_source = check;
     c->vnet = vnet;
+    c->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (c->efd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    c->efd_open = 1;
+    int err = pthread_rwlock_init(&c->lock, NULL);
+    if (err) {
+        core_free(c);
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    c->lock_ready = 1;
     c->txbuf = PyMem_RawMalloc(TX_ARENA);
     c->hdrs = PyMem_RawMalloc((size_t)MAX_SEGS * HDR_SLOT);
     c->segs = PyMem_RawMalloc(sizeof *c->segs * MAX_SEGS);
@@ -856,13 +1115,13 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw)
     /* Without GRO a slot a little over the MTU shows oversized datagrams by MSG_TRUNC. */
     c->rxslot = c->gro ? RX_SLOT : (size_t)c->mtu + 64;
     c->rxbuf = PyMem_RawMalloc(c->rxslot * RX_BATCH);
-    c->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (!c->txbuf || !c->hdrs || !c->segs || !c->iov || !c->msgs || !c->to || !c->npkts ||
-        !c->cmsgs || !c->pend || !c->rxbuf || c->efd < 0) {
+        !c->cmsgs || !c->pend || !c->rxbuf) {
+        core_free(c);
         PyErr_NoMemory();
         return -1;
     }
-    pthread_rwlock_init(&c->lock, NULL);
+    c->ready = 1;
     return 0;
 }
 
@@ -871,73 +1130,76 @@ static void Core_dealloc(Core *c)
     if (c->running) {
         uint64_t one = 1;
         (void)!write(c->efd, &one, sizeof one);
-        pthread_join(c->thread, NULL);
+        pthread_join(c->thread, NULL); /* it never takes the GIL: no deadlock */
     }
-    if (c->efd > 0)
-        close(c->efd);
-    if (c->txbuf)
-        pthread_rwlock_destroy(&c->lock);
-    PyMem_RawFree(c->txbuf);
-    PyMem_RawFree(c->hdrs);
-    PyMem_RawFree(c->segs);
-    PyMem_RawFree(c->iov);
-    PyMem_RawFree(c->msgs);
-    PyMem_RawFree(c->to);
-    PyMem_RawFree(c->npkts);
-    PyMem_RawFree(c->cmsgs);
-    PyMem_RawFree(c->pend);
-    PyMem_RawFree(c->rxbuf);
-    PyMem_RawFree(c->routes);
+    core_free(c);
     Py_TYPE(c)->tp_free((PyObject *)c);
 }
 
+/* RuntimeError unless Core_init succeeded (the lock and buffers exist). */
+static int need_ready(Core *c)
+{
+    if (c->ready)
+        return 0;
+    PyErr_SetString(PyExc_RuntimeError, "Core is not initialised");
+    return -1;
+}
+
+/* The prefix length of a contiguous netmask, or -1 (ValueError set). */
+static int prefix_len(uint32_t mask)
+{
+    int plen = 0;
+    while (plen < 32 && (mask & (0x80000000u >> plen)))
+        plen++;
+    if (mask != prefix_mask(plen)) {
+        PyErr_SetString(PyExc_ValueError, "not a netmask");
+        return -1;
+    }
+    return plen;
+}
+
+/* The route changes take the write lock with the GIL released: the packet thread may be
+ * holding the read lock for a lookup, and other Python threads should not wait for it.
+ * (The table code calls only PyMem_Raw*, which need no GIL.) */
 static PyObject *Core_set_route(Core *c, PyObject *args)
 {
     unsigned int net, mask, peer;
-    if (!PyArg_ParseTuple(args, "III", &net, &mask, &peer))
+    if (!PyArg_ParseTuple(args, "III", &net, &mask, &peer) || need_ready(c) < 0)
         return NULL;
+    int plen = prefix_len(mask), err;
+    if (plen < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
     pthread_rwlock_wrlock(&c->lock);
-    int i;
-    for (i = 0; i < c->nroutes; i++)
-        if (c->routes[i].net == (net & mask) && c->routes[i].mask == mask)
-            break;
-    if (i == c->nroutes) {
-        if (c->nroutes == c->cap) {
-            int cap = c->cap ? c->cap * 2 : 16;
-            struct route *r = PyMem_RawRealloc(c->routes, sizeof *r * (size_t)cap);
-            if (!r) {
-                pthread_rwlock_unlock(&c->lock);
-                return PyErr_NoMemory();
-            }
-            c->routes = r;
-            c->cap = cap;
-        }
-        c->nroutes++;
-    }
-    c->routes[i] = (struct route){net & mask, mask, peer};
+    err = routes_set(&c->routes, net, plen, peer);
     pthread_rwlock_unlock(&c->lock);
+    Py_END_ALLOW_THREADS
+    if (err)
+        return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
 static PyObject *Core_del_route(Core *c, PyObject *args)
 {
     unsigned int net, mask;
-    if (!PyArg_ParseTuple(args, "II", &net, &mask))
+    if (!PyArg_ParseTuple(args, "II", &net, &mask) || need_ready(c) < 0)
         return NULL;
+    int plen = prefix_len(mask);
+    if (plen < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
     pthread_rwlock_wrlock(&c->lock);
-    for (int i = 0; i < c->nroutes; i++) {
-        if (c->routes[i].net == (net & mask) && c->routes[i].mask == mask) {
-            c->routes[i] = c->routes[--c->nroutes];
-            break;
-        }
-    }
+    routes_del(&c->routes, net, plen);
     pthread_rwlock_unlock(&c->lock);
+    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
 static PyObject *Core_start(Core *c, PyObject *unused)
 {
     (void)unused;
+    if (need_ready(c) < 0)
+        return NULL;
     if (c->running)
         Py_RETURN_NONE;
     int err = pthread_create(&c->thread, NULL, loop, c);
@@ -969,7 +1231,8 @@ static PyObject *Core_stop(Core *c, PyObject *unused)
 static PyObject *Core_offloads(Core *c, PyObject *unused)
 {
     (void)unused;
-    return Py_BuildValue("{s:O,s:O,s:O,s:O}", "udp_gso", c->gso ? Py_True : Py_False,
+    int gso = atomic_load_explicit(&c->gso, memory_order_relaxed);
+    return Py_BuildValue("{s:O,s:O,s:O,s:O}", "udp_gso", gso ? Py_True : Py_False,
                          "udp_gro", c->gro ? Py_True : Py_False, "tun_tso",
                          c->tso ? Py_True : Py_False, "tun_coalesce",
                          c->coalesce ? Py_True : Py_False);
@@ -993,7 +1256,40 @@ static PyObject *Core_counters(Core *c, PyObject *unused)
     return t;
 }
 
+/* Test hooks: what the packet thread does when poll() says the TUN (drain_tun) or the
+ * socket (drain_udp) is readable, run once in the calling thread, so that the datapath
+ * suite can drive the C datapath step by step as it drives the python one. They hold the
+ * GIL (no other Python thread can run one at the same time) and refuse to run while the
+ * packet thread does, as its buffers are then its own. */
+static PyObject *drain(Core *c, void (*step)(Core *))
+{
+    if (need_ready(c) < 0)
+        return NULL;
+    if (c->running) {
+        PyErr_SetString(PyExc_RuntimeError, "the packet thread is running");
+        return NULL;
+    }
+    step(c);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_drain_tun(Core *c, PyObject *unused)
+{
+    (void)unused;
+    return drain(c, from_tun);
+}
+
+static PyObject *Core_drain_udp(Core *c, PyObject *unused)
+{
+    (void)unused;
+    return drain(c, from_udp);
+}
+
 static PyMethodDef Core_methods[] = {
+    {"drain_tun", (PyCFunction)Core_drain_tun, METH_NOARGS,
+     "read the TUN until EAGAIN and send, in this thread (test hook)"},
+    {"drain_udp", (PyCFunction)Core_drain_udp, METH_NOARGS,
+     "read the socket until EAGAIN and write the TUN, in this thread (test hook)"},
     {"set_route", (PyCFunction)Core_set_route, METH_VARARGS, "set_route(net, mask, peer)"},
     {"del_route", (PyCFunction)Core_del_route, METH_VARARGS, "del_route(net, mask)"},
     {"start", (PyCFunction)Core_start, METH_NOARGS, "start the packet thread"},
@@ -1005,7 +1301,7 @@ static PyMethodDef Core_methods[] = {
 
 static PyTypeObject CoreType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "backends._fastpath.Core",
+    .tp_name = "backends.udp._fastpath.Core",
     .tp_basicsize = sizeof(Core),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "The C packet loop: one thread between a TUN fd and a UDP socket.",
@@ -1160,6 +1456,16 @@ PyMODINIT_FUNC PyInit__fastpath(void)
         Py_DECREF(m);
         return NULL;
     }
-    PyModule_AddIntConstant(m, "BATCH", BATCH);
+    /* The batch sizes and caps that backends/udp/datapath.py names for both datapaths
+     * (a test checks that they agree). */
+    if (PyModule_AddIntConstant(m, "BATCH", BATCH) < 0 ||
+        PyModule_AddIntConstant(m, "RX_BATCH", RX_BATCH) < 0 ||
+        PyModule_AddIntConstant(m, "GSO_SEGS", GSO_SEGS) < 0 ||
+        PyModule_AddIntConstant(m, "GSO_BYTES", GSO_BYTES) < 0 ||
+        PyModule_AddIntConstant(m, "MERGE_MAX", MERGE_MAX) < 0 ||
+        PyModule_AddIntConstant(m, "MERGE_BYTES", MERGE_BYTES) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }

@@ -1,11 +1,11 @@
-"""CDatapath: the Datapath interface over the C packet loop in backends/_fastpath.c.
+"""CDatapath: the Datapath interface over the C packet loop in backends/udp/_fastpath.c.
 
-The loop runs in its own thread with the GIL released; this wrapper turns subnets into
-integers for it, starts and stops the thread, and names its counters.
-It does
-recvmmsg/sendmmsg batches, TUN TSO (super-packets cut into wire packets in C), UDP GSO on
-send, UDP GRO on receive and coalesced TUN writes, each probed and each one that can be
-turned off (see backends/udp.py); `auto` chooses it when it is built.
+The loop runs in its own thread without the GIL; this wrapper turns subnets into integers
+for it, starts and stops the thread, and names its counters. It does recvmmsg/sendmmsg
+batches, TUN TSO (super-packets cut into wire packets in C), UDP GSO on send, UDP GRO on
+receive and coalesced TUN writes, each probed and each one that can be turned off (the
+backend options in backends/udp/network.py); `auto` chooses it when it is built. Its
+types are in _fastpath.pyi.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import asyncio
 import ipaddress
 import socket
 
-from backends.udp import _fastpath  # type: ignore[attr-defined]
+from backends.udp import _fastpath
 from backends.udp.datapath import COUNTERS, describe_offloads, offload_counters
 
 

@@ -39,6 +39,16 @@ UDP_GRO = 104
 #: Linux accepts at most 64 segments per UDP GSO send, and 64 KiB in all.
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
+#: The batches both datapaths work in, so that their runs and merges come out the same:
+#: up to TUN_BATCH reads from the TUN before the packets read are sent (a send run never
+#: spans two batches), up to RX_BATCH receives from the socket (each may hold several
+#: datagrams with UDP GRO) before the packets received are written to the TUN (in-order
+#: TCP segments of a batch are merged, COALESCE_MAX_SEGMENTS and COALESCE_MAX_BYTES at
+#: most per write). The C datapath's values are checked against these by a test.
+TUN_BATCH = 64
+RX_BATCH = 16
+COALESCE_MAX_SEGMENTS = 64
+COALESCE_MAX_BYTES = 65000
 #: struct virtio_net_hdr (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset),
 #: in the host's byte order, as a TUN opened with IFF_VNET_HDR reads and writes it.
 VNET_HDR = struct.Struct("=BBHHHH")

@@ -1,10 +1,12 @@
 """PythonDatapath: the udp backend's packet mover in pure Python, on the event loop.
 
-One reader per fd; each wake-up drains its fd until EAGAIN into one preallocated buffer,
-patches the packet in place and passes it on. Nothing per packet calls into logging or
+One reader per fd; each wake-up drains its fd until EAGAIN into a preallocated buffer,
+patches the packets in place and passes them on. Nothing per packet calls into logging or
 metrics: counters are plain integer attributes that the control plane reads when asked.
-The semantics (wire format, checks, counters) are those of backends/udp/datapath.py, shared
-with the C datapath.
+The semantics (wire format, checks, counters) are those of backends/udp/datapath.py, and
+so are the batches: this is the C datapath's twin, algorithm for algorithm (the same route
+table, send runs, receive batches and coalescing rule), and one test suite runs against
+both (tests/unit/test_datapath.py).
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ from collections.abc import Callable
 
 from backends.udp.datapath import (
     BUF_SIZE,
+    COALESCE_MAX_BYTES,
+    COALESCE_MAX_SEGMENTS,
     COUNTERS,
     GSO_MAX_BYTES,
     GSO_MAX_SEGMENTS,
+    RX_BATCH,
     SOL_UDP,
+    TUN_BATCH,
     UDP_GRO,
     UDP_SEGMENT,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -35,11 +41,36 @@ from backends.udp.datapath import (
 from backends.udp.lpm import RouteTable
 from backends.udp.packet import checksum, decrement_ttl, net_unreachable
 
+#: A packet waiting in the receive buffer: (offset, length).
+Pending = tuple[int, int]
+
 
 class PythonDatapath:
     """The pure-Python datapath on the asyncio (uv)loop."""
 
     name = "python"
+
+    # The counters (COUNTERS), plain attributes bumped on the packet path.
+    tx_packets: int
+    tx_bytes: int
+    rx_packets: int
+    rx_bytes: int
+    rx_datagrams: int
+    tx_drop_malformed: int
+    tx_drop_no_route: int
+    tx_drop_ttl: int
+    tx_drop_send_error: int
+    rx_drop_unknown_source: int
+    rx_drop_malformed: int
+    rx_drop_oversized: int
+    rx_drop_spoofed_source: int
+    rx_drop_ttl: int
+    rx_drop_tun_error: int
+    icmp_unreachable_sent: int
+    gso_sends: int
+    gro_receives: int
+    coalesced_writes: int
+    tso_reads: int
 
     def __init__(
         self, tun_fd: int, sock: socket.socket, *, port: int, mtu: int,
@@ -56,9 +87,12 @@ class PythonDatapath:
         self.port = port
         self.mtu = mtu
         self.check_source = check_source
+        # subnet -> (PublicIP, port), looked up per packet sent, and per packet received
+        # for the source check: a source is the sender's when the entry for it at some
+        # prefix length names the sender (as in the C datapath).
         self.routes: RouteTable[tuple[str, int]] = RouteTable()
-        # PublicIP -> [(network int, mask)] of that peer's subnets, for the source check.
-        self.sources: dict[str, list[tuple[int, int]]] = {}
+        # PublicIP -> how many subnets it holds: is a datagram's sender a peer at all.
+        self.peers: dict[str, int] = {}
         self._stopped: asyncio.Future[None] | None = None
         for name in COUNTERS:
             setattr(self, name, 0)
@@ -78,20 +112,15 @@ class PythonDatapath:
         self.del_route(subnet)
         addr = (str(peer), self.port)
         self.routes.set(subnet, addr)
-        self.sources.setdefault(addr[0], []).append(
-            (int(subnet.network_address), int(subnet.netmask))
-        )
+        self.peers[addr[0]] = self.peers.get(addr[0], 0) + 1
 
     def del_route(self, subnet: ipaddress.IPv4Network) -> None:
         old = self.routes.delete(subnet)
         if old is None:
             return
-        nets = self.sources.get(old[0], [])
-        entry = (int(subnet.network_address), int(subnet.netmask))
-        if entry in nets:
-            nets.remove(entry)
-        if not nets:
-            self.sources.pop(old[0], None)
+        left = self.peers.pop(old[0]) - 1
+        if left:
+            self.peers[old[0]] = left
 
     def counters(self) -> dict[str, int]:
         values = {name: getattr(self, name) for name in COUNTERS}
@@ -123,8 +152,7 @@ class PythonDatapath:
     # receiver enables UDP_GRO and splits what arrives coalesced.
     def _from_tun(self) -> Callable[[], None]:
         mtu = self.mtu
-        cap = GSO_MAX_SEGMENTS * mtu + mtu
-        buf = bytearray(cap)
+        buf = bytearray(TUN_BATCH * mtu)  # one batch of reads, each at most the MTU
         view = memoryview(buf)
         readv, writev, fd = os.readv, os.writev, self.tun_fd
         head = [bytearray(VNET_HDR.size)] if self.vnet_hdr else []
@@ -136,87 +164,95 @@ class PythonDatapath:
 
         def send_run(start: int, end: int, seg: int, count: int, addr: tuple[str, int]) -> None:
             if count == 1 or not self.gso:
-                try:
-                    if count == 1:
-                        sendto(view[start:end], addr)
-                    else:
-                        for pos in range(start, end, seg):
-                            sendto(view[pos:min(pos + seg, end)], addr)
-                except OSError:
+                # One datagram per send; each that fails is dropped alone.
+                for pos in range(start, end, seg):
+                    stop = min(pos + seg, end)
+                    try:
+                        sendto(view[pos:stop], addr)
+                    except OSError:
+                        self.tx_drop_send_error += 1
+                        continue
+                    self.tx_packets += 1
+                    self.tx_bytes += stop - pos
+                return
+            try:
+                sendmsg([view[start:end]], [(SOL_UDP, UDP_SEGMENT, pack(seg))], 0, addr)
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.ENOBUFS):
                     self.tx_drop_send_error += count
                     return
-            else:
-                try:
-                    sendmsg([view[start:end]], [(SOL_UDP, UDP_SEGMENT, pack(seg))], 0, addr)
-                    self.gso_sends += 1
-                except OSError as exc:
-                    if exc.errno in (errno.EAGAIN, errno.ENOBUFS):
-                        self.tx_drop_send_error += count
-                        return
-                    # EIO/EINVAL: this path cannot segment; send one by one from now on.
-                    self.gso = False
-                    send_run(start, end, seg, count, addr)
-                    return
+                # EIO/EINVAL/...: this path cannot segment; send one by one from now on.
+                self.gso = False
+                send_run(start, end, seg, count, addr)
+                return
+            self.gso_sends += 1
             self.tx_packets += count
             self.tx_bytes += end - start
 
+        batch = range(TUN_BATCH)
+
         def on_readable() -> None:
             levels = self.routes.levels
-            start = off = count = seg = 0
-            short = False
-            raddr: tuple[str, int] | None = None
-            while True:
-                try:
-                    n = readv(fd, [*head, view[off:off + mtu]]) - hlen
-                except (BlockingIOError, InterruptedError):
-                    break
-                if n < 20 or buf[off] >> 4 != 4:
-                    self.tx_drop_malformed += 1
-                    continue
-                dst = from_bytes(buf[off + 16:off + 20], "big")
-                addr = None
-                for mask, table in levels:
-                    addr = table.get(dst & mask)
-                    if addr is not None:
+            drained = False
+            while not drained:  # a batch of reads, sent before the next is read
+                start = off = count = seg = 0
+                short = False
+                raddr = ("", 0)
+                for _ in batch:
+                    try:
+                        n = readv(fd, [*head, view[off:off + mtu]]) - hlen
+                    except (BlockingIOError, InterruptedError):
+                        drained = True
                         break
-                if addr is None:
-                    self.tx_drop_no_route += 1
-                    reply = net_unreachable(view[off:off + n])
-                    if reply is not None:
-                        try:
-                            writev(fd, [*plain, reply])
-                            self.icmp_unreachable_sent += 1
-                        except OSError:
-                            pass
-                    continue
-                if not dec_ttl(buf, off):
-                    self.tx_drop_ttl += 1
-                    continue
-                if count and (addr != raddr or n > seg or short or count >= GSO_MAX_SEGMENTS
-                              or off + n - start > GSO_MAX_BYTES):
-                    send_run(start, off, seg, count, raddr)  # type: ignore[arg-type]
-                    start, count = off, 0
-                if count == 0:
-                    raddr, seg, short = addr, n, False
-                elif n < seg:
-                    short = True  # only the last segment of a run may be shorter
-                count += 1
-                off += n
-                if off + mtu > cap:
-                    send_run(start, off, seg, count, raddr)  # type: ignore[arg-type]
-                    start = off = count = 0
-            if count:
-                send_run(start, off, seg, count, raddr)  # type: ignore[arg-type]
+                    if n < 20 or buf[off] >> 4 != 4:
+                        self.tx_drop_malformed += 1
+                        continue
+                    dst = from_bytes(buf[off + 16:off + 20], "big")
+                    addr = None
+                    for mask, table in levels:
+                        addr = table.get(dst & mask)
+                        if addr is not None:
+                            break
+                    if addr is None:
+                        self.tx_drop_no_route += 1
+                        reply = net_unreachable(view[off:off + n])
+                        if reply is not None:
+                            try:
+                                writev(fd, [*plain, reply])
+                                self.icmp_unreachable_sent += 1
+                            except OSError:
+                                pass
+                        continue
+                    if not dec_ttl(buf, off):
+                        self.tx_drop_ttl += 1
+                        continue
+                    if count and (
+                            addr != raddr or n > seg or short or count >= GSO_MAX_SEGMENTS
+                            or off + n - start > GSO_MAX_BYTES):
+                        send_run(start, off, seg, count, raddr)
+                        start, count = off, 0
+                    if count == 0:
+                        raddr, seg, short = addr, n, False
+                    elif n < seg:
+                        short = True  # only the last segment of a run may be shorter
+                    count += 1
+                    off += n
+                if count:
+                    send_run(start, off, seg, count, raddr)
 
         return on_readable
 
     def _from_udp(self) -> Callable[[], None]:
-        buf = bytearray(BUF_SIZE)
-        view = memoryview(buf)
-        recvmsg_into = self.sock.recvmsg_into
-        bufs = [buf]
-        writev, fd = os.writev, self.tun_fd
         mtu = self.mtu
+        # One slot per receive of a batch: with GRO a receive may hold 64 KiB of
+        # datagrams; without, a slot a little over the MTU shows an oversized datagram by
+        # its length (cut to the slot).
+        slot = BUF_SIZE if self.gro else mtu + 64
+        buf = bytearray(RX_BATCH * slot)
+        view = memoryview(buf)
+        slots = [[view[i * slot:(i + 1) * slot]] for i in range(RX_BATCH)]
+        recvmsg_into = self.sock.recvmsg_into
+        writev, fd = os.writev, self.tun_fd
         from_bytes, dec_ttl = int.from_bytes, decrement_ttl
         ancsize = socket.CMSG_SPACE(4)
         vnet = self.vnet_hdr
@@ -224,8 +260,10 @@ class PythonDatapath:
         plain = [VNET_NONE] if vnet else []
         pack_vnet = VNET_HDR.pack
 
-        def check(pos: int, n: int, nets: list[tuple[int, int]] | None, strict: bool) -> int:
-            """Validate and TTL-patch the packet at buf[pos:pos+n]; its length, 0 if dropped."""
+        def check(pos: int, n: int, sender: str, strict: bool,
+                  levels: list[tuple[int, dict[int, tuple[str, int]]]]) -> int:
+            """Validate and TTL-patch the packet at buf[pos:pos+n] from `sender` (a peer,
+            when strict); its length, 0 if dropped."""
             if n > mtu:
                 self.rx_drop_oversized += 1
                 return 0
@@ -239,8 +277,9 @@ class PythonDatapath:
                 return 0
             if strict:
                 inner = from_bytes(buf[pos + 12:pos + 16], "big")
-                for net, mask in nets:  # type: ignore[union-attr]
-                    if inner & mask == net:
+                for mask, table in levels:
+                    owner = table.get(inner & mask)
+                    if owner is not None and owner[0] == sender:
                         break
                 else:
                     self.rx_drop_spoofed_source += 1
@@ -259,9 +298,10 @@ class PythonDatapath:
             self.rx_packets += count
             self.rx_bytes += nbytes
 
-        def write_batch(pkts: list[tuple[int, int]]) -> None:
-            """Write packets to the TUN; with a vnet header, runs of in-order segments of
-            one TCP flow go as one GSO super-packet (the kernel's GRO, done here)."""
+        def write_batch(pkts: list[Pending]) -> None:
+            """Write a receive batch's packets to the TUN, in order; with a vnet header,
+            runs of in-order segments of one TCP flow go as one GSO super-packet (the
+            kernel's GRO, done here)."""
             if not coalesce or len(pkts) == 1:
                 for pos, total in pkts:
                     write([*plain, view[pos:pos + total]], 1, total)
@@ -289,7 +329,10 @@ class PythonDatapath:
                     bytes(view[pos + 12:pos + 24]), bytes(view[pos + 28:pos + 32]),
                     bytes(view[pos + 34:pos + 36]), bytes(view[pos + 40:pos + 20 + thl]))
 
-        def coalescible_run(pkts: list[tuple[int, int]], i: int) -> int:
+        def coalescible_run(pkts: list[Pending], i: int) -> int:
+            """The end of the run from pkts[i] that goes as one write: in-order segments
+            of one flow, each as long as the first but the last, PSH on the last only,
+            COALESCE_MAX_SEGMENTS and COALESCE_MAX_BYTES at most (the C merge_run)."""
             pos, total = pkts[i]
             key = tcp_key(pos, total)
             if key is None:
@@ -299,10 +342,12 @@ class PythonDatapath:
             seq = from_bytes(buf[pos + 24:pos + 28], "big") + mss
             size = total
             j = i + 1
-            while j < len(pkts) and buf[pkts[j - 1][0] + 33] == 0x10:
+            while (j < len(pkts) and j - i < COALESCE_MAX_SEGMENTS
+                   and buf[pkts[j - 1][0] + 33] == 0x10):
                 pos, total = pkts[j]
                 payload = total - 20 - thl
-                if (payload > mss or size + payload > 65000 or tcp_key(pos, total) != key
+                if (payload > mss or size + payload > COALESCE_MAX_BYTES
+                        or tcp_key(pos, total) != key
                         or from_bytes(buf[pos + 24:pos + 28], "big") != seq & 0xFFFFFFFF):
                     break
                 size += payload
@@ -312,7 +357,7 @@ class PythonDatapath:
                     break  # only the last segment may be short
             return j
 
-        def write_super(run: list[tuple[int, int]]) -> None:
+        def write_super(run: list[Pending]) -> None:
             pos, total = run[0]
             thl = (buf[pos + 32] >> 4) << 2
             hl = 20 + thl
@@ -339,38 +384,54 @@ class PythonDatapath:
             self.coalesced_writes += 1
 
         def on_readable() -> None:
-            sources = self.sources
+            peers = self.peers
+            levels = self.routes.levels
             strict = self.check_source
             while True:
-                try:
-                    n, anc, _flags, (src_ip, _port) = recvmsg_into(bufs, ancsize)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    continue  # e.g. ICMP port unreachable reported on the socket
-                seg = n
-                for level, kind, data in anc:
-                    if level == SOL_UDP and kind == UDP_GRO:
-                        seg = from_bytes(data[:4], "little") or n
-                        self.gro_receives += 1
-                datagrams = (n + seg - 1) // seg if n else 1
-                self.rx_datagrams += datagrams
-                nets = sources.get(src_ip)
-                if strict and nets is None:
-                    self.rx_drop_unknown_source += datagrams
-                    continue
-                if seg == n:
-                    total = check(0, n, nets, strict)
-                    if total:
-                        write([*plain, view[:total]], 1, total)
-                    continue
-                pkts = []
-                for pos in range(0, n, seg):
-                    total = check(pos, min(seg, n - pos), nets, strict)
-                    if total:
-                        pkts.append((pos, total))
+                # One receive batch (recvmmsg in the C datapath): up to RX_BATCH receives,
+                # then what they held goes to the TUN together.
+                pkts: list[Pending] = []
+                received = 0
+                for i in range(RX_BATCH):
+                    try:
+                        n, anc, _flags, (src_ip, _port) = recvmsg_into(slots[i], ancsize)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        continue  # e.g. ICMP port unreachable reported on the socket
+                    received += 1
+                    base = i * slot
+                    seg = n
+                    for level, kind, data in anc:
+                        if level == SOL_UDP and kind == UDP_GRO:
+                            size = from_bytes(data[:4], "little")
+                            if 0 < size < n:
+                                seg = size
+                                self.gro_receives += 1
+                    datagrams = (n + seg - 1) // seg if n else 1
+                    self.rx_datagrams += datagrams
+                    if strict and src_ip not in peers:
+                        self.rx_drop_unknown_source += datagrams
+                        continue
+                    if seg == n:
+                        total = check(base, n, src_ip, strict, levels)
+                        if total:
+                            if coalesce:
+                                pkts.append((base, total))
+                            else:  # nothing to merge: no need to wait for the batch
+                                write([*plain, view[base:base + total]], 1, total)
+                        continue
+                    for pos in range(base, base + n, seg):
+                        total = check(pos, min(seg, base + n - pos), src_ip, strict, levels)
+                        if total:
+                            pkts.append((pos, total))
+                    if not coalesce:
+                        write_batch(pkts)
+                        pkts = []
                 if pkts:
                     write_batch(pkts)
+                if received < RX_BATCH:
+                    break
 
         return on_readable
 

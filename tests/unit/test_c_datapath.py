@@ -1,28 +1,32 @@
-"""The C datapath (backends/_fastpath.c) against a stand-in TUN: same behaviour and counters
-as the pure-Python one."""
+"""What only the C datapath (backends/udp/_fastpath.c) has: its build, TUN TSO (a TCP
+super-packet read from the TUN cut into wire packets), and its Core's own rules (one
+initialisation, a failed one cleaned up, no use before it, test hooks refused while the
+packet thread runs). Its behaviour shared with the python datapath is tested against both
+in test_datapath.py; its pure segment/coalesce hooks in test_c_segmentation.py."""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import os
-import random
 import socket
 import struct
+import subprocess
+import sys
 
 import pytest
 
-# make setup builds the extension; without it this import fails loudly, never skips.
-from backends.udp import c_datapath  # noqa: E402
-from backends.udp.datapath import VNET_HDR, VNET_NONE
-from backends.udp.packet import checksum
+# The extension must be built (make setup, pip install): without it this import fails
+# loudly, it never skips.
+from backends.udp import _fastpath, c_datapath, datapath
+from backends.udp.datapath import VNET_HDR
+from tests.support.packets import ACK, PSH, l4_checksum_ok, parse_tcp, tcp_packet
 
 PEER = "127.0.0.1"
 NET = ipaddress.IPv4Network("10.5.2.0/24")
 
 
 def test_extension_is_built():
-    from backends.udp import _fastpath
     from backends.udp.selection import choose_datapath
 
     assert choose_datapath("c", {}) is c_datapath.CDatapath
@@ -32,18 +36,18 @@ def test_extension_is_built():
         assert _fastpath.__file__.startswith(where), _fastpath.__file__
 
 
-def ip_packet(src: str, dst: str, payload: bytes = b"p" * 40, ttl: int = 64,
-              proto: int = 17) -> bytes:
-    hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, ttl,
-                                proto, 0, socket.inet_aton(src), socket.inet_aton(dst)))
-    struct.pack_into("!H", hdr, 10, checksum(hdr))
-    return bytes(hdr) + payload
+def test_batches_and_caps_are_the_ones_both_datapaths_use():
+    assert (_fastpath.BATCH, _fastpath.RX_BATCH) == (datapath.TUN_BATCH, datapath.RX_BATCH)
+    assert (_fastpath.GSO_SEGS, _fastpath.GSO_BYTES) == (datapath.GSO_MAX_SEGMENTS,
+                                                         datapath.GSO_MAX_BYTES)
+    assert (_fastpath.MERGE_MAX, _fastpath.MERGE_BYTES) == (datapath.COALESCE_MAX_SEGMENTS,
+                                                            datapath.COALESCE_MAX_BYTES)
 
 
 class Rig:
-    """A C datapath between a socketpair (the TUN) and a loopback UDP socket."""
+    """A C datapath between a socketpair (the TUN, with vnet headers) and loopback UDP."""
 
-    def __init__(self, vnet: bool = False, check_source: bool = True) -> None:
+    def __init__(self) -> None:
         self.tun_dp, self.tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.tun.settimeout(2)
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -51,226 +55,178 @@ class Rig:
         self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.peer.bind((PEER, 0))
         self.peer.settimeout(2)
-        self.vnet = vnet
         self.dp = c_datapath.CDatapath(self.tun_dp.fileno(), self.udp,
                                        port=self.peer.getsockname()[1], mtu=1472,
-                                       check_source=check_source, vnet_hdr=vnet)
+                                       vnet_hdr=True)
         self.dp.set_route(NET, ipaddress.IPv4Address(PEER))
-        self.task: asyncio.Task | None = None
 
-    async def __aenter__(self) -> Rig:
-        self.task = asyncio.create_task(self.dp.run())
-        await asyncio.sleep(0.05)
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.dp.stop()
-        assert self.task is not None
-        await asyncio.wait_for(self.task, 5)
+    def close(self) -> None:
         for s in (self.tun_dp, self.tun, self.udp, self.peer):
             s.close()
 
-    def to_tun(self, pkt: bytes) -> None:
-        self.tun.send((VNET_NONE if self.vnet else b"") + pkt)
 
-    async def from_tun(self) -> bytes:
-        data = await asyncio.to_thread(self.tun.recv, 70000)
-        if self.vnet:
-            assert data[:VNET_HDR.size] == VNET_NONE
-            data = data[VNET_HDR.size:]
-        return data
-
-    def to_udp(self, data: bytes) -> None:
-        self.peer.sendto(data, self.udp.getsockname())
+@pytest.fixture
+def rig():
+    r = Rig()
+    yield r
+    r.close()
 
 
-async def settle(dp, key: str, value: int) -> dict[str, int]:
-    for _ in range(200):
-        c = dp.counters()
-        if c[key] >= value:
-            return c
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{key} did not reach {value}: {dp.counters()}")
-
-
-@pytest.mark.parametrize("vnet", [False, True])
-async def test_forwards_both_ways_with_ttl_patched(vnet):
-    async with Rig(vnet=vnet) as rig:
-        pkt = ip_packet("10.5.1.2", "10.5.2.9", ttl=64)
-        rig.to_tun(pkt)
-        got = await asyncio.to_thread(rig.peer.recv, 2000)
-        assert got[8] == 63 and checksum(got[:20]) == 0 and got[20:] == pkt[20:]
-        rig.to_udp(ip_packet("10.5.2.9", "10.5.1.2", ttl=10))
-        back = await rig.from_tun()
-        assert back[8] == 9 and checksum(back[:20]) == 0
-        c = await settle(rig.dp, "rx_packets", 1)
-        assert c["tx_packets"] == 1 and c["tx_bytes"] == len(pkt)
-
-
-async def test_many_packets_leave_as_one_datagram_each():
-    async with Rig() as rig:
-        pkts = [ip_packet("10.5.1.2", "10.5.2.9", bytes([i]) * 100) for i in range(150)]
-        for p in pkts:
-            rig.to_tun(p)
-        got = [await asyncio.to_thread(rig.peer.recv, 2000) for _ in pkts]
-        assert [g[20:] for g in got] == [p[20:] for p in pkts]
-
-
-async def test_a_run_for_one_peer_goes_as_one_gso_send_of_one_packet_per_datagram():
-    rig = Rig()
-    # Queued before the loop starts, so the loop reads them in one batch (a unix datagram
-    # socket queues at most 10 by default).
-    pkts = [ip_packet("10.5.1.2", "10.5.2.9", bytes([i]) * 300) for i in range(7)]
-    pkts.append(ip_packet("10.5.1.2", "10.5.2.9", b"short"))  # the last may be shorter
-    for p in pkts:
-        rig.to_tun(p)
-    async with rig:
-        got = [await asyncio.to_thread(rig.peer.recv, 2000) for _ in pkts]
-        assert [g[20:] for g in got] == [p[20:] for p in pkts]
-        assert rig.dp.offloads()["udp_gso"]
-        c = await settle(rig.dp, "tx_packets", len(pkts))
-        assert c["gso_sends"] == 1
-
-
-async def test_no_route_icmp_and_drops():
-    async with Rig() as rig:
-        rig.to_tun(ip_packet("10.5.1.2", "10.5.77.1", proto=6))
-        reply = await rig.from_tun()
-        assert reply[9] == 1 and reply[20] == 3 and reply[21] == 0
-        assert checksum(reply[:20]) == 0 and checksum(reply[20:]) == 0
-        assert reply[12:16] == socket.inet_aton("10.5.77.1")  # from the unreachable dst
-        rig.to_tun(ip_packet("10.5.1.2", "10.5.77.1", proto=1))  # ICMP: no answer
-        rig.to_tun(ip_packet("10.5.1.2", "10.5.2.9", ttl=1))
-        rig.to_tun(b"\x60" + bytes(40))
-        c = await settle(rig.dp, "tx_drop_malformed", 1)
-        assert c["tx_drop_no_route"] == 2 and c["icmp_unreachable_sent"] == 1
-        assert c["tx_drop_ttl"] == 1
-        rig.to_udp(ip_packet("10.5.9.9", "10.5.1.2"))  # spoofed inner source
-        rig.to_udp(b"\x45" + bytes(10))  # too short
-        rig.to_udp(ip_packet("10.5.2.9", "10.5.1.2", b"x" * 1500))  # over the MTU
-        rig.to_udp(ip_packet("10.5.2.9", "10.5.1.2", ttl=1))
-        c = await settle(rig.dp, "rx_datagrams", 4)
-        assert (c["rx_drop_spoofed_source"], c["rx_drop_malformed"], c["rx_drop_oversized"],
-                c["rx_drop_ttl"]) == (1, 1, 1, 1)
-        rig.dp.del_route(NET)
-        rig.to_udp(ip_packet("10.5.2.9", "10.5.1.2"))
-        c = await settle(rig.dp, "rx_drop_unknown_source", 1)
-
-
-async def test_source_checks_off_accepts_anyone():
-    async with Rig(check_source=False) as rig:
-        rig.dp.del_route(NET)
-        rig.to_udp(ip_packet("10.5.9.9", "10.5.1.2"))
-        assert (await rig.from_tun())[12:16] == socket.inet_aton("10.5.9.9")
-
-
-async def test_random_datagrams_keep_counters_consistent():
-    rng = random.Random(5)
-    async with Rig() as rig:
-        n = 2000
-        for i in range(n):
-            if i % 3 == 0:
-                data = ip_packet("10.5.2.7", "10.5.1.2", rng.randbytes(rng.randrange(0, 300)),
-                                 ttl=rng.randrange(0, 256))
-            else:
-                data = rng.randbytes(rng.randrange(0, 1600))
-            rig.to_udp(data)
-            if i % 200 == 0:
-                await asyncio.sleep(0.01)  # let the socket buffer drain
-        # Loopback may drop some before they reach the socket: wait until the count rests.
-        c, last = rig.dp.counters(), None
-        while c != last:
-            await asyncio.sleep(0.2)
-            last, c = c, rig.dp.counters()
-        assert c["rx_datagrams"] > n // 2
-        drops = sum(v for k, v in c.items() if k.startswith("rx_drop_"))
-        assert c["rx_datagrams"] == c["rx_packets"] + drops
-        pkt = ip_packet("10.5.1.2", "10.5.2.9")
-        rig.to_tun(pkt)
-        assert (await asyncio.to_thread(rig.peer.recv, 2000))[20:] == pkt[20:]
-
-
-async def test_a_coalesced_receive_is_split_into_its_packets():
-    async with Rig() as rig:
-        pkts = [ip_packet("10.5.2.9", "10.5.1.2", bytes([i]) * 200) for i in range(5)]
-        # The peer sends them as one UDP GSO message; loopback hands them to our GRO
-        # socket as one buffer with their size, which the datapath must cut again.
-        seg = struct.pack("=H", len(pkts[0]))
-        rig.peer.sendmsg([b"".join(pkts)], [(socket.SOL_UDP, 103, seg)], 0,
-                         rig.udp.getsockname())
-        got = [await rig.from_tun() for _ in pkts]
-        assert [g[20:] for g in got] == [p[20:] for p in pkts]
-        assert all(g[8] == 63 for g in got)
-        c = await settle(rig.dp, "rx_packets", 5)
-        assert rig.dp.offloads()["udp_gro"]
-        assert c["gro_receives"] >= 1 and c["rx_datagrams"] == 5
-
-
-def tcp_packet(src: str, dst: str, seq: int, payload: bytes, flags: int = 0x10,
-               ttl: int = 64) -> bytes:
-    """An IPv4/TCP packet with both checksums right."""
-    tcp = bytearray(struct.pack("!HHIIBBHHH", 4000, 5001, seq, 7, 5 << 4, flags, 512, 0, 0))
-    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack(
-        "!BBH", 0, 6, len(tcp) + len(payload))
-    struct.pack_into("!H", tcp, 16, checksum(pseudo + bytes(tcp) + payload))
-    return ip_packet(src, dst, bytes(tcp) + payload, ttl=ttl, proto=6)
-
-
-def tcp_ok(pkt: bytes) -> bool:
-    ihl = (pkt[0] & 0x0F) * 4
-    seg = pkt[ihl:]
-    pseudo = pkt[12:20] + struct.pack("!BBH", 0, 6, len(seg))
-    return checksum(pkt[:ihl]) == 0 and checksum(pseudo + seg) == 0
-
-
-async def test_a_tso_super_packet_leaves_as_mtu_sized_packets_in_one_gso_send():
+def test_a_tso_super_packet_leaves_as_mtu_sized_packets_in_one_gso_send(rig):
     payload = bytes(range(256)) * 20  # 5120 bytes: 5 segments of 1000 and one of 120
-    sup = bytearray(tcp_packet("10.5.1.2", "10.5.2.9", 1000, payload, flags=0x18))
-    struct.pack_into("!H", sup, 36, 0)  # the kernel leaves a partial sum here; we redo it
+    sup = tcp_packet(payload, seq=1000, flags=ACK | PSH, tcp_csum="pseudo")  # partial sum
     head = VNET_HDR.pack(1, 1, 40, 1000, 20, 16)  # NEEDS_CSUM, GSO TCPv4, MSS 1000
-    rig = Rig(vnet=True)
-    rig.tun.send(head + bytes(sup))
-    async with rig:
-        got = [await asyncio.to_thread(rig.peer.recv, 2000) for _ in range(6)]
-        assert [len(g) for g in got] == [1040] * 5 + [160]
-        assert b"".join(g[40:] for g in got) == payload
-        assert all(tcp_ok(g) and g[8] == 63 for g in got)
-        assert [struct.unpack_from("!I", g, 24)[0] for g in got] == \
-            [1000 + 1000 * k for k in range(6)]
-        assert [g[33] for g in got] == [0x10] * 5 + [0x18]  # PSH on the last only
-        c = await settle(rig.dp, "tx_packets", 6)
-        assert c["tso_reads"] == 1 and c["gso_sends"] == 1 and c["tx_bytes"] == 5360
+    rig.tun.send(head + sup)
+    rig.dp._core.drain_tun()
+    got = [rig.peer.recv(2000) for _ in range(6)]
+    assert [len(g) for g in got] == [1040] * 5 + [160]
+    assert b"".join(g[40:] for g in got) == payload
+    assert all(l4_checksum_ok(g) and g[8] == 63 for g in got)
+    assert [parse_tcp(g)[1].seq for g in got] == [1000 + 1000 * k for k in range(6)]
+    assert [parse_tcp(g)[1].flags for g in got] == [ACK] * 5 + [ACK | PSH]  # PSH last only
+    c = rig.dp.counters()
+    assert (c["tso_reads"], c["gso_sends"], c["tx_packets"], c["tx_bytes"]) == (1, 1, 6, 5360)
 
 
-async def test_in_order_segments_are_written_to_the_tun_as_one_super_packet():
-    segs = [tcp_packet("10.5.2.9", "10.5.1.2", 500 + 700 * k, bytes([k]) * 700)
-            for k in range(4)]
-    rig = Rig(vnet=True)
-    for s in segs:  # queued before the loop starts: one receive batch
-        rig.to_udp(s)
+def test_a_malformed_super_packet_is_dropped_after_routing(rig):
+    sup = tcp_packet(bytes(3000), tcp_csum="pseudo")
+    rig.tun.send(VNET_HDR.pack(1, 4, 40, 1000, 20, 16) + sup)  # GSO TCPv6 on IPv4: no
+    rig.dp._core.drain_tun()
+    c = rig.dp.counters()
+    assert (c["tx_drop_malformed"], c["tx_packets"], c["tso_reads"]) == (1, 0, 0)
+
+
+async def test_super_packets_through_the_packet_thread(rig):
+    payload = bytes(range(200)) * 100  # 20,000 bytes: 13 segments of 1432 and one of 1384
+    for k in range(3):
+        sup = tcp_packet(payload, seq=1 + k * len(payload), tcp_csum="pseudo")
+        rig.tun.send(VNET_HDR.pack(1, 1, 40, 1432, 20, 16) + sup)
+    task = asyncio.create_task(rig.dp.run())
+    try:
+        got = [await asyncio.to_thread(rig.peer.recv, 2000) for _ in range(42)]
+    finally:
+        rig.dp.stop()
+        await asyncio.wait_for(task, 5)
+    assert b"".join(parse_tcp(g)[2] for g in got) == payload * 3
+    assert rig.dp.counters()["tso_reads"] == 3
+
+
+# -- the Core's own rules -----------------------------------------------------------------
+def test_core_refuses_use_before_init():
+    core = _fastpath.Core.__new__(_fastpath.Core)
+    for call in (lambda: core.set_route(0, 0, 1), lambda: core.del_route(0, 0), core.start,
+                 core.drain_tun, core.drain_udp):
+        with pytest.raises(RuntimeError, match="not initialised"):
+            call()
+    assert core.counters() == (0,) * len(datapath.COUNTERS)
+    core.stop()  # not running: nothing to do
+
+
+def test_core_initialises_once(rig):
+    core = rig.dp._core
+    with pytest.raises(RuntimeError, match="already initialised"):
+        core.__init__(rig.tun.fileno(), rig.udp.fileno(), 1, 576)
+    # Still the first configuration: the TUN and the MTU are those it was made with.
+    pkt = tcp_packet(b"x" * 1000, dst="10.5.2.9")
+    rig.tun.send(VNET_HDR.pack(0, 0, 0, 0, 0, 0) + pkt)
+    core.drain_tun()
+    assert rig.peer.recv(2000)[40:] == b"x" * 1000
+
+
+@pytest.mark.parametrize(("mtu", "port"), [(67, 1), (65536, 1), (1500, 0), (1500, 65536)])
+def test_core_rejects_bad_mtu_or_port(rig, mtu, port):
+    with pytest.raises(ValueError, match="bad mtu or port"):
+        _fastpath.Core(rig.tun_dp.fileno(), rig.udp.fileno(), port, mtu)
+
+
+def test_core_on_a_closed_fd_fails_with_oserror():
+    with pytest.raises(OSError):
+        _fastpath.Core(1_000_000, 1_000_001, 8285, 1500)
+
+
+def test_a_failed_init_leaves_nothing_half_made_and_may_be_retried():
+    # Run out of descriptors so that Core_init's eventfd fails (after it changed the
+    # sockets): OSError, not a crash or a lock destroyed before it was made, and the same
+    # object initialises once a descriptor is free again.
+    code = r"""
+import errno, os, resource, socket
+from backends.udp import _fastpath
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+spare = []
+try:
+    while True:
+        spare.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+core = _fastpath.Core.__new__(_fastpath.Core)
+try:
+    core.__init__(a.fileno(), u.fileno(), 8285, 1500)
+except OSError as e:
+    assert e.errno == errno.EMFILE, e
+    print("failed cleanly")
+os.close(spare.pop())
+core.__init__(a.fileno(), u.fileno(), 8285, 1500)
+core.set_route(0x0A050200, 0xFFFFFF00, 0x7F000001)
+print("retried", core.offloads()["udp_gso"] in (True, False))
+del core
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["failed cleanly", "retried True"]
+
+
+@pytest.mark.parametrize("mask", [0xFF00FF00, 0x00FFFFFF, 0xFFFFFFFE ^ 0x100])
+def test_routes_need_a_netmask(rig, mask):
+    with pytest.raises(ValueError, match="not a netmask"):
+        rig.dp._core.set_route(0x0A050000, mask, 0x7F000001)
+    with pytest.raises(ValueError, match="not a netmask"):
+        rig.dp._core.del_route(0x0A050000, mask)
+
+
+async def test_the_test_hooks_refuse_to_run_beside_the_packet_thread(rig):
+    task = asyncio.create_task(rig.dp.run())
     await asyncio.sleep(0.05)
-    async with rig:
-        data = await asyncio.to_thread(rig.tun.recv, 70000)
-        flags, gso_type, hdr_len, gso_size, start, off = VNET_HDR.unpack_from(data)
-        assert (flags, gso_type, hdr_len, gso_size, start, off) == (1, 1, 40, 700, 20, 16)
-        pkt = data[VNET_HDR.size:]
-        assert struct.unpack_from("!H", pkt, 2)[0] == len(pkt) == 40 + 2800
-        assert pkt[8] == 63 and checksum(pkt[:20]) == 0
-        assert pkt[40:] == b"".join(bytes([k]) * 700 for k in range(4))
-        c = await settle(rig.dp, "rx_packets", 4)
-        assert c["coalesced_writes"] == 1 and c["rx_datagrams"] == 4
+    try:
+        for hook in (rig.dp._core.drain_tun, rig.dp._core.drain_udp):
+            with pytest.raises(RuntimeError, match="packet thread is running"):
+                hook()
+    finally:
+        rig.dp.stop()
+        await asyncio.wait_for(task, 5)
+    rig.dp._core.drain_tun()  # stopped: allowed again
 
 
-async def test_gso_refused_by_the_socket_falls_back_to_one_datagram_per_send():
-    rig = Rig()
-    # UDP GSO needs UDP checksums; with SO_NO_CHECK the kernel refuses a GSO send.
-    rig.udp.setsockopt(socket.SOL_SOCKET, 11, 1)
-    pkts = [ip_packet("10.5.1.2", "10.5.2.9", bytes([i]) * 300) for i in range(5)]
-    for p in pkts:
-        rig.to_tun(p)
-    async with rig:
-        got = [await asyncio.to_thread(rig.peer.recv, 2000) for _ in pkts]
-        assert [g[20:] for g in got] == [p[20:] for p in pkts]
-        c = await settle(rig.dp, "tx_packets", 5)
-        assert not rig.dp.offloads()["udp_gso"] and c["gso_sends"] == 0
-        assert c["tx_drop_send_error"] == 0
+async def test_route_changes_from_another_thread_while_packets_flow(rig):
+    """set_route/del_route from a Python thread while the packet thread forwards: each
+    takes the write lock without the GIL, so the event loop keeps running meanwhile."""
+    task = asyncio.create_task(rig.dp.run())
+    stop = False
+
+    def churn() -> int:
+        n = 0
+        while not stop:
+            for i in range(256):
+                rig.dp.set_route(ipaddress.IPv4Network(f"10.6.{i}.0/24"),
+                                 ipaddress.IPv4Address("127.0.0.9"))
+            for i in range(256):
+                rig.dp.del_route(ipaddress.IPv4Network(f"10.6.{i}.0/24"))
+            n += 1
+        return n
+
+    churner = asyncio.create_task(asyncio.to_thread(churn))
+    try:
+        for k in range(300):
+            pkt = tcp_packet(struct.pack("!I", k), dst="10.5.2.9")
+            rig.tun.send(VNET_HDR.pack(0, 0, 0, 0, 0, 0) + pkt)
+            got = await asyncio.to_thread(rig.peer.recv, 2000)
+            assert got[40:] == struct.pack("!I", k)
+    finally:
+        stop = True
+        rounds = await churner
+        rig.dp.stop()
+        await asyncio.wait_for(task, 5)
+    assert rounds > 0

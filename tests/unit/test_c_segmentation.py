@@ -1,28 +1,46 @@
 """The pure hooks of the C datapath, `_fastpath.segment` (TUN TSO super-packet -> wire
 packets) and `_fastpath.coalesce` (wire packets -> TUN writes), against an independent
-reference written here with struct: its own Internet checksum, IPv4/TCP/UDP parsing,
-packet building and segmentation. Nothing here is shared with backends/packet.py or the C
-code, so a mistake common to both cannot hide."""
+reference: the packet builders, parsers and Internet checksum of tests/support/packets.py
+(struct only, nothing from backends/) and the segmentation written here. Nothing is shared
+with backends/udp/packet.py or the C code, so a mistake common to both cannot hide."""
 
 from __future__ import annotations
 
 import random
 import struct
-from dataclasses import dataclass
 
 import pytest
 
 # make setup builds the extension; without it this import fails loudly, never skips.
 from backends.udp import _fastpath
+from tests.support.packets import (
+    ACK,
+    CWR,
+    ECE,
+    FIN,
+    MASK32,
+    PSH,
+    RST,
+    SYN,
+    URG,
+    inet_checksum,
+    ip_header_ok,
+    l4_checksum_ok,
+    ones_sum,
+    parse_ip,
+    parse_tcp,
+    pseudo_header,
+    tcp_packet,
+    udp_packet,
+)
 
 VNET = struct.Struct("=BBHHHH")  # struct virtio_net_hdr, host byte order
 ZERO_VNET = bytes(10)
 NEEDS_CSUM = 1
 GSO_NONE, GSO_TCPV4, GSO_UDP, GSO_TCPV6, GSO_UDP_L4, GSO_ECN = 0, 1, 3, 4, 5, 0x80
-FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
-MASK32 = 0xFFFFFFFF
 MERGE_SEGS, MERGE_BYTES = 64, 65000
 
+# The builders' default addresses (10.5.1.2 -> 10.5.2.9), as bytes, and another source.
 SRC, DST = bytes([10, 5, 1, 2]), bytes([10, 5, 2, 9])
 OTHER = bytes([10, 5, 1, 3])
 
@@ -36,131 +54,6 @@ TCP_OPTS = {"none": b"", "ts": TS_OPTS, "mss_ws_sack": SYN_OPTS, "max": MAX_OPTS
 IP_OPTS = {"none": b"", "pad": b"\x01\x01\x01\x00",
            "max": b"\x07\x27\x04" + bytes(36) + b"\x00"}
 assert len(MAX_OPTS) == 40 and len(IP_OPTS["max"]) == 40
-
-
-# ---- the reference: checksum, parsing, building ------------------------------------
-
-def ones_sum(data: bytes) -> int:
-    """Ones' complement sum of big-endian 16-bit words, end-around carry folded."""
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
-
-
-def inet_checksum(data: bytes) -> int:
-    return ~ones_sum(data) & 0xFFFF
-
-
-def pseudo_header(src: bytes, dst: bytes, proto: int, length: int) -> bytes:
-    return src + dst + struct.pack("!BBH", 0, proto, length)
-
-
-@dataclass(frozen=True)
-class Ip:
-    version: int
-    ihl: int
-    tos: int
-    total: int
-    ident: int
-    df: bool
-    mf: bool
-    frag: int
-    reserved_bit: bool
-    ttl: int
-    proto: int
-    csum: int
-    src: bytes
-    dst: bytes
-    options: bytes
-    header: bytes
-
-
-@dataclass(frozen=True)
-class Tcp:
-    sport: int
-    dport: int
-    seq: int
-    ack: int
-    thl: int
-    low_nibble: int  # reserved bits and AE/NS
-    flags: int
-    window: int
-    csum: int
-    urg: int
-    options: bytes
-    header: bytes
-
-
-def parse_ip(pkt: bytes) -> Ip:
-    vihl, tos, total, ident, ff, ttl, proto, csum, src, dst = struct.unpack_from(
-        "!BBHHHBBH4s4s", pkt)
-    ihl = (vihl & 0x0F) * 4
-    return Ip(vihl >> 4, ihl, tos, total, ident, bool(ff & 0x4000), bool(ff & 0x2000),
-              ff & 0x1FFF, bool(ff & 0x8000), ttl, proto, csum, src, dst, pkt[20:ihl],
-              pkt[:ihl])
-
-
-def parse_tcp(pkt: bytes) -> tuple[Ip, Tcp, bytes]:
-    ip = parse_ip(pkt)
-    assert ip.proto == 6
-    o = ip.ihl
-    sport, dport, seq, ack, b12, flags, window, csum, urg = struct.unpack_from(
-        "!HHIIBBHHH", pkt, o)
-    thl = (b12 >> 4) * 4
-    tcp = Tcp(sport, dport, seq, ack, thl, b12 & 0x0F, flags, window, csum, urg,
-              pkt[o + 20:o + thl], pkt[o:o + thl])
-    return ip, tcp, pkt[o + thl:ip.total]
-
-
-def ip_header_ok(pkt: bytes) -> bool:
-    return ones_sum(pkt[:(pkt[0] & 0x0F) * 4]) == 0xFFFF
-
-
-def l4_checksum_ok(pkt: bytes) -> bool:
-    """The TCP or UDP checksum of an IPv4 packet verifies (pseudo-header included)."""
-    ip = parse_ip(pkt)
-    seg = pkt[ip.ihl:ip.total]
-    return ones_sum(pseudo_header(ip.src, ip.dst, ip.proto, len(seg)) + seg) == 0xFFFF
-
-
-def tcp_packet(payload: bytes, *, seq: int = 1000, ack: int = 77777, flags: int = ACK,
-               window: int = 502, src: bytes = SRC, dst: bytes = DST, sport: int = 40000,
-               dport: int = 5201, ident: int = 0x1234, ttl: int = 64, tos: int = 0,
-               df: bool = True, mf: bool = False, frag: int = 0, ip_opts: bytes = b"",
-               tcp_opts: bytes = b"", urg: int = 0, low_nibble: int = 0,
-               tcp_csum: str | int = "valid", ip_csum: str | int = "valid") -> bytes:
-    """An IPv4 TCP packet. tcp_csum: "valid", "pseudo" (the folded, uncomplemented
-    pseudo-header sum, as Linux leaves a CHECKSUM_PARTIAL packet) or a raw value."""
-    ihl, thl = 20 + len(ip_opts), 20 + len(tcp_opts)
-    assert ihl % 4 == 0 and thl % 4 == 0
-    total = ihl + thl + len(payload)
-    ff = (0x4000 if df else 0) | (0x2000 if mf else 0) | frag
-    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x40 | ihl // 4, tos, total, ident, ff, ttl,
-                               6, 0, src, dst) + ip_opts)
-    struct.pack_into("!H", ip, 10, inet_checksum(bytes(ip)) if ip_csum == "valid" else ip_csum)
-    tcp = bytearray(struct.pack("!HHIIBBHHH", sport, dport, seq & MASK32, ack,
-                                (thl // 4) << 4 | low_nibble, flags, window, 0, urg)
-                    + tcp_opts)
-    pseudo = pseudo_header(src, dst, 6, thl + len(payload))
-    if tcp_csum == "valid":
-        value = inet_checksum(pseudo + tcp + payload)
-    elif tcp_csum == "pseudo":
-        value = ones_sum(pseudo)
-    else:
-        value = tcp_csum
-    struct.pack_into("!H", tcp, 16, value)
-    return bytes(ip + tcp + payload)
-
-
-def udp_packet(payload: bytes, *, csum: int = 0, ip_opts: bytes = b"") -> bytes:
-    ihl = 20 + len(ip_opts)
-    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x40 | ihl // 4, 0, ihl + 8 + len(payload),
-                               7, 0x4000, 64, 17, 0, SRC, DST) + ip_opts)
-    struct.pack_into("!H", ip, 10, inet_checksum(bytes(ip)))
-    return bytes(ip) + struct.pack("!HHHH", 8472, 8285, 8 + len(payload), csum) + payload
 
 
 def ref_segment(pkt: bytes, gso: int) -> list[bytes]:

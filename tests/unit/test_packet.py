@@ -1,9 +1,13 @@
-"""Unit tests for backends.udp.packet: checksum, header checks, TTL, ICMP net-unreachable."""
+"""Unit tests for backends.udp.packet: checksum, header checks, TTL, ICMP net-unreachable.
+
+Packets are built and checked with tests/support/packets.py, whose checksum is its own:
+backends.udp.packet.checksum is tested here, not trusted to build the inputs."""
 
 from __future__ import annotations
 
 import random
 import struct
+from typing import Any
 
 import pytest
 
@@ -14,56 +18,46 @@ from backends.udp.packet import (
     net_unreachable,
     valid_header,
 )
+from tests.support.packets import inet_checksum, ip_packet, parse_icmp
 
 CLASSIC = bytes.fromhex("450000730000400040110000c0a80001c0a800c7")
 SRC = bytes([10, 5, 1, 2])
 DST = bytes([10, 9, 3, 4])
 
 
-def header(
-    *, ihl: int = 5, total: int | None = None, ident: int = 0x1234, frag: int = 0x4000,
-    ttl: int = 64, proto: int = 6, src: bytes = SRC, dst: bytes = DST,
-    options: bytes = b"", version: int = 4,
-) -> bytearray:
-    """An IPv4 header with a correct checksum (options padded to ihl*4 bytes)."""
-    assert len(options) <= ihl * 4 - 20
-    opts = options.ljust(ihl * 4 - 20, b"\x00")
-    if total is None:
-        total = ihl * 4
-    h = bytearray(struct.pack("!BBHHHBBH4s4s", version << 4 | ihl, 0, total, ident, frag, ttl,
-                              proto, 0, src, dst) + opts)
-    struct.pack_into("!H", h, 10, checksum(h))
-    return h
+def header(*, src: bytes = SRC, dst: bytes = DST, proto: int = 6, **ip: Any) -> bytearray:
+    """An IPv4 header alone (tests/support/packets.ip_packet without payload), to patch."""
+    return bytearray(ip_packet(src, dst, b"", proto=proto, **ip))
 
 
-def packet(payload: bytes = b"ABCDEFGHIJKLMNOP", **kw) -> bytearray:
-    ihl = kw.get("ihl", 5)
-    return header(total=ihl * 4 + len(payload), **kw) + payload
+def packet(payload: bytes = b"ABCDEFGHIJKLMNOP", *, src: bytes = SRC, dst: bytes = DST,
+           proto: int = 6, **ip: Any) -> bytearray:
+    return bytearray(ip_packet(src, dst, payload, proto=proto, **ip))
 
 
 def recomputed(h: bytes | bytearray) -> int:
-    """The header checksum computed from scratch."""
+    """The header checksum computed from scratch, by the tests' own checksum."""
     copy = bytearray(h)
     copy[10] = copy[11] = 0
-    return checksum(copy)
+    return inet_checksum(copy)
 
 
 def with_checksum(h: bytearray, target: int) -> bytearray | None:
     """Tune the ID field so that the full checksum of `h` is `target`; None if unreachable."""
     h = bytearray(h)
     h[4] = h[5] = h[10] = h[11] = 0
-    rest = (~checksum(h)) & 0xFFFF  # one's complement sum of the other words
+    rest = (~inet_checksum(h)) & 0xFFFF  # one's complement sum of the other words
     ident = ((~target) & 0xFFFF) + ((~rest) & 0xFFFF)
     ident = (ident & 0xFFFF) + (ident >> 16)
     struct.pack_into("!H", h, 4, ident & 0xFFFF)
-    struct.pack_into("!H", h, 10, checksum(h))
+    struct.pack_into("!H", h, 10, inet_checksum(h))
     return h if ((h[10] << 8) | h[11]) == target else None
 
 
 def random_header(rng: random.Random) -> bytearray:
     ihl = rng.choice([5, 5, 5, 6, 7, 15])
     return header(
-        ihl=ihl, total=rng.randint(ihl * 4, 65535), ident=rng.getrandbits(16),
+        total=rng.randint(ihl * 4, 65535), ident=rng.getrandbits(16),
         frag=rng.getrandbits(16), ttl=rng.randint(2, 255), proto=rng.getrandbits(8),
         src=rng.randbytes(4), dst=rng.randbytes(4), options=rng.randbytes(ihl * 4 - 20),
     )
@@ -135,7 +129,7 @@ def test_decrement_ttl_matches_full_recomputation():
         assert h[8] == before[8] - 1
         assert h[:8] == before[:8] and h[9] == before[9] and h[12:] == before[12:]
         assert ((h[10] << 8) | h[11]) == recomputed(h), before.hex()
-        assert checksum(h) == 0
+        assert inet_checksum(h) == 0
 
 
 def test_decrement_ttl_result_always_verifies():
@@ -144,7 +138,7 @@ def test_decrement_ttl_result_always_verifies():
         ttl = h[8]
         assert decrement_ttl(h)
         assert h[8] == ttl - 1
-        assert checksum(h) == 0
+        assert inet_checksum(h) == 0
 
 
 def test_decrement_ttl_from_checksum_feff_matches_recomputation():
@@ -159,7 +153,7 @@ def test_decrement_ttl_works_on_memoryview_slice():
     view = memoryview(buf)[4:24]
     assert decrement_ttl(view)
     assert buf[4 + 8] == 9
-    assert checksum(buf[4:24]) == 0
+    assert inet_checksum(buf[4:24]) == 0
     assert buf[:4] == b"\xee" * 4 and buf[24:] == b"tail"
 
 
@@ -170,7 +164,7 @@ def test_decrement_ttl_at_an_offset_patches_only_that_header():
     assert decrement_ttl(buf, 3 + len(first))
     assert buf[3:3 + len(first)] == first  # the neighbour is untouched
     patched = buf[3 + len(first):3 + len(first) + len(second)]
-    assert patched[8] == 63 and checksum(patched) == 0
+    assert patched[8] == 63 and inet_checksum(patched) == 0
     assert buf[:3] == b"\xee" * 3 and buf[-4:] == b"tail"
 
 
@@ -198,7 +192,7 @@ def test_valid_header_accepts_whole_packet():
 
 
 def test_valid_header_accepts_options():
-    p = packet(b"x" * 8, ihl=6, options=b"\x94\x04\x00\x00")
+    p = packet(b"x" * 8, options=b"\x94\x04\x00\x00")
     assert valid_header(p, len(p))
 
 
@@ -229,13 +223,13 @@ def test_valid_header_total_length_beyond_datagram():
 
 
 def test_valid_header_total_below_ihl():
-    p = packet(b"x" * 8, ihl=6)
+    p = packet(b"x" * 8, options=bytes(4))
     struct.pack_into("!H", p, 2, 20)  # total 20 < header length 24
     assert not valid_header(p, len(p))
 
 
 def test_valid_header_ihl_beyond_datagram():
-    p = header(ihl=15, total=60)
+    p = header(options=bytes(40), total=60)
     assert not valid_header(p[:40], 40)
 
 
@@ -258,55 +252,43 @@ def test_is_first_fragment(frag, first):
 
 
 # -- net_unreachable ------------------------------------------------------------------
-def parse_reply(reply: bytes) -> dict:
-    assert reply[0] == 0x45
-    total = struct.unpack_from("!H", reply, 2)[0]
-    assert total == len(reply)
-    icmp = reply[20:]
-    return {
-        "ttl": reply[8], "proto": reply[9], "src": reply[12:16], "dst": reply[16:20],
-        "ip_ok": checksum(reply[:20]) == 0, "type": icmp[0], "code": icmp[1],
-        "icmp_ok": checksum(icmp) == 0, "unused": icmp[4:8], "quote": icmp[8:],
-    }
-
-
 @pytest.mark.parametrize("ihl", [5, 6])
 def test_net_unreachable_reply(ihl):
     options = b"\x01\x01\x01\x00" if ihl == 6 else b""  # NOPs and end of options
-    offender = packet(b"PAYLOAD-BYTES-AND-MORE", ihl=ihl, options=options)
+    offender = packet(b"PAYLOAD-BYTES-AND-MORE", options=options)
     me = bytes([10, 5, 1, 0])
     reply = net_unreachable(offender, me)
     assert reply is not None
-    r = parse_reply(reply)
-    assert r["proto"] == 1
-    assert r["src"] == me
-    assert r["dst"] == SRC  # back to the offender's source
-    assert r["ttl"] == 64
-    assert r["ip_ok"]
-    assert (r["type"], r["code"]) == (3, 0)
-    assert r["icmp_ok"]
-    assert r["unused"] == b"\x00" * 4
-    assert r["quote"] == bytes(offender[: ihl * 4 + 8])
-    assert r["quote"][-8:] == b"PAYLOAD-"
+    r = parse_icmp(reply)
+    assert r.ihl == 20 and r.proto == 1
+    assert r.src == me
+    assert r.dst == SRC  # back to the offender's source
+    assert r.ttl == 64
+    assert r.ip_ok
+    assert (r.type, r.code) == (3, 0)
+    assert r.icmp_ok
+    assert r.rest == b"\x00" * 4
+    assert r.quote == bytes(offender[: ihl * 4 + 8])
+    assert r.quote[-8:] == b"PAYLOAD-"
     assert len(reply) == 20 + 8 + ihl * 4 + 8
 
 
 def test_net_unreachable_default_source_is_unreachable_destination():
     reply = net_unreachable(packet(b"12345678"))
     assert reply is not None
-    r = parse_reply(reply)
-    assert r["src"] == DST
-    assert r["dst"] == SRC
-    assert r["ip_ok"] and r["icmp_ok"]
+    r = parse_icmp(reply)
+    assert r.src == DST
+    assert r.dst == SRC
+    assert r.ip_ok and r.icmp_ok
 
 
 def test_net_unreachable_short_payload_quotes_what_there_is():
     offender = packet(b"abc", proto=17)
     reply = net_unreachable(memoryview(offender))
     assert reply is not None
-    r = parse_reply(reply)
-    assert r["quote"] == bytes(offender)
-    assert r["icmp_ok"]  # odd-length ICMP message summed with padding
+    r = parse_icmp(reply)
+    assert r.quote == bytes(offender)
+    assert r.icmp_ok  # odd-length ICMP message summed with padding
 
 
 def test_net_unreachable_first_fragment_is_answered():
@@ -338,4 +320,4 @@ def test_net_unreachable_random_garbage_never_raises():
         if reply is not None:
             assert valid_header(data, len(data))
             assert data[9] != 1
-            assert checksum(reply[:20]) == 0 and checksum(reply[20:]) == 0
+            assert parse_icmp(reply).ip_ok and parse_icmp(reply).icmp_ok
