@@ -1,14 +1,15 @@
 """A stand-in for flanneld's udp backend, from docs/interop.md#udp, that also inspects what it
 receives: a TUN `flannel0` without any offload, and a UDP socket on port 8285 carrying
 exactly one raw IPv4 packet per datagram each way, one read and one send per packet (as
-flanneld's C loop does). Only stdlib, so it shares no code with tweed.
+flanneld's C loop does). It shares no code with tweed: besides the stdlib it uses only the
+tests' own packet checks (tests/support/packets.py).
 
 Every datagram it receives is checked the way flanneld's kernel would take it: no longer
 than the TUN's MTU, one whole IPv4 packet (total length = datagram length), a valid IP
 header checksum and, for TCP, a valid TCP checksum. Valid packets go to the TUN. On SIGTERM
 it prints its counts as one JSON line and exits.
 
-    python flannel_relay.py LOCAL_IP PEER_IP MTU
+    python -m tests.lab.flannel_relay LOCAL_IP PEER_IP MTU   (from the top of the tree)
 """
 
 from __future__ import annotations
@@ -22,19 +23,12 @@ import socket
 import struct
 import sys
 
+from tests.support.packets import PROTO_TCP, ip_header_ok, l4_checksum_ok
+
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 PORT = 8285
-
-
-def ones_sum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
 
 
 def problem(d: bytes, mtu: int) -> str | None:
@@ -43,17 +37,13 @@ def problem(d: bytes, mtu: int) -> str | None:
         return f"datagram of {len(d)} bytes over the MTU {mtu}"
     if len(d) < 20 or d[0] >> 4 != 4:
         return "not IPv4"
-    ihl = (d[0] & 0x0F) * 4
     total = struct.unpack_from("!H", d, 2)[0]
     if total != len(d):
         return f"IP total length {total} in a datagram of {len(d)}"
-    if ones_sum(d[:ihl]) != 0xFFFF:
+    if not ip_header_ok(d):
         return "bad IP header checksum"
-    if d[9] == 6:
-        seg = d[ihl:]
-        pseudo = d[12:20] + struct.pack("!BBH", 0, 6, len(seg))
-        if ones_sum(pseudo + seg) != 0xFFFF:
-            return "bad TCP checksum"
+    if d[9] == PROTO_TCP and not l4_checksum_ok(d):
+        return "bad TCP checksum"
     return None
 
 

@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import struct
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from backends.udp.packet import checksum
 from tests.lab import fault_tools
 from tests.lab.agents import bring_up as lab_bring_up
 from tests.lab.agents import ping, put_config, routes, subnet_key, wait_for
+from tests.support.packets import ip_packet, udp_packet
 
 pytestmark = pytest.mark.lab
 
@@ -41,14 +39,6 @@ def metrics(host) -> dict[str, float]:
 
 def drops(host, reason: str) -> float:
     return metrics(host).get(f'tweed_udp_drops_total{{direction="rx",reason="{reason}"}}', 0.0)
-
-
-def ip_packet(src: str, dst: str, payload: bytes = b"x" * 32, ttl: int = 64,
-              proto: int = 17) -> bytes:
-    hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, ttl, proto,
-                                0, socket.inet_aton(src), socket.inet_aton(dst)))
-    struct.pack_into("!H", hdr, 10, checksum(hdr))
-    return bytes(hdr) + payload
 
 
 def send_from(ns_obj, src_ip: str, dst: tuple[str, int], datagrams: list[bytes]) -> None:
@@ -210,10 +200,11 @@ def test_random_datagrams_leave_the_agent_running_and_counters_consistent(lab, t
 
 
 def test_exchanges_traffic_with_a_flanneld_style_stand_in(lab, tmp_path, dp):
-    """Host 3 runs a plain stand-in for flanneld's udp backend, written from docs/interop.md#udp: a
-    TUN-less relay in a few lines of socket code. Its container's packets are captured
-    on a raw socket... here simply: the stand-in owns 10.5.200.0/24, answers ICMP echo
-    requests that arrive in datagrams, and originates one echo request itself."""
+    """Host 3 runs a plain stand-in for flanneld's udp backend, written from
+    docs/interop.md#udp: a TUN-less relay in a few lines of socket code (its packets built
+    and checked by the tests' own tests/support/packets.py, nothing of tweed's). It owns
+    10.5.200.0/24, answers ICMP echo requests that arrive in datagrams, and originates one
+    echo request itself."""
     etcd = lab.start_etcd()
     put_config(etcd, backend="udp")
     h1, _a1, c1 = bring_up(lab, etcd, tmp_path, 1, datapath=dp)
@@ -222,33 +213,20 @@ def test_exchanges_traffic_with_a_flanneld_style_stand_in(lab, tmp_path, dp):
                         '{"PublicIP":"192.168.100.3","PublicIPv6":null}', 86400)
     wait_for(lambda: routes(h1, "10.5.0.0/16") != "", what="tweed up")
     stand_in = (
-        "import socket, struct, sys\n"
-        "def csum(b):\n"
-        "    if len(b) % 2: b += b'\\0'\n"
-        "    s = sum(struct.unpack('!%dH' % (len(b)//2), b))\n"
-        "    while s >> 16: s = (s & 0xffff) + (s >> 16)\n"
-        "    return ~s & 0xffff\n"
-        "def ip(src, dst, ttl, payload):\n"
-        "    h = bytearray(struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20+len(payload), 1, 0, ttl,"
-        " 1, 0, socket.inet_aton(src), socket.inet_aton(dst)))\n"
-        "    struct.pack_into('!H', h, 10, csum(bytes(h)))\n"
-        "    return bytes(h) + payload\n"
-        "def icmp(t, ident, seq, data):\n"
-        "    m = bytearray(struct.pack('!BBHHH', t, 0, 0, ident, seq) + data)\n"
-        "    struct.pack_into('!H', m, 2, csum(bytes(m)))\n"
-        "    return bytes(m)\n"
+        "import socket, struct\n"
+        "from tests.support.packets import icmp_echo, ip_header_ok\n"
         "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
         "s.bind(('192.168.100.3', 8285)); s.settimeout(20)\n"
         "peer = ('192.168.100.1', 8285)\n"
         f"target = {c1.ip!r}\n"
         # originate: an echo request from 10.5.200.2 to tweed's container, TTL 64
-        "s.sendto(ip('10.5.200.2', target, 64, icmp(8, 77, 1, b'standin')), peer)\n"
+        "s.sendto(icmp_echo('10.5.200.2', target, ident=77, seq=1, data=b'standin'), peer)\n"
         "got_reply = got_request = False\n"
         "while not (got_reply and got_request):\n"
         "    d, a = s.recvfrom(65535)\n"
         "    assert a[0] == '192.168.100.1', a\n"
         "    ihl = (d[0] & 15) * 4\n"
-        "    assert csum(d[:ihl]) == 0, 'bad IP checksum'\n"
+        "    assert ip_header_ok(d), 'bad IP checksum'\n"
         "    t = d[ihl]\n"
         "    if t == 0 and d[ihl+4:ihl+6] == struct.pack('!H', 77):\n"
         "        got_reply = True; print('reply ttl', d[8])\n"
@@ -256,7 +234,8 @@ def test_exchanges_traffic_with_a_flanneld_style_stand_in(lab, tmp_path, dp):
         "        got_request = True; print('request ttl', d[8])\n"
         "        src = socket.inet_ntoa(d[12:16]); dst = socket.inet_ntoa(d[16:20])\n"
         "        ident, seq = struct.unpack('!HH', d[ihl+4:ihl+8])\n"
-        "        s.sendto(ip(dst, src, 64, icmp(0, ident, seq, d[ihl+8:])), peer)\n"
+        "        s.sendto(icmp_echo(dst, src, reply=True, ident=ident, seq=seq,"
+        " data=d[ihl+8:]), peer)\n"
         "print('ok')\n"
     )
     proc = h3.popen([sys.executable, "-c", stand_in], stdout=subprocess.PIPE,
@@ -285,7 +264,7 @@ def test_tcp_through_a_flanneld_style_relay_is_one_valid_packet_per_datagram(lab
     put_config(etcd, backend="udp")
     h1, _a1, c1 = bring_up(lab, etcd, tmp_path, 1, datapath=dp)
     h3 = lab.add_host(3)
-    relay = h3.popen([sys.executable, str(Path(__file__).with_name("flannel_relay.py")),
+    relay = h3.popen([sys.executable, "-m", "tests.lab.flannel_relay",
                       "192.168.100.3", "192.168.100.1", "1472"],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -337,7 +316,7 @@ def test_strangers_and_spoofers_under_load_never_reach_a_container(lab, tmp_path
     assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
 
     def udp_to_c1(src: str) -> bytes:  # inner UDP to the listener, checksum 0 (none)
-        return ip_packet(src, c1.ip, struct.pack("!HHHH", 5555, 9999, 8 + 64, 0) + b"z" * 64)
+        return udp_packet(b"z" * 64, src=src, dst=c1.ip, sport=5555, dport=9999, csum=0)
 
     h3 = lab.add_host(3)
     srv = c2.popen(["iperf3", "-s", "-1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
