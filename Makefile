@@ -67,13 +67,16 @@ soak: setup
 # The C datapath built with AddressSanitizer and UBSan, and its tests run against that
 # build (in a copy of the tree, so the normal build is left alone): the datapath suite (both
 # datapaths; the C one is the sanitized build), the C-only tests and the udp lab.
+# pyproject.toml (pytest's settings) is copied after the build: setup.py runs on the venv's
+# setuptools, which may be older than the one pip builds with and refuse its [project].
 ASAN_DIR := build/asan
 asan: setup
 	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)
-	cp -r agent backends tests setup.py pyproject.toml README.md $(ASAN_DIR)/
+	cp -r agent backends tests setup.py README.md $(ASAN_DIR)/
 	find $(ASAN_DIR)/backends -name '*.so' -delete
 	cd $(ASAN_DIR) && CFLAGS="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1" \
 	  $(CURDIR)/$(PY) setup.py -q build_ext --inplace
+	cp pyproject.toml $(ASAN_DIR)/
 	cd $(ASAN_DIR) && LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 	  ASAN_OPTIONS=detect_leaks=0 TWEED_EXPECT_FASTPATH=$(CURDIR)/$(ASAN_DIR)/backends/udp \
 	  $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_datapath.py \
