@@ -56,6 +56,17 @@ def send_from(ns_obj, src_ip: str, dst: tuple[str, int], datagrams: list[bytes])
                    input=pickle.dumps(datagrams), check=True, timeout=60)
 
 
+def two_hosts(lab, tmp_path, dp: str) -> tuple:
+    """Two hosts running tweed (udp, datapath `dp`) whose containers reach each other:
+    (host, agent, container) of each."""
+    etcd = lab.start_etcd()
+    put_config(etcd, backend="udp")
+    h1, a1, c1 = bring_up(lab, etcd, tmp_path, 1, datapath=dp)
+    h2, a2, c2 = bring_up(lab, etcd, tmp_path, 2, datapath=dp)
+    wait_for(lambda: ping(c1, c2.ip, count=1), timeout=10, what="overlay up")
+    return h1, a1, c1, h2, a2, c2
+
+
 OFFLOADS_OFF = {"TSO": False, "Coalesce": False, "UDPGSO": False, "UDPGRO": False}
 
 
@@ -141,11 +152,7 @@ def test_no_route_gets_icmp_net_unreachable(lab, tmp_path, dp):
 
 
 def test_non_peer_and_spoofed_datagrams_are_dropped_and_counted(lab, tmp_path, dp):
-    etcd = lab.start_etcd()
-    put_config(etcd, backend="udp")
-    h1, a1, c1 = bring_up(lab, etcd, tmp_path, 1, datapath=dp)
-    h2, _a2, c2 = bring_up(lab, etcd, tmp_path, 2, datapath=dp)
-    wait_for(lambda: ping(c1, c2.ip, count=1), timeout=10, what="overlay up")
+    h1, a1, c1, h2, _a2, c2 = two_hosts(lab, tmp_path, dp)
     # Host 3 is not a peer: it has no lease.
     h3 = lab.add_host(3)
     send_from(h3, "192.168.100.3", ("192.168.100.1", 8285),
@@ -160,11 +167,7 @@ def test_non_peer_and_spoofed_datagrams_are_dropped_and_counted(lab, tmp_path, d
 
 
 def test_random_datagrams_leave_the_agent_running_and_counters_consistent(lab, tmp_path, dp):
-    etcd = lab.start_etcd()
-    put_config(etcd, backend="udp")
-    h1, a1, c1 = bring_up(lab, etcd, tmp_path, 1, datapath=dp)
-    h2, a2, c2 = bring_up(lab, etcd, tmp_path, 2, datapath=dp)
-    wait_for(lambda: ping(c1, c2.ip, count=1), timeout=10, what="overlay up")
+    h1, a1, c1, h2, a2, c2 = two_hosts(lab, tmp_path, dp)
     rng = random.Random(20261128)
     net2 = a2.subnet.split("/")[0].rsplit(".", 1)[0]
     datagrams = []
@@ -299,11 +302,7 @@ def test_strangers_and_spoofers_under_load_never_reach_a_container(lab, tmp_path
     with well-formed datagrams for a container, and a peer floods it with inner sources
     outside its subnet. Nothing of either reaches the container (a UDP listener there
     counts), the drops are counted by reason, and the TCP run and pings carry on."""
-    etcd = lab.start_etcd()
-    put_config(etcd, backend="udp")
-    h1, a1, c1 = bring_up(lab, etcd, tmp_path, 1, datapath=dp)
-    h2, _a2, c2 = bring_up(lab, etcd, tmp_path, 2, datapath=dp)
-    wait_for(lambda: ping(c1, c2.ip, count=1), timeout=10, what="overlay up")
+    h1, a1, c1, h2, _a2, c2 = two_hosts(lab, tmp_path, dp)
     listener = c1.popen([sys.executable, "-c", (
         "import socket, signal, sys\n"
         "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"

@@ -75,6 +75,13 @@ def assert_hop(got: bytes, sent: bytes) -> None:
     assert got == hopped(sent)
 
 
+def assert_forwarded(sock: socket.socket, pkts: list[bytes]) -> None:
+    """Each of `pkts` arrived on `sock` in order, one hop on; then nothing more."""
+    for pkt in pkts:
+        assert_hop(recv(sock)[0], pkt)
+    assert nothing_on(sock)
+
+
 def recv(sock: socket.socket, timeout: float = 2.0) -> tuple[bytes, tuple]:
     sock.settimeout(timeout)
     return sock.recvfrom(BUF)
@@ -245,10 +252,7 @@ def test_tun_to_udp_batch_is_one_packet_per_datagram(make_rig, gso):
     pkts = [make_packet(LOCAL, f"10.5.2.{i}", 1000, fill=i) for i in range(1, 6)]
     pkts.append(make_packet(LOCAL, "10.5.2.99", 400, fill=99))  # the last one shorter
     rig.to_tun(*pkts)
-    for pkt in pkts:
-        data, _ = recv(rig.peer_a)
-        assert_hop(data, pkt)
-    assert nothing_on(rig.peer_a)
+    assert_forwarded(rig.peer_a, pkts)
     c = rig.counters()
     assert c["tx_packets"] == 6
     assert c["tx_bytes"] == 5 * 1000 + 400
@@ -263,9 +267,7 @@ def test_gso_refused_by_the_socket_falls_back_to_one_datagram_per_send(make_rig)
     rig.dp.sock.setsockopt(socket.SOL_SOCKET, 11, 1)
     pkts = [make_packet(LOCAL, "10.5.2.5", 700, fill=i) for i in range(5)]
     rig.to_tun(*pkts)
-    for pkt in pkts:
-        data, _ = recv(rig.peer_a)
-        assert_hop(data, pkt)
+    assert_forwarded(rig.peer_a, pkts)
     c = rig.counters()
     assert rig.offloads()["udp_gso"] is False and c["offload_udp_gso"] == 0
     assert (c["tx_packets"], c["gso_sends"], c["tx_drop_send_error"]) == (5, 0, 0)
@@ -277,10 +279,7 @@ def test_tun_to_udp_longer_packet_starts_new_run(make_rig, gso):
     sizes = [500, 500, 300, 500, 800, 800, 800, 20]
     pkts = [make_packet(LOCAL, "10.5.2.5", n, fill=i) for i, n in enumerate(sizes)]
     rig.to_tun(*pkts)
-    for pkt in pkts:
-        data, _ = recv(rig.peer_a)
-        assert_hop(data, pkt)
-    assert nothing_on(rig.peer_a)
+    assert_forwarded(rig.peer_a, pkts)
     c = rig.counters()
     assert c["tx_packets"] == len(sizes)
     # Runs: 500 500 300 (a shorter one ends a run), 500 alone (sent plainly), 800 800 800 20.
@@ -292,10 +291,7 @@ def test_tun_to_udp_more_than_64_segments(make_rig, gso):
     rig = make_rig(gso=gso)
     pkts = [make_packet(LOCAL, "10.5.2.5", 200, fill=i) for i in range(150)]
     rig.to_tun(*pkts)
-    for pkt in pkts:
-        data, _ = recv(rig.peer_a)
-        assert_hop(data, pkt)
-    assert nothing_on(rig.peer_a)
+    assert_forwarded(rig.peer_a, pkts)
     c = rig.counters()
     assert c["tx_packets"] == 150
     assert c["gso_sends"] == (3 if gso else 0)  # 64 + 64 + 22
@@ -339,10 +335,7 @@ def test_tun_to_udp_bad_packets_in_a_batch_do_not_disturb_others(make_rig, gso):
     good = [make_packet(LOCAL, "10.5.2.1", 700, fill=i) for i in range(3)]
     rig.to_tun(good[0], make_packet(LOCAL, "10.9.9.9", 700, fill=0xEE), good[1],
                b"\x60" + b"\x00" * 99, make_packet(LOCAL, "10.5.2.1", 700, ttl=1), good[2])
-    for pkt in good:
-        data, _ = recv(rig.peer_a)
-        assert_hop(data, pkt)
-    assert nothing_on(rig.peer_a)
+    assert_forwarded(rig.peer_a, good)
     c = rig.counters()
     assert (c["tx_packets"], c["tx_drop_no_route"], c["tx_drop_malformed"],
             c["tx_drop_ttl"]) == (3, 1, 1, 1)
@@ -977,32 +970,25 @@ def test_coalescing_keeps_flows_apart_and_order(make_rig):
     assert rig.counters()["coalesced_writes"] == 2
 
 
-def test_70_in_order_segments_are_written_as_two_super_packets(make_rig):
-    # At most 64 segments (and 65,000 bytes) go into one write, in both datapaths. The
-    # 70 arrive in two GRO buffers of one receive batch, split where the cap is not.
-    rig = make_rig(vnet=True, gro=True)
-    segs = segments(70, 500)
-    gso_send(rig.peer_a, rig.dp_addr, segs[:40])
-    gso_send(rig.peer_a, rig.dp_addr, segs[40:])
+@pytest.mark.parametrize(("count", "size", "mtu", "split", "first"), [
+    (70, 500, MTU, 40, 64),  # 70 in-order segments: two writes, 64 and 6
+    (50, 1448, 1500, 25, 44),  # 44 segments of 1,488 bytes fit in 65,000, 45 do not
+], ids=["64-segments", "65000-bytes"])
+def test_coalescing_stops_at_64_segments_and_65000_bytes(make_rig, count, size, mtu, split,
+                                                         first):
+    # The caps are the same in both datapaths. The segments arrive in two GRO buffers of
+    # one receive batch, split elsewhere than the cap.
+    rig = make_rig(vnet=True, gro=True, mtu=mtu)
+    segs = segments(count, size)
+    gso_send(rig.peer_a, rig.dp_addr, segs[:split])
+    gso_send(rig.peer_a, rig.dp_addr, segs[split:])
     rig.from_udp()
     writes = rig.writes()
     assert len(writes) == 2
-    check_super_packet(writes[0], [hopped(s) for s in segs[:64]])
-    check_super_packet(writes[1], [hopped(s) for s in segs[64:]])
+    check_super_packet(writes[0], [hopped(s) for s in segs[:first]])
+    check_super_packet(writes[1], [hopped(s) for s in segs[first:]])
     c = rig.counters()
-    assert (c["coalesced_writes"], c["rx_packets"], c["gro_receives"]) == (2, 70, 2)
-
-
-def test_coalescing_stops_at_65000_bytes(make_rig):
-    rig = make_rig(vnet=True, gro=True, mtu=1500)
-    segs = segments(50, 1448)  # 44 segments of 1,488 bytes fit in 65,000
-    gso_send(rig.peer_a, rig.dp_addr, segs[:25])
-    gso_send(rig.peer_a, rig.dp_addr, segs[25:])
-    rig.from_udp()
-    writes = rig.writes()
-    assert len(writes) == 2
-    check_super_packet(writes[0], [hopped(s) for s in segs[:44]])
-    check_super_packet(writes[1], [hopped(s) for s in segs[44:]])
+    assert (c["coalesced_writes"], c["rx_packets"], c["gro_receives"]) == (2, count, 2)
 
 
 # -- run() on the event loop / the packet thread ------------------------------------------
