@@ -31,7 +31,8 @@ packages:
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	# setuptools >= 77 reads the SPDX license string; `make asan` builds with the venv's own.
+	$(PY) -m pip install -q --upgrade pip 'setuptools>=77'
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
@@ -72,11 +73,10 @@ soak: setup
 ASAN_DIR := build/asan
 asan: setup
 	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)
-	cp -r agent backends tests setup.py README.md $(ASAN_DIR)/
+	cp -r agent backends tests setup.py pyproject.toml README.md $(ASAN_DIR)/
 	find $(ASAN_DIR)/backends -name '*.so' -delete
 	cd $(ASAN_DIR) && CFLAGS="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1" \
 	  $(CURDIR)/$(PY) setup.py -q build_ext --inplace
-	cp pyproject.toml $(ASAN_DIR)/
 	cd $(ASAN_DIR) && LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 	  ASAN_OPTIONS=detect_leaks=0 TWEED_EXPECT_FASTPATH=$(CURDIR)/$(ASAN_DIR)/backends/udp \
 	  $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_datapath.py \
