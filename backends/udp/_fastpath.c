@@ -698,8 +698,8 @@ static void flush_pending(Core *c)
     c->npend = 0;
 }
 
-/* ICMP destination unreachable (net) for `off`, from its destination (as flanneld does:
- * our own address would come back through the TUN as a martian). */
+/* ICMP destination unreachable (net) for `off`, from its destination: our own address (what
+ * flanneld uses) would come back through the TUN as a martian and never reach the sender. */
 static void net_unreachable(Core *c, const uint8_t *off, size_t n)
 {
     size_t ihl = (size_t)(off[0] & 0x0F) * 4;

@@ -65,8 +65,9 @@ def net_unreachable(
     offender: bytes | bytearray | memoryview, src: bytes | None = None
 ) -> bytes | None:
     """An ICMP destination-unreachable (net unreachable) answering `offender`, from `src`
-    (default: the unreachable destination itself, as flanneld does; our own address would
-    be dropped by the kernel as a martian when it comes back in through the TUN).
+    (default: the unreachable destination itself. flanneld uses flannel0's own address,
+    which the kernel drops as a martian when it comes back in through the TUN, so its
+    replies never reach the sender: docs/interop.md, where tweed differs).
 
     None when no answer may be sent: the offender is ICMP, a non-first fragment, or
     not a valid IPv4 header.
