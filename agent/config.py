@@ -8,11 +8,10 @@ Backend means udp. Every error names the field and the rule it broke.
 from __future__ import annotations
 
 import ipaddress
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.json_fields import get_bool, get_int
+from agent.json_fields import get_bool, get_int, load_object
 
 IPv4Network = ipaddress.IPv4Network
 IPv6Network = ipaddress.IPv6Network
@@ -153,16 +152,38 @@ def _bounds(
     return lo, hi
 
 
+@dataclass(frozen=True)
+class _Family:
+    """The field names and limits of one address family's part of the config."""
+
+    version: int
+    enable: str
+    network: str
+    subnet_len: str
+    bounds: tuple[str, str]
+    max_len: int
+    default_len: int
+
+
+_IPV4 = _Family(4, "EnableIPv4", "Network", "SubnetLen", ("SubnetMin", "SubnetMax"), 30, 24)
+_IPV6 = _Family(6, "EnableIPv6", "IPv6Network", "IPv6SubnetLen",
+                ("IPv6SubnetMin", "IPv6SubnetMax"), 126, 64)
+
+
+def _family(cfg: dict[str, Any], fam: _Family) -> tuple[AnyNetwork, int, Any, Any]:
+    """One enabled family's network, subnet length and SubnetMin/Max, checked."""
+    net = _network(cfg, fam.network, fam.version)
+    if net is None:
+        raise ConfigError(f"{fam.network}: required when {fam.enable} is true")
+    sublen = _subnet_len(net, _int(cfg, fam.subnet_len), fam.subnet_len, fam.network,
+                         max_len=fam.max_len, default_len=fam.default_len)
+    lo, hi = _bounds(cfg, net, sublen, fam.bounds, fam.version)
+    return net, sublen, lo, hi
+
+
 def parse_config(text: str | bytes) -> NetworkConfig:
     """Parse and validate a network config; raise ConfigError naming the field and rule."""
-    try:
-        raw = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config: not valid JSON ({exc})") from None
-    except RecursionError:
-        raise ConfigError("config: not valid JSON (nested too deeply)") from None
-    if not isinstance(raw, dict):
-        raise ConfigError("config: must be a JSON object")
+    raw = load_object(text, ConfigError, "config: not valid JSON", "config: must be a JSON object")
     cfg = _fold(raw)
 
     enable4 = _bool(cfg, "EnableIPv4", True)
@@ -170,32 +191,8 @@ def parse_config(text: str | bytes) -> NetworkConfig:
     if not enable4 and not enable6:
         raise ConfigError("EnableIPv4/EnableIPv6: at least one must be true")
 
-    net4 = min4 = max4 = None
-    sublen4 = 0
-    if enable4:
-        net4 = _network(cfg, "Network", 4)
-        if net4 is None:
-            raise ConfigError("Network: required when EnableIPv4 is true")
-        sublen4 = _subnet_len(
-            net4, _int(cfg, "SubnetLen"), "SubnetLen", "Network", max_len=30, default_len=24
-        )
-        min4, max4 = _bounds(cfg, net4, sublen4, ("SubnetMin", "SubnetMax"), 4)
-
-    net6 = min6 = max6 = None
-    sublen6 = 0
-    if enable6:
-        net6 = _network(cfg, "IPv6Network", 6)
-        if net6 is None:
-            raise ConfigError("IPv6Network: required when EnableIPv6 is true")
-        sublen6 = _subnet_len(
-            net6,
-            _int(cfg, "IPv6SubnetLen"),
-            "IPv6SubnetLen",
-            "IPv6Network",
-            max_len=126,
-            default_len=64,
-        )
-        min6, max6 = _bounds(cfg, net6, sublen6, ("IPv6SubnetMin", "IPv6SubnetMax"), 6)
+    net4, sublen4, min4, max4 = _family(cfg, _IPV4) if enable4 else (None, 0, None, None)
+    net6, sublen6, min6, max6 = _family(cfg, _IPV6) if enable6 else (None, 0, None, None)
 
     backend = cfg.get("backend")
     if backend is None:
@@ -210,11 +207,11 @@ def parse_config(text: str | bytes) -> NetworkConfig:
     return NetworkConfig(
         enable_ipv4=enable4,
         enable_ipv6=enable6,
-        network=net4,  # type: ignore[arg-type]
+        network=net4,  # type: ignore[arg-type]  # _family(cfg, _IPV4) is IPv4
         subnet_len=sublen4,
         subnet_min=min4,
         subnet_max=max4,
-        ipv6_network=net6,  # type: ignore[arg-type]
+        ipv6_network=net6,  # type: ignore[arg-type]  # _family(cfg, _IPV6) is IPv6
         ipv6_subnet_len=sublen6,
         ipv6_subnet_min=min6,
         ipv6_subnet_max=max6,

@@ -1,4 +1,5 @@
-"""Typed fields of a decoded JSON object: one validator per type, shared by the network
+"""Decoded JSON objects and their typed fields: `load_object` for a whole document (the
+network config, a lease value), and one validator per field type, shared by the network
 config (`agent.config`) and the backends' options (`backends.options`).
 
 Pure, no I/O, no imports from tweed. The keys have been lower-cased by the caller (flanneld
@@ -10,11 +11,27 @@ and a backend `Backend.VNI: must be an integer in 0..16777215, got 'x'`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
 #: Builds the exception raised for a bad field from its message.
 ErrorType = Callable[[str], Exception]
+
+
+def load_object(text: str | bytes, error: ErrorType, not_json: str, not_object: str) -> dict:
+    """`text` decoded as a JSON object. Anything else raises `error`: `not_json` followed by
+    the reason in parentheses (nesting deep enough to exhaust the recursion limit included),
+    or `not_object` for JSON that is not an object."""
+    try:
+        raw = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise error(f"{not_json} ({exc})") from None
+    except RecursionError:
+        raise error(f"{not_json} (nested too deeply)") from None
+    if not isinstance(raw, dict):
+        raise error(not_object)
+    return raw
 
 
 def _field(

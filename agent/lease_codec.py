@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from agent.json_fields import load_object
+
 _KEY_RE = re.compile(
     r"^(\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3})-(\d{1,2})(?:&([0-9a-fA-F:]+)-(\d{1,3}))?$"
 )
@@ -83,14 +85,8 @@ def encode_lease(attrs: LeaseAttrs) -> bytes:
 
 def decode_lease(value: bytes | str) -> LeaseAttrs:
     """Decode a lease value; field names match case-insensitively, like Go's json."""
-    try:
-        raw = json.loads(value)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise LeaseDecodeError(f"lease value is not JSON ({exc})") from None
-    except RecursionError:
-        raise LeaseDecodeError("lease value is not JSON (nested too deeply)") from None
-    if not isinstance(raw, dict):
-        raise LeaseDecodeError("lease value is not a JSON object")
+    raw = load_object(value, LeaseDecodeError, "lease value is not JSON",
+                      "lease value is not a JSON object")
     doc = {k.lower(): v for k, v in raw.items()}
     try:
         text = doc.get("publicip")
