@@ -193,6 +193,9 @@ def parse_config(text: str | bytes) -> NetworkConfig:
 
     net4, sublen4, min4, max4 = _family(cfg, _IPV4) if enable4 else (None, 0, None, None)
     net6, sublen6, min6, max6 = _family(cfg, _IPV6) if enable6 else (None, 0, None, None)
+    # _family gives each family's own network type (_network checks the version).
+    assert net4 is None or isinstance(net4, IPv4Network)
+    assert net6 is None or isinstance(net6, IPv6Network)
 
     backend = cfg.get("backend")
     if backend is None:
@@ -207,11 +210,11 @@ def parse_config(text: str | bytes) -> NetworkConfig:
     return NetworkConfig(
         enable_ipv4=enable4,
         enable_ipv6=enable6,
-        network=net4,  # type: ignore[arg-type]  # _family(cfg, _IPV4) is IPv4
+        network=net4,
         subnet_len=sublen4,
         subnet_min=min4,
         subnet_max=max4,
-        ipv6_network=net6,  # type: ignore[arg-type]  # _family(cfg, _IPV6) is IPv6
+        ipv6_network=net6,
         ipv6_subnet_len=sublen6,
         ipv6_subnet_min=min6,
         ipv6_subnet_max=max6,
