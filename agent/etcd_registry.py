@@ -53,6 +53,9 @@ GRPC_RECONNECT_OPTIONS = (
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
 
+#: Keys per range request when listing the leases (a lease is ~100-150 bytes of value).
+LIST_PAGE_SIZE = 1000
+
 
 class EtcdSetupError(ValueError):
     """The etcd settings cannot work (bad endpoint URL, unreadable certificate)."""
@@ -149,7 +152,7 @@ def _read(path: str, flag: str) -> bytes | None:
 class EtcdRegistry:
     """Registry over a real etcd cluster."""
 
-    def __init__(self, settings: EtcdSettings) -> None:
+    def __init__(self, settings: EtcdSettings, page_size: int = LIST_PAGE_SIZE) -> None:
         targets, tls, server_name = parse_endpoints(settings.endpoints)
         check_tls_files(settings)
         # All None: a plain channel (etcd3aio's defaults).
@@ -176,6 +179,8 @@ class EtcdRegistry:
         # etcd3aio takes no channel options; its list is read when the channel is made.
         self._client._manager.grpc_options.extend(GRPC_RECONNECT_OPTIONS)
         self._settings = settings
+        #: Keys per range request of list_subnets.
+        self.page_size = page_size
         prefix = settings.prefix.rstrip("/")
         self._config_key = f"{prefix}/config".encode()
         self._subnets = f"{prefix}/subnets/".encode()
@@ -341,17 +346,48 @@ class EtcdRegistry:
                     yield (last.value if last.kind == "put" else None), last.revision
 
     async def list_subnets(self) -> Snapshot:
-        async def op(c: Etcd3Client) -> Any:
-            assert c.kv is not None
-            return await c.kv.get(
-                self._subnets, prefix_range_end(self._subnets), timeout=RPC_TIMEOUT
-            )
+        """The leases in pages of `page_size` keys, all read at the first page's revision.
 
-        resp = await self._call("list subnets", op)
-        records = [
-            Record(self._name(kv.key), kv.value, kv.lease, kv.mod_revision) for kv in resp.kvs
-        ]
-        return Snapshot(records, resp.header.revision)
+        One range request for 20,000 leases is one response of several MB that etcd builds,
+        and we decode, all at once. Each following page continues after the last key and
+        is read at the revision of the first (a serializable read: the member already has
+        that revision), so the snapshot is one consistent revision and a change made
+        meanwhile arrives through the watch from revision + 1. If that revision is
+        compacted away between pages, the listing starts again at a newer one.
+        """
+        for attempt in range(3):
+            try:
+                return await self._list_pages()
+            except _RevisionCompacted:
+                log.info("the lease listing's revision was compacted while paging; "
+                         "listing again (attempt %d)", attempt + 2)
+        return await self._list_pages()
+
+    async def _list_pages(self) -> Snapshot:
+        end = prefix_range_end(self._subnets)
+        start = self._subnets
+        revision = 0
+        records: list[Record] = []
+        while True:
+            async def op(c: Etcd3Client, start: bytes = start, revision: int = revision) -> Any:
+                assert c.kv is not None
+                return await c.kv.get(start, end, limit=self.page_size, revision=revision,
+                                      serializable=revision != 0, timeout=RPC_TIMEOUT)
+
+            try:
+                resp = await self._call("list subnets", op)
+            except RegistryUnavailable as exc:
+                if revision and "compacted" in str(exc):
+                    raise _RevisionCompacted from None
+                raise
+            if not revision:
+                revision = resp.header.revision
+            records += [Record(self._name(kv.key), kv.value, kv.lease, kv.mod_revision)
+                        for kv in resp.kvs]
+            if not resp.more or not resp.kvs:
+                return Snapshot(records, revision)
+            # The smallest key after the last one read.
+            start = resp.kvs[-1].key + b"\0"
 
     async def _grant(self, ttl: int) -> int:
         if ttl <= 0:
@@ -524,6 +560,10 @@ _CLIENT_CERT_REFUSED = (
     "TSI_DATA_CORRUPTED", "BAD_CERTIFICATE", "CERTIFICATE_REQUIRED", "UNKNOWN_CA",
     "CERTIFICATE_EXPIRED", "UNSUPPORTED_CERTIFICATE",
 )
+
+
+class _RevisionCompacted(Exception):
+    """The revision a paged listing reads at was compacted between two pages."""
 
 
 class _StaleToken(Exception):

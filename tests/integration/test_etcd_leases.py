@@ -199,6 +199,51 @@ async def test_peer_watch_snapshot_then_events_in_batches(etcd):
     assert {str(p.subnet) for p in m.peers()} == {"10.5.51.0/24", "10.5.52.0/24"}
 
 
+async def test_listing_in_pages_is_one_revision_and_the_watch_resumes_after_it(etcd):
+    """2,500 leases in pages of 1,000: each comes back once, all at the first page's
+    revision; a put made between two pages is not in that snapshot but comes through
+    the watch started at revision + 1."""
+    n = 2500
+    names = [f"10.{6 + i // 256}.{i % 256}.0-24" for i in range(n)]
+    async with Etcd3Client([etcd.client_url.removeprefix("http://")]) as other:
+        for start in range(0, n, 125):
+            await other.kv.txn([], [
+                other.kv.txn_op_put(f"{PREFIX}/subnets/{name}", peer_json(2))
+                for name in names[start:start + 125]], timeout=10)
+        reg = registry_for(etcd.client_url)
+        assert reg.page_size == 1000
+        calls = []
+        # Sorts after every seeded key: a read at the newest revision would list it.
+        late = f"{PREFIX}/subnets/10.99.0.0-24"
+        real_call = reg._call
+
+        async def call(what, fn, count=True):
+            resp = await real_call(what, fn, count)
+            if what == "list subnets":
+                calls.append((len(resp.kvs), resp.more))
+                if len(calls) == 1:  # between the first page and the second
+                    await other.kv.put(late, peer_json(3), timeout=10)
+            return resp
+
+        reg._call = call
+        try:
+            snap = await reg.list_subnets()
+            assert calls == [(1000, True), (1000, True), (500, False)]
+            assert sorted(r.name for r in snap.records) == sorted(names)
+            assert snap.revision < etcd.revision()  # the late put came after it
+            assert max(r.mod_revision for r in snap.records) <= snap.revision
+            stream = reg.watch_subnets(snap.revision + 1)
+            async with contextlib.aclosing(stream):
+                events = []
+                async for batch in stream:
+                    events += batch
+                    if events:
+                        break
+            assert [(e.kind, e.name) for e in events] == [("put", "10.99.0.0-24")]
+        finally:
+            await reg.close()
+
+
 async def test_watch_survives_an_etcd_restart(etcd):
     async with manager(etcd.client_url, 1) as m:
         await asyncio.wait_for(m.acquire(), 10)
