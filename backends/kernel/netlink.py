@@ -1,23 +1,30 @@
 """The kernel through pyroute2: `IPRouteNetlink` implements the `Netlink` protocol.
 
 pyroute2's asyncio socket cannot run on uvloop (uvloop refuses netlink datagram endpoints),
-so every call runs the synchronous IPRoute in one dedicated worker thread; a batch of route
-changes is one hop to that thread.
+so every call runs in one dedicated worker thread; a change set is one hop to that thread.
+Links, addresses and vxlan devices (a few calls per start) go through pyroute2's IPRoute.
+Routes, neighbours and FDB entries (thousands at scale) go through `Rtnl`, a raw
+NETLINK_ROUTE socket: hundreds of hand-packed requests per send (`backends.kernel.wire`),
+their acks read in bulk, and dumps the kernel filters down to the device asked about.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
+import os
 import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
+from backends.kernel import wire
 from backends.kernel.types import (
     VXLAN_DEFAULT_PORT,
     ChangeSet,
+    Entry,
     Fdb,
     KernelError,
     Link,
@@ -29,21 +36,35 @@ from backends.kernel.types import (
 
 T = TypeVar("T")
 
-MAIN_TABLE = 254
-RTPROT_BOOT = 3
-RTNH_F_ONLINK = 4
-RT_SCOPE_LINK = 253
-NUD_PERMANENT = 0x80
-NTF_SELF = 0x02
-AF_BRIDGE = 7
+MAIN_TABLE = wire.MAIN_TABLE
+NETLINK_ROUTE = 0
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10
+NETLINK_EXT_ACK = 11
+NETLINK_GET_STRICT_CHK = 12
+SO_RCVBUFFORCE = 33
+#: Requests per send. Their acks (with NETLINK_CAP_ACK, ~1 KiB of receive buffer each as
+#: the kernel accounts them) must fit RCVBUF, or some are dropped and their requests sent
+#: again; more per send barely helps (docs/benchmarks.md).
+BATCH = 256
+RCVBUF = 4 << 20
+#: Receive buffer of one recv: dumps come in parts of up to 32 KiB, acks in one each.
+RECV_SIZE = 256 << 10
+#: Seconds to wait for the kernel's answer before giving a batch up as unanswered.
+ANSWER_TIMEOUT = 10.0
+RESENDS = 3
+DUMP_TRIES = 3
 
 
 class IPRouteNetlink:
-    """Real kernel access through pyroute2, serialised on one worker thread."""
+    """Real kernel access, serialised on one worker thread; `socket_factory` opens the
+    socket of routes, neighbours and FDB entries (a fake kernel in the unit tests)."""
 
-    def __init__(self) -> None:
+    def __init__(self, socket_factory: Callable[[], RtnlSocket] | None = None) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
         self._ipr: Any = None
+        self._socket_factory = socket_factory or open_rtnl_socket
+        self._rtnl: Rtnl | None = None
 
     def _ip(self) -> Any:
         if self._ipr is None:
@@ -109,84 +130,30 @@ class IPRouteNetlink:
         """The interface of the IPv4 default route, if any."""
         return await self._run(self._default_oif_sync)
 
-    # -- routes ----------------------------------------------------------------------
-    def _routes_sync(self, oif: int | None) -> list[Route]:
-        out = []
-        kw: dict[str, Any] = {"family": socket.AF_INET, "table": MAIN_TABLE}
-        if oif is not None:
-            kw["oif"] = oif
-        for msg in self._ip().get_routes(**kw):
-            if msg["type"] != 1:  # RTN_UNICAST only
-                continue
-            dst = msg.get("RTA_DST") or "0.0.0.0"
-            gw = msg.get("RTA_GATEWAY")
-            out.append(
-                Route(
-                    ipaddress.IPv4Network(f"{dst}/{msg['dst_len']}"),
-                    ipaddress.IPv4Address(gw) if gw else None,
-                    int(msg.get("RTA_OIF") or 0),
-                    bool(msg["flags"] & RTNH_F_ONLINK),
-                )
-            )
-        return out
+    # -- routes, neighbours, FDB entries: the raw socket --------------------------------
+    def _rt(self) -> Rtnl:
+        if self._rtnl is None:
+            self._rtnl = Rtnl(self._socket_factory())
+        return self._rtnl
 
     async def routes(self, oif: int | None = None) -> list[Route]:
         """Unicast IPv4 routes of the main table (optionally only via `oif`)."""
-        return await self._run(lambda: self._routes_sync(oif))
-
-    def _apply_sync(self, cs: ChangeSet) -> list[KernelError]:
-        ipr = self._ip()
-        # Per kind: the IPRoute call (taking "del" or "replace") and its arguments.
-        calls: dict[str, tuple[Callable[..., Any], Callable[[Any], dict[str, Any]]]] = {
-            "route": (ipr.route, _route_kw), "neigh": (ipr.neigh, _neigh_kw),
-            "fdb": (ipr.fdb, _fdb_kw),
-        }
-        errors: list[KernelError] = []
-        for what, op, items in cs.steps():
-            call, kwargs = calls[what]
-            for item in items:
-                try:
-                    call("del" if op == "delete" else "replace", **kwargs(item))
-                except Exception as exc:  # noqa: BLE001 - reported to the caller per change
-                    if op == "delete" and getattr(exc, "code", None) in (errno.ESRCH,
-                                                                         errno.ENOENT):
-                        continue  # already gone: that is what we wanted
-                    errors.append(KernelError(what, op, item, _err(exc)))
-        return errors
+        return cast(list[Route], await self._run(lambda: self._rt().dump("route", oif)))
 
     async def apply(self, cs: ChangeSet) -> list[KernelError]:
-        """Apply a change set in one hop to the netlink thread; returns what was refused."""
+        """Apply a change set in one hop to the netlink thread, many requests per send;
+        returns what was refused."""
         if not cs:
             return []
-        return await self._run(lambda: self._apply_sync(cs))
-
-    def _neigh_sync(self, index: int) -> list[Neigh]:
-        out = []
-        for msg in self._ip().get_neighbours(family=socket.AF_INET, ifindex=index):
-            if not msg["state"] & NUD_PERMANENT:
-                continue
-            dst, mac = msg.get("NDA_DST"), msg.get("NDA_LLADDR")
-            if dst and mac:
-                out.append(Neigh(ipaddress.IPv4Address(dst), mac, index))
-        return out
+        return await self._run(lambda: self._rt().apply(cs))
 
     async def neighbours(self, index: int) -> list[Neigh]:
         """Permanent IPv4 neighbour entries on device `index`."""
-        return await self._run(lambda: self._neigh_sync(index))
-
-    def _fdb_sync(self, index: int) -> list[Fdb]:
-        out = []
-        for msg in self._ip().fdb("dump", ifindex=index):
-            if msg["ifindex"] != index:
-                continue
-            dst, mac = msg.get("NDA_DST"), msg.get("NDA_LLADDR")
-            if dst and mac and ":" not in dst:
-                out.append(Fdb(mac, ipaddress.IPv4Address(dst), index))
-        return out
+        return cast(list[Neigh], await self._run(lambda: self._rt().dump("neigh", index)))
 
     async def fdb_entries(self, index: int) -> list[Fdb]:
         """Forwarding entries with an IPv4 destination on vxlan device `index`."""
-        return await self._run(lambda: self._fdb_sync(index))
+        return cast(list[Fdb], await self._run(lambda: self._rt().dump("fdb", index)))
 
     # -- plain devices -----------------------------------------------------------------
     def _configure_sync(
@@ -300,40 +267,177 @@ class IPRouteNetlink:
             if self._ipr is not None:
                 self._ipr.close()
                 self._ipr = None
+            if self._rtnl is not None:
+                self._rtnl.close()
+                self._rtnl = None
 
         await self._run(_close)
         self._pool.shutdown(wait=False)
 
 
-def _route_kw(r: Route) -> dict[str, Any]:
-    kw: dict[str, Any] = {
-        "dst": str(r.dst.network_address),
-        "dst_len": r.dst.prefixlen,
-        "oif": r.oif,
-        "table": MAIN_TABLE,
-        "proto": RTPROT_BOOT,
-    }
-    if r.gateway is not None:
-        kw["gateway"] = str(r.gateway)
-    else:
-        kw["scope"] = RT_SCOPE_LINK  # a device route, as `ip route add <net> dev <dev>`
-    if r.onlink:
-        kw["flags"] = RTNH_F_ONLINK
-    return kw
+def describe_error(code: int, text: str = "") -> str:
+    """A refusal as KernelSync logs it: "ENETUNREACH (101): Network is unreachable", with
+    the kernel's own explanation (extended ack) in parentheses when it gave one."""
+    name = errno.errorcode.get(code, "E?")
+    more = f" ({text})" if text else ""
+    return f"{name} ({code}): {os.strerror(code)}{more}"
 
 
-def _neigh_kw(n: Neigh) -> dict[str, Any]:
-    return {"dst": str(n.ip), "lladdr": n.mac, "ifindex": n.index, "state": NUD_PERMANENT,
-            "family": socket.AF_INET}
+class RtnlSocket(Protocol):
+    """What `Rtnl` needs of a NETLINK_ROUTE socket (a fake kernel in the unit tests)."""
+
+    def send(self, data: bytes) -> int: ...
+
+    def recv_into(self, buffer: bytearray, nbytes: int = 0, flags: int = 0) -> int: ...
+
+    def settimeout(self, value: float | None) -> None: ...
+
+    def close(self) -> None: ...
 
 
-def _fdb_kw(f: Fdb) -> dict[str, Any]:
-    return {"lladdr": f.mac, "dst": str(f.dst), "ifindex": f.index, "state": NUD_PERMANENT,
-            "flags": NTF_SELF}
+def open_rtnl_socket() -> socket.socket:
+    """A NETLINK_ROUTE socket for `Rtnl`: strict dump checking (the kernel filters dumps by
+    device), extended acks (the kernel's reason with an error), capped acks (an error does
+    not echo the whole request) and room for a whole batch of acks."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+    try:
+        sock.bind((0, 0))
+        for opt in (NETLINK_GET_STRICT_CHK, NETLINK_EXT_ACK, NETLINK_CAP_ACK):
+            with contextlib.suppress(OSError):  # older kernels: filtered in Python instead
+                sock.setsockopt(SOL_NETLINK, opt, 1)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        except OSError:  # not CAP_NET_ADMIN: as much as rmem_max allows
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        sock.settimeout(ANSWER_TIMEOUT)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
-def _err(exc: Exception) -> str:
-    code = getattr(exc, "code", None)
-    if isinstance(code, int) and code in errno.errorcode:
-        return f"{errno.errorcode[code]} ({code}): {exc}"
-    return str(exc)
+class Rtnl:
+    """Batched writes and filtered dumps of routes, neighbours and FDB entries on one
+    netlink socket; used from the netlink thread only.
+
+    A change set goes out as a few sends of up to BATCH requests each, every request with
+    NLM_F_ACK and its own sequence number; the kernel handles the requests of one send in
+    order and answers each, so the acks are read in bulk and matched by sequence number: a
+    refused request is that entry's KernelError, and the rest are applied. An ack lost to a
+    full receive buffer (ENOBUFS) leaves its request's outcome unknown: those requests are
+    sent again (all are idempotent), at most RESENDS times."""
+
+    def __init__(self, sock: RtnlSocket) -> None:
+        self.sock = sock
+        self.seq = 0
+        self.buf = bytearray(RECV_SIZE)
+
+    def _next_seq(self) -> int:
+        self.seq = (self.seq + 1) & 0xFFFFFFFF or 1
+        return self.seq
+
+    def apply(self, cs: ChangeSet) -> list[KernelError]:
+        todo = [(what, op, item) for what, op, items in cs.steps() for item in items]
+        failed: dict[int, str] = {}
+        pending = list(range(len(todo)))
+        for _ in range(RESENDS + 1):
+            lost: list[int] = []
+            for i in range(0, len(pending), BATCH):
+                lost += self._send_batch(todo, pending[i:i + BATCH], failed)
+            pending = lost
+            if not pending:
+                break
+        for i in pending:
+            failed[i] = "no answer from the kernel (ENOBUFS or timeout); retried later"
+        return [KernelError(*todo[i], failed[i]) for i in sorted(failed)]
+
+    def _send_batch(self, todo: list[tuple[str, str, Entry]], batch: list[int],
+                    failed: dict[int, str]) -> list[int]:
+        """Send `batch` (indices into `todo`) in one send; record refusals in `failed`;
+        return the indices whose answer never came."""
+        waiting: dict[int, int] = {}  # seq -> index into todo
+        parts = []
+        for i in batch:
+            what, op, item = todo[i]
+            seq = self._next_seq()
+            waiting[seq] = i
+            try:
+                parts.append(wire.encode(what, op, item, seq))
+            except ValueError as exc:  # e.g. a malformed MAC: this entry only
+                del waiting[seq]
+                failed[i] = f"EINVAL: {exc}"
+        if not parts:
+            return []
+        self.sock.send(b"".join(parts))
+        while waiting:
+            try:
+                n = self.sock.recv_into(self.buf)
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    return list(waiting.values())  # a timeout: no answer will come
+                # Acks were dropped. The kernel handles a send's requests before send()
+                # returns, so what is queued now is all that will come of this batch.
+                self._drain(waiting, todo, failed)
+                return list(waiting.values())
+            self._acks(n, waiting, todo, failed)
+        return []
+
+    def _drain(self, waiting: dict[int, int], todo: list[tuple[str, str, Entry]],
+               failed: dict[int, str]) -> None:
+        self.sock.settimeout(0)
+        try:
+            while waiting:
+                try:
+                    n = self.sock.recv_into(self.buf)
+                except OSError as exc:
+                    if exc.errno == errno.ENOBUFS:
+                        continue
+                    return  # EAGAIN: empty
+                self._acks(n, waiting, todo, failed)
+        finally:
+            self.sock.settimeout(ANSWER_TIMEOUT)
+
+    def _acks(self, n: int, waiting: dict[int, int], todo: list[tuple[str, str, Entry]],
+              failed: dict[int, str]) -> None:
+        """Match the acks in the first `n` bytes of the buffer to their requests."""
+        buf = self.buf
+        for kind, flags, seq, start, end in wire.messages(buf, n):
+            if kind != wire.NLMSG_ERROR or seq not in waiting:
+                continue  # not an answer to this batch (a late one to an earlier request)
+            i = waiting.pop(seq)
+            code, text = wire.error_of(buf, flags, start, end)
+            op = todo[i][1]
+            if code == 0 or (op == "delete" and code in (errno.ESRCH, errno.ENOENT)):
+                continue  # applied, or already gone: what a delete wanted
+            failed[i] = describe_error(code, text)
+
+    def dump(self, what: str, key: int | None) -> list[Entry]:
+        """The kernel's routes (`key`: the oif or None), neighbours or FDB entries (`key`:
+        the device) that tweed may own; OSError when the kernel refuses the dump."""
+        for _ in range(DUMP_TRIES):
+            seq = self._next_seq()
+            if what == "route":
+                req = wire.route_dump_request(seq, key)
+            else:
+                assert key is not None
+                req = (wire.neigh_dump_request if what == "neigh" else wire.fdb_dump_request
+                       )(seq, key)
+            self.sock.send(req)
+            out: list[Entry] = []
+            interrupted = False
+            while True:
+                n = self.sock.recv_into(self.buf)
+                got = wire.decode_dump(self.buf, n, seq, what, key, out)
+                interrupted |= got.interrupted
+                if got.done:
+                    break
+            if got.error == errno.ENODEV and what == "route":
+                return []  # no such device: no routes through it
+            if got.error:
+                raise OSError(got.error, describe_error(got.error))
+            if not interrupted:
+                return out
+        return out  # changing all the time: the next sync reads it again
+
+    def close(self) -> None:
+        self.sock.close()

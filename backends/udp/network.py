@@ -183,18 +183,24 @@ class UdpNetwork:
     async def apply(self, events: list[PeerEvent]) -> None:
         dp = self.datapath
         assert dp is not None
+        added = removed = 0
         for ev in events:
             subnet = ev.lease.subnet
             if ev.kind is PeerEventKind.REMOVED or subnet == self.own:
                 if self.peers.pop(subnet, None) is not None:
                     dp.del_route(subnet)
-                    log.info("udp: removed peer %s", subnet)
+                    removed += 1
+                    log.debug("udp: removed peer %s", subnet)
                 continue
             peer = ev.lease.attrs.public_ip
             if self.peers.get(subnet) != peer:
                 self.peers[subnet] = peer
                 dp.set_route(subnet, peer)
-                log.info("udp: peer %s at %s:%d", subnet, peer, self.opts.port)
+                added += 1
+                log.debug("udp: peer %s at %s:%d", subnet, peer, self.opts.port)
+        if added or removed:  # per peer at DEBUG: thousands at a large start
+            log.info("udp: set %d peers, removed %d; %d known", added, removed,
+                     len(self.peers))
         await self.sync()
 
     async def sync(self) -> bool:

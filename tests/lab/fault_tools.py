@@ -199,7 +199,8 @@ _UDP_GONE = re.compile(r"udp: removed peer (\S+)$")
 
 def udp_peers_from_log(log: str) -> dict[str, tuple[str, ...]]:
     """The udp datapath's peer table, replayed from the backend's log lines (it logs every
-    set_route and del_route it hands the datapath). A restart in the log starts afresh."""
+    set_route and del_route it hands the datapath at debug level: start the agent with
+    -v=1). A restart in the log starts afresh."""
     peers: dict[str, tuple[str, ...]] = {}
     for line in log.splitlines():
         if "udp: flannel0 (index" in line:

@@ -303,7 +303,8 @@ def test_sigkill_and_restart_keeps_subnet_mac_and_peer_routes(lab, tmp_path, bac
     etcd = lab.start_etcd()
     put_config(etcd, backend=backend)
     h1, a1, c1 = bring_up(lab, etcd, tmp_path, 1)
-    h2, a2, c2 = bring_up(lab, etcd, tmp_path, 2)
+    # -v=1: udp logs each peer it hands the datapath at debug level; mismatches() reads them.
+    h2, a2, c2 = bring_up(lab, etcd, tmp_path, 2, "-v=1")
     wait_for(lambda: ping(c1, c2.ip, 1) and ping(c2, c1.ip, 1), timeout=30,
              what="containers ping")
     subnet, lease = a1.subnet, etcd.get(key(a1.subnet))

@@ -38,6 +38,7 @@ PURE = frozenset({
     "agent.options",       # the flag table: names, FLANNELD_* variables, defaults, parsers
     "agent.json_fields",   # the typed JSON field validators config and backends share
     "backends.kernel.types",  # routes, neighbours, FDB entries, change sets; Netlink protocol
+    "backends.kernel.wire",   # the rtnetlink requests and answers of routes, neigh, FDB
     "backends.kernel.diff",   # desired vs. actual kernel state
     "backends.iptables.plan",  # the rules for --ip-masq and forwarding, iptables-save parsing
     "backends.udp.packet",     # IPv4 header bytes, TTL, ICMP

@@ -1,5 +1,6 @@
 """Unit tests for backends.kernel.sync.KernelSync on FakeNetlink: the order changes are
-applied in, the log line per change and per refused change (word for word), the counters."""
+applied in, the one INFO line per sync and the DEBUG line per change and the ERROR line per
+refused change (word for word), the counters, a refused change retried."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import logging
 import pytest
 
 from backends.kernel.fake import FakeNetlink
-from backends.kernel.sync import KernelSync, describe
+from backends.kernel.sync import KernelSync, describe, summary
 from backends.kernel.types import ChangeSet, Fdb, Neigh, Route
 
 IP = ipaddress.IPv4Address
@@ -45,6 +46,16 @@ def test_steps_order_routes_deleted_first_and_added_last() -> None:
     assert [list(items) for _, _, items in ChangeSet().steps()] == [[]] * 6
 
 
+def test_summary_counts_each_kind_and_op() -> None:
+    assert summary({("route", "replace"): 5000, ("neigh", "replace"): 5000,
+                    ("fdb", "replace"): 5000}) == (
+        "kernel: set 5000 routes, 5000 neighbours, 5000 fdb entries; removed 0")
+    assert summary({("route", "replace"): 1, ("neigh", "delete"): 2,
+                    ("fdb", "delete"): 1}) == (
+        "kernel: set 1 route; removed 2 neighbours, 1 fdb entry")
+    assert summary({}) == "kernel: set 0; removed 0"
+
+
 async def test_sync_applies_in_order_logs_each_change_and_counts(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -55,7 +66,7 @@ async def test_sync_applies_in_order_logs_each_change_and_counts(
         return cs
 
     sync = KernelSync(fake, plan, 10.0)
-    with caplog.at_level(logging.INFO, logger="backends.kernel.sync"):
+    with caplog.at_level(logging.DEBUG, logger="backends.kernel.sync"):
         assert await sync.sync() is True
     assert [item for _, item in fake.calls] == [
         ROUTE_GW, cs.neigh_delete[0], cs.fdb_delete[0], FDB, NEIGH, ROUTE_ONLINK]
@@ -67,7 +78,10 @@ async def test_sync_applies_in_order_logs_each_change_and_counts(
         "set fdb 0a:00:00:00:00:03 dst 192.168.100.3 dev 7",
         "set neigh 10.5.3.0 lladdr 0a:00:00:00:00:03 dev 7",
         "set route 10.5.3.0/24 via 10.5.3.0 oif 7 onlink",
+        "kernel: set 1 route, 1 neighbour, 1 fdb entry; removed 1 route, 1 neighbour, "
+        "1 fdb entry",
     ]
+    assert [r.levelno for r in caplog.records] == [logging.DEBUG] * 6 + [logging.INFO]
     assert sync.ready() is True
     assert fake.table == {ROUTE_ONLINK.dst: ROUTE_ONLINK}
     assert fake.neigh == {NEIGH} and fake.fdb == {FDB}
@@ -89,11 +103,57 @@ async def test_refused_change_logged_once_per_error_and_counted(
         await sync.sync()
         await sync.sync()
     assert caplog.messages == [
-        "set route 10.5.2.0/24 via 192.168.100.2 oif 2",
+        "kernel: set 1 route; removed 0",
         "cannot replace neigh 10.5.3.0 lladdr 0a:00:00:00:00:03 dev 7: EPERM (1): no",
-        "set route 10.5.2.0/24 via 192.168.100.2 oif 2",
+        "kernel: set 1 route; removed 0",
     ]
     assert sync.errors == 2
     assert sync.ops[("neigh", "replace", "error")] == 2
     assert sync.ops[("route", "replace", "ok")] == 2
     assert sync.ready() is False
+
+
+async def test_a_start_logs_one_info_line_not_one_per_entry(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake = FakeNetlink()
+    cs = ChangeSet(route_replace=[Route(NET((0x0A000000 + (i << 8), 24)), None, 7)
+                                  for i in range(5000)])
+
+    async def plan() -> ChangeSet:
+        return cs
+
+    sync = KernelSync(fake, plan, 10.0)
+    with caplog.at_level(logging.INFO, logger="backends.kernel.sync"):
+        await sync.sync()
+    assert caplog.messages == ["kernel: set 5000 routes; removed 0"]
+
+
+async def test_refused_in_the_middle_logged_once_and_retried_by_a_later_sync(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake = FakeNetlink()
+    neigh = [Neigh(IP(f"10.5.{i}.0"), f"0a:00:00:00:00:{i:02x}", 7) for i in range(1, 6)]
+    bad = neigh[2]
+    refusing = True
+    fake.fail = lambda op, item: "ENODEV (19): no" if refusing and item == bad else None
+
+    async def plan() -> ChangeSet:  # what the backends do: diff against the kernel
+        return ChangeSet(neigh_replace=[n for n in neigh if n not in fake.neigh])
+
+    sync = KernelSync(fake, plan, 10.0)
+    with caplog.at_level(logging.INFO, logger="backends.kernel.sync"):
+        assert await sync.sync() is True
+        assert fake.neigh == set(neigh) - {bad}  # the others around it applied
+        assert await sync.sync() is True  # tried again, refused again: not logged again
+        refusing = False
+        assert await sync.sync() is True
+        assert await sync.sync() is False
+    assert fake.neigh == set(neigh)
+    assert [item for op, item in fake.calls] == [*neigh, bad, bad]
+    assert caplog.messages == [
+        "kernel: set 4 neighbours; removed 0",
+        "cannot replace neigh 10.5.3.0 lladdr 0a:00:00:00:00:03 dev 7: ENODEV (19): no",
+        "kernel: set 1 neighbour; removed 0",
+    ]
+    assert sync.errors == 2 and sync.ready() is True
