@@ -5,7 +5,7 @@ PYTHON    ?= python3
 DEB_PKGS  := etcd-server etcd-client iproute2 iptables iputils-ping iperf3 tcpdump systemd docker.io busybox-static
 STAMP     := $(VENV)/.installed
 
-.PHONY: setup packages test unit lint demo bench asan soak clean
+.PHONY: setup packages test unit lint demo bench bench-scale asan soak clean
 
 setup: packages $(STAMP)
 
@@ -53,10 +53,23 @@ BACKEND ?= host-gw
 demo: setup
 	$(PY) -m tests.demo $(BACKEND)
 
+# The plots of both benchmarks need matplotlib: the optional `bench` extra.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
 # Throughput and latency per backend, measured in one run (a command, not a test).
-bench: setup
+bench: setup $(BENCH_STAMP)
 	BENCH_JSON=$(CURDIR)/bench-results.json $(PY) -m tests.bench
 	$(PY) -m tests.bench_plot bench-results.json docs/benchmarks.svg
+
+# One agent against N peer leases per backend, with the kernel's own pace (ip -batch) in
+# the same run (a command, not a test). SCALE_SIZES="1000 5000" for a quick run (default
+# 1000 5000 10000 20000), SCALE_BACKENDS="vxlan host-gw udp"; tests/bench_scale.py says more.
+bench-scale: setup $(BENCH_STAMP)
+	SCALE_JSON=$(CURDIR)/bench-scale.json SCALE_PLOT=$(CURDIR)/docs/benchmarks-scale.svg \
+	  $(PY) -m tests.bench_scale
 
 # A long run under churn (a command, not a test): iperf3 and ping across a three-host lab
 # while stand-in peers join and leave every second and etcd restarts every minute; prints
