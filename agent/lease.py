@@ -38,15 +38,16 @@ class Lease:
         return self.expires_at is None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PeerLease:
-    """Another host's lease: its subnet lives behind attrs.public_ip."""
+    """Another host's lease: its subnet lives behind attrs.public_ip. One per peer, kept
+    for as long as the peer is: slots, no instance dict."""
 
     subnet: ipaddress.IPv4Network
     attrs: LeaseAttrs
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PeerEvent:
     """A peer appeared or changed (ADDED, an upsert) or went away (REMOVED)."""
 

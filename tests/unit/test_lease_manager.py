@@ -476,6 +476,38 @@ async def test_peer_outside_network_is_skipped() -> None:
     assert got.events() == [("added", "10.5.3.0/24", "192.168.100.3")]
 
 
+async def test_network_edges_decide_which_peers_are_inside() -> None:
+    reg = MemoryRegistry()
+    for name in ("10.4.0.0-15", "10.6.0.0-24", "10.4.255.0-24", "10.5.0.0-16", "10.5.255.0-24"):
+        await reg.put(name, value(2), ttl=DAY)
+    m = manager(reg)
+    got = Collector()
+    async with background(m.watch(got)):
+        await until(lambda: got.batches)
+    # The same answer as ipaddress's subnet_of, for the prefix, the length and the edges.
+    assert sorted(e[1] for e in got.events()) == ["10.5.0.0/16", "10.5.255.0/24"]
+    assert m.counters.outside_network == 3
+
+
+async def test_peer_state_is_compact() -> None:
+    """Kept per peer for as long as the peer: no instance dicts, BackendData field names
+    shared between peers, no cached broadcast address on the subnet."""
+    reg = MemoryRegistry()
+    for i in (2, 3):
+        doc = {"PublicIP": f"192.168.100.{i}", "BackendType": "vxlan",
+               "BackendData": {"VNI": 1, "VtepMAC": f"0a:00:00:00:00:0{i}"}}
+        await reg.put(f"10.5.{i}.0-24", json.dumps(doc).encode(), ttl=DAY)
+    m = manager(reg)
+    got = Collector()
+    async with background(m.watch(got)):
+        await until(lambda: got.batches)
+    a, b = sorted(m.peers(), key=lambda p: p.subnet)
+    assert not hasattr(a, "__dict__") and not hasattr(a.attrs, "__dict__")
+    assert [k for k in a.attrs.backend_data] == ["VNI", "VtepMAC"]
+    assert all(x is y for x, y in zip(a.attrs.backend_data, b.attrs.backend_data, strict=True))
+    assert "broadcast_address" not in vars(a.subnet)
+
+
 async def test_bad_keys_and_values_are_skipped_and_counted() -> None:
     reg = MemoryRegistry()
     await reg.put("bogus", value(2), ttl=DAY)
