@@ -324,8 +324,9 @@ class Rtnl:
     NLM_F_ACK and its own sequence number; the kernel handles the requests of one send in
     order and answers each, so the acks are read in bulk and matched by sequence number: a
     refused request is that entry's KernelError, and the rest are applied. An ack lost to a
-    full receive buffer (ENOBUFS) leaves its request's outcome unknown: those requests are
-    sent again (all are idempotent), at most RESENDS times."""
+    full receive buffer (ENOBUFS) leaves its request's outcome unknown (the kernel did handle
+    it; only the answer was dropped): those requests are sent again to learn it, at most
+    RESENDS times; all are idempotent, and a delete found already done is a success."""
 
     def __init__(self, sock: RtnlSocket) -> None:
         self.sock = sock
