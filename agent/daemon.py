@@ -39,7 +39,9 @@ from backends import backend_problem, build_backend
 from backends.base import BackendContext, BackendError, Network
 from backends.external_iface import ExternalInterface, InterfaceError, choose_interface
 from backends.iptables.keeper import Iptables, IptablesKeeper
+from backends.kernel.monitor import KernelMonitor
 from backends.kernel.netlink import IPRouteNetlink
+from backends.kernel.sync import MonitorFactory
 from backends.kernel.types import Netlink
 
 log = logging.getLogger("tweed")
@@ -133,9 +135,11 @@ class Daemon:
         registry_factory: RegistryFactory,
         netlink_factory: NetlinkFactory,
         iptables_factory: IptablesFactory,
+        monitor_factory: MonitorFactory | None = None,
     ) -> None:
         self.opts = opts
         self._registry_factory = registry_factory
+        self._monitor_factory = monitor_factory  # kernel notifications; None: backstop only
         self._iptables_factory = iptables_factory
         self.netlink = netlink_factory()
         self.registry: Registry | None = None
@@ -309,6 +313,8 @@ class Daemon:
             self.network = await backend.register_network(self.config)
         except BackendError as exc:
             raise StartupError(str(exc)) from None
+        if self._monitor_factory is not None:
+            self.network.kernel.watch(self._monitor_factory)
         self.manager = LeaseManager(
             self.registry, self.config, self.network.lease_attrs,
             previous=read_previous_subnet(self.subnet_file),
@@ -405,5 +411,5 @@ def run(opts: Options) -> int:
     """Run the daemon on uvloop over etcd, the kernel and the iptables commands; returns
     the process exit code."""
     daemon = Daemon(opts, registry_factory=EtcdRegistry, netlink_factory=IPRouteNetlink,
-                    iptables_factory=Iptables)
+                    iptables_factory=Iptables, monitor_factory=KernelMonitor)
     return uvloop.run(daemon.main())

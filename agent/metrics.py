@@ -159,11 +159,20 @@ def network_families(network: Network) -> Iterator[Metric]:
     for (kind, op, result), value in sorted(kernel.ops.items()):
         ops.add_metric([kind, op, result], value)
     yield ops
-    resyncs = CounterMetricFamily("tweed_kernel_resyncs", "periodic checks of the kernel "
-                                  "state by result", labels=["result"])
-    for result, value in sorted(kernel.resyncs.items()):
-        resyncs.add_metric([result], value)
+    resyncs = CounterMetricFamily("tweed_kernel_resyncs", "full re-reads of the kernel "
+                                  "state by reason (period, event, lost) and result",
+                                  labels=["reason", "result"])
+    for (reason, result), value in sorted(kernel.resyncs.items()):
+        resyncs.add_metric([reason, result], value)
     yield resyncs
+    events = CounterMetricFamily("tweed_kernel_events", "kernel notifications read, by what "
+                                 "they meant (drift: a resync follows; ignored: echoes of "
+                                 "tweed's own writes, entries of others)", labels=["result"])
+    for result, value in sorted(kernel.events.items()):
+        events.add_metric([result], value)
+    yield events
+    yield _counter("tweed_kernel_events_lost", "times the kernel dropped notifications "
+                   "(ENOBUFS) and a full re-read followed", kernel.lost)
     h = kernel.delay
     yield HistogramMetricFamily(
         "tweed_event_to_kernel_seconds", "from a batch of lease events reaching tweed to "

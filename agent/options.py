@@ -181,8 +181,13 @@ class Options:
     subnet_lease_ttl: int = value(
         _int_range(60, 10 * 86400), 86400,
         "tweed: lifetime of the etcd lease on our subnet, in seconds")
+    # Drift is repaired from kernel notifications; this full re-read is only the backstop
+    # (for what no notification reports), so it can be rare: at 5,000 vxlan peers each one
+    # reads 15,000 entries.
     resync_period: float = value(
-        _positive_float, 10.0, "tweed: seconds between checks that the kernel state is as desired")
+        _positive_float, 300.0,
+        "tweed: seconds between full re-reads of the kernel state (a backstop: changes are"
+        " repaired from kernel notifications)")
 
 
 def _flags() -> tuple[Flag, ...]:

@@ -3,8 +3,9 @@
 On the wire: nothing is added; container packets cross the underlay as they are, so every
 host must share one L2 segment. In the kernel: per peer lease with BackendType "host-gw",
 `route <peer subnet> via <peer PublicIP> dev <iface>` in the main table. The desired table
-is diffed against the kernel after every event batch and every `resync` seconds, so a
-route deleted by hand comes back within one period. Our lease says only
+is diffed against the kernel after every event batch, soon after a kernel notification
+shows one of our routes deleted or changed (so a route deleted by hand comes back within
+a fraction of a second), and every `resync` seconds as a backstop. Our lease says only
 `"BackendType":"host-gw"`.
 """
 
@@ -17,6 +18,7 @@ from agent.lease_codec import LeaseAttrs
 from backends.base import BackendContext
 from backends.external_iface import ExternalInterface
 from backends.kernel.diff import diff_routes
+from backends.kernel.monitor import Desired
 from backends.kernel.types import ChangeSet, Netlink, Route
 from backends.routed import RoutedNetwork
 
@@ -38,6 +40,8 @@ class HostGwNetwork(RoutedNetwork):
     async def _plan(self) -> ChangeSet:
         oif = self.ext.index
         desired = {s: Route(s, attrs.public_ip, oif) for s, attrs in self.peers.items()}
+        self.kernel.desired = Desired(desired, lambda r: self._owns(r, oif),
+                                      links={oif: self.ext.name})
         actual = await self.netlink.routes(oif=oif)
         diff = diff_routes(desired, actual, lambda r: self._owns(r, oif))
         return ChangeSet(route_replace=list(diff.replace),

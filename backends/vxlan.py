@@ -35,6 +35,7 @@ from agent.lease_codec import LeaseAttrs
 from backends.base import BackendContext, BackendError
 from backends.external_iface import ExternalInterface
 from backends.kernel.diff import diff_entries, diff_routes
+from backends.kernel.monitor import Desired
 from backends.kernel.types import ChangeSet, Fdb, Neigh, Netlink, Route, VxlanSpec
 from backends.options import opt_bool, opt_int
 from backends.routed import RoutedNetwork
@@ -192,6 +193,9 @@ class VxlanNetwork(RoutedNetwork):
         routes, neigh, fdb = desired_state(
             self.peers, self.dev_index, self.ext, self.opts.direct_routing
         )
+        self.kernel.desired = Desired(
+            routes, self._owned_route, self.dev_index, neigh, fdb,
+            {self.dev_index: self.dev_name, self.ext.index: self.ext.name})
         actual_routes = await self.netlink.routes(oif=self.dev_index)
         actual_routes += await self.netlink.routes(oif=self.ext.index)
         rdiff = diff_routes(routes, actual_routes, self._owned_route)

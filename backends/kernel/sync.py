@@ -1,13 +1,17 @@
-"""KernelSync: bring the kernel to a backend's desired state, now and every resync period.
+"""KernelSync: bring the kernel to a backend's desired state, now and whenever it drifts.
 
 A backend supplies `plan()`, which reads the kernel and returns the ChangeSet that makes it
-match the desired tables. KernelSync runs one plan/apply at a time (after each event batch
-and every `resync` seconds), logs each change it makes, logs each refused change once per
-distinct error, counts them, and says whether the last sync left the kernel as desired.
+match the desired tables (and leaves those tables in `desired`). KernelSync runs one
+plan/apply at a time: after each event batch; soon after a kernel notification says an
+entry of ours was deleted or changed (a KernelMonitor, debounced so that a burst is one
+sync); at once after notifications were lost (ENOBUFS); and, as a backstop, every `resync`
+seconds. It logs each change it makes, logs each refused change once per distinct error,
+counts them, and says whether the last sync left the kernel as desired.
 
-For metrics it also counts kernel operations by kind and result, periodic resyncs by
-outcome, and the delay from a batch of peer events reaching the agent (`expect`) to the
-first sync after it that left the kernel as desired.
+For metrics it also counts kernel operations by kind and result, resyncs by reason and
+outcome, notifications by what they meant, lost notifications, and the delay from a batch
+of peer events reaching the agent (`expect`) to the first sync after it that left the
+kernel as desired.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from agent.histogram import Histogram
+from backends.kernel.monitor import Desired, KernelEvent, drifted
 from backends.kernel.types import ChangeSet, Entry, KernelError, Neigh, Netlink, Route
 
 log = logging.getLogger(__name__)
@@ -31,6 +37,23 @@ DELAY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 MAX_PENDING = 1024
 KINDS = ("route", "neigh", "fdb")
 OPS = ("replace", "delete")
+#: Why a resync ran: the backstop period, a notification of drift, lost notifications.
+REASONS = ("period", "event", "lost")
+#: Seconds from the first notification of a burst to the sync that answers it: long enough
+#: for `ip -batch` or a flushed device to arrive as one burst, short against the 1 s goal.
+DEBOUNCE = 0.1
+
+
+class Monitor(Protocol):
+    """A source of kernel notifications (backends.kernel.monitor.KernelMonitor)."""
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+#: Builds a Monitor that calls (on_events, on_lost).
+MonitorFactory = Callable[[Callable[[list[KernelEvent]], None], Callable[[], None]], Monitor]
 
 
 _NOUNS = {"route": ("route", "routes"), "neigh": ("neighbour", "neighbours"),
@@ -63,20 +86,35 @@ class KernelSync:
 
     def __init__(
         self, netlink: Netlink, plan: Callable[[], Awaitable[ChangeSet]], resync: float,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic, debounce: float = DEBOUNCE,
     ) -> None:
         self.netlink = netlink
         self.plan = plan
         self.resync = resync
         self.clock = clock
+        self.debounce = debounce
+        #: The tables the last plan wanted; notifications are judged against them.
+        self.desired: Desired | None = None
+        #: Set by the daemon (`watch`); None: only the periodic backstop repairs drift.
+        self.monitor_factory: MonitorFactory | None = None
+        #: Notifications by what they meant: "drift" (a sync was asked for) or "ignored"
+        #: (echoes of our own writes, entries of others).
+        self.events: dict[str, int] = {"drift": 0, "ignored": 0}
+        #: Times the kernel dropped notifications (ENOBUFS) and a full re-read followed.
+        self.lost = 0
+        self._wake = asyncio.Event()
+        self._why: str | None = None
+        self._gone: set[int] = set()  # devices of ours seen deleted
         self.errors = 0
         self.repairs = 0
         #: (kind, op, result) -> count, e.g. ("route", "replace", "ok").
         self.ops: dict[tuple[str, str, str], int] = {
             (k, o, r): 0 for k in KINDS for o in OPS for r in ("ok", "error")}
-        #: Periodic resyncs by outcome: nothing to change, repaired, or failed (an error
+        #: Resyncs by (reason, outcome): nothing to change, repaired, or failed (an error
         #: reading the kernel, or a change it refused).
-        self.resyncs: dict[str, int] = {"clean": 0, "repaired": 0, "failed": 0}
+        self.resyncs: dict[tuple[str, str], int] = {
+            (reason, result): 0 for reason in REASONS
+            for result in ("clean", "repaired", "failed")}
         #: Seconds from a batch of peer events reaching the agent to the kernel programmed.
         self.delay = Histogram(DELAY_BUCKETS)
         self._pending: list[float] = []
@@ -150,17 +188,93 @@ class KernelSync:
                 self._reported.add((text, e.error))
                 log.error("cannot %s %s: %s", e.op, text, e.error)
 
-    async def run(self) -> None:
-        """Resync forever; a kernel state changed behind our back is put right."""
-        while True:
-            await asyncio.sleep(self.resync)
-            try:
-                changed = await self.sync()
-            except OSError as exc:
-                self.resyncs["failed"] += 1
-                log.error("resync failed: %s", exc)
+    def watch(self, factory: MonitorFactory) -> None:
+        """Repair from kernel notifications: `run` starts a monitor made by `factory`."""
+        self.monitor_factory = factory
+
+    def notify(self, events: list[KernelEvent]) -> None:
+        """Kernel notifications: ask for a sync soon if one says we drifted."""
+        want = self.desired
+        drift = 0
+        for ev in events:
+            if want is None:
+                break
+            if ev.link is not None and ev.op == "del" and ev.link[0] in want.links:
+                index, name = ev.link
+                if index not in self._gone:
+                    self._gone.add(index)
+                    log.warning("device %s (index %d) was deleted; its entries cannot be "
+                                "programmed until it exists again", name, index)
                 continue
-            if changed:
-                self.repairs += 1
-                log.info("resync repaired the kernel state")
-            self.resyncs["clean" if not changed else "repaired" if self._ok else "failed"] += 1
+            if drifted(ev, want):
+                drift += 1
+        self.events["drift"] += drift
+        self.events["ignored"] += len(events) - drift
+        if drift:
+            log.debug("kernel notifications: %d of %d show drift", drift, len(events))
+            if self._why is None:
+                self._why = "event"
+            self._wake.set()
+
+    def overflow(self) -> None:
+        """The kernel dropped notifications: re-read everything at once."""
+        self.lost += 1
+        log.warning("kernel notifications were lost (ENOBUFS: the receive buffer "
+                    "overflowed); re-reading the kernel state")
+        self._why = "lost"
+        self._wake.set()
+
+    def _start_monitor(self) -> Monitor | None:
+        if self.monitor_factory is None:
+            return None
+        monitor = self.monitor_factory(self.notify, self.overflow)
+        try:
+            monitor.start()
+        except OSError as exc:
+            log.error("cannot watch kernel notifications (%s); drift is repaired only "
+                      "every %g s", exc, self.resync)
+            return None
+        return monitor
+
+    async def run(self) -> None:
+        """Resync forever: soon after a notification shows drift, at once after lost
+        notifications, and every `resync` seconds; a kernel state changed behind our back
+        is put right."""
+        monitor = self._start_monitor()
+        try:
+            while True:
+                reason = "period"
+                try:
+                    async with asyncio.timeout(self.resync):
+                        await self._wake.wait()
+                    reason = self._why or "event"
+                    if reason == "event":
+                        await asyncio.sleep(self.debounce)  # the rest of the burst
+                    reason = self._why or reason
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+                self._why = None
+                want = self.desired
+                if (reason == "event" and want is not None
+                        and self._gone.intersection(want.links)):
+                    continue  # our device is gone: nothing can be put right (logged)
+                await self._resync(reason)
+        finally:
+            if monitor is not None:
+                monitor.close()
+
+    async def _resync(self, reason: str) -> None:
+        try:
+            changed = await self.sync()
+        except OSError as exc:
+            self.resyncs[(reason, "failed")] += 1
+            log.error("resync failed: %s", exc)
+            return
+        if changed:
+            self.repairs += 1
+            log.info("resync (%s) repaired the kernel state", {
+                "period": "periodic", "event": "after a kernel notification",
+                "lost": "after lost notifications"}[reason])
+        result = "clean" if not changed else "repaired" if self._ok else "failed"
+        self.resyncs[(reason, result)] += 1

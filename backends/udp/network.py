@@ -38,6 +38,7 @@ from agent.lease_codec import LeaseAttrs
 from backends.base import BackendContext, BackendError
 from backends.external_iface import ExternalInterface
 from backends.kernel.diff import diff_routes
+from backends.kernel.monitor import Desired
 from backends.kernel.sync import KernelSync
 from backends.kernel.types import ChangeSet, Netlink, Route
 from backends.options import opt_bool, opt_int, opt_str
@@ -176,8 +177,14 @@ class UdpNetwork:
         if not self.tun_index or net is None:
             return ChangeSet()
         desired = {net: Route(net, None, self.tun_index)}
-        actual = await self.netlink.routes(oif=self.tun_index)
-        diff = diff_routes(desired, actual, lambda r: r.gateway is None and r.dst == net)
+        index = self.tun_index
+
+        def owned(r: Route) -> bool:
+            return r.gateway is None and r.dst == net and r.oif == index
+
+        self.kernel.desired = Desired(desired, owned, links={index: DEVICE})
+        actual = await self.netlink.routes(oif=index)
+        diff = diff_routes(desired, actual, owned)
         return ChangeSet(route_replace=list(diff.replace), route_delete=list(diff.delete))
 
     async def apply(self, events: list[PeerEvent]) -> None:

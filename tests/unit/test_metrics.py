@@ -125,7 +125,7 @@ async def test_peer_events_count_kernel_operations_and_the_event_to_kernel_delay
 async def test_a_refused_change_is_an_error_and_its_delay_waits_for_the_repair(
     rig: DaemonRig,
 ) -> None:
-    await rig.serve_ready()  # resync every 10 s: not within this test
+    await rig.serve_ready()  # resync every 300 s: not within this test
     d = rig.daemon
     rig.fake.fail = lambda op, item: "EPERM" if op == "replace" else None
     await rig.reg.put("10.5.8.0-24", peer_value(8), ttl=600)
@@ -155,7 +155,7 @@ async def test_periodic_resyncs_are_counted_by_result(tmp_path: Path) -> None:
         d = rig.daemon
         assert d.network is not None
         resyncs = d.network.kernel.resyncs
-        await rig.until(lambda: resyncs["clean"] >= 2, "clean resyncs")
+        await rig.until(lambda: resyncs[("period", "clean")] >= 2, "clean resyncs")
         # A route deleted behind our back is put back by the resync: a repair.
         await rig.reg.put("10.5.9.0-24", peer_value(9), ttl=600)
         peer = ipaddress.IPv4Network("10.5.9.0/24")
@@ -165,9 +165,13 @@ async def test_periodic_resyncs_are_counted_by_result(tmp_path: Path) -> None:
         m = scrape(d)
     finally:
         await rig.stop()
-    assert m['tweed_kernel_resyncs_total{result="repaired"}'] == 1
-    assert m['tweed_kernel_resyncs_total{result="clean"}'] >= 2
-    assert m['tweed_kernel_resyncs_total{result="failed"}'] == 0
+    assert m['tweed_kernel_resyncs_total{reason="period",result="repaired"}'] == 1
+    assert m['tweed_kernel_resyncs_total{reason="period",result="clean"}'] >= 2
+    assert m['tweed_kernel_resyncs_total{reason="period",result="failed"}'] == 0
+    # No kernel monitor in this rig: nothing else ran, nothing was read or lost.
+    assert m['tweed_kernel_resyncs_total{reason="event",result="repaired"}'] == 0
+    assert m['tweed_kernel_events_total{result="drift"}'] == 0
+    assert m["tweed_kernel_events_lost_total"] == 0
 
 
 async def test_renewals_by_result_and_a_lost_lease(tmp_path: Path) -> None:

@@ -1,0 +1,282 @@
+"""KernelMonitor: the kernel's route, neighbour, FDB and link notifications, on the event loop.
+
+One NETLINK_ROUTE socket bound to the IPv4 route, neighbour (which also carries the bridge
+FDB, family AF_BRIDGE) and link multicast groups, read with `loop.add_reader` (pyroute2's
+asyncio socket does not run on uvloop, and a thread blocked in recv would do the same work
+with a thread switch per wake-up). Only the netlink header and the few attributes tweed
+compares are parsed (`parse`, pure), into the same Route/Neigh/Fdb values the backends
+desire, so that `drifted(event, desired)` can tell an echo of our own write (it matches the
+desired state) from a change made behind our back.
+
+A full receive buffer makes the kernel drop notifications and report ENOBUFS on the next
+read (flannel issue #1718): after that nothing said here can be trusted, and the owner is
+told (`on_lost`) so that it re-reads the kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from backends.kernel.types import Fdb, Neigh, Route
+
+log = logging.getLogger(__name__)
+
+# Multicast group bits for bind() (the legacy RTMGRP_* masks).
+RTMGRP_LINK = 0x1
+RTMGRP_NEIGH = 0x4
+RTMGRP_IPV4_ROUTE = 0x40
+GROUPS = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE
+
+RTM_NEWLINK, RTM_DELLINK = 16, 17
+RTM_NEWROUTE, RTM_DELROUTE = 24, 25
+RTM_NEWNEIGH, RTM_DELNEIGH = 28, 29
+NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+# family, dst_len, src_len, tos, table, protocol, scope, type, flags
+RTMSG = struct.Struct("=BBBBBBBBI")
+NDMSG = struct.Struct("=BxxxiHBB")  # family, ifindex, state, flags, type
+IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
+RTA = struct.Struct("=HH")  # len, type
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
+NDA_DST, NDA_LLADDR = 1, 2
+IFLA_IFNAME = 3
+RT_TABLE_MAIN = 254
+RTN_UNICAST = 1
+RTNH_F_ONLINK = 4
+NUD_PERMANENT = 0x80
+AF_BRIDGE = 7
+
+#: Receive buffer asked for (SO_RCVBUFFORCE as root): a cold start writes 3 entries per
+#: vxlan peer and each echo costs the buffer about 1 KiB, so a small buffer would overflow
+#: (and cost a full re-read) on every start of a large cluster.
+RCVBUF = 16 * 1024 * 1024
+#: Test-only: a tiny receive buffer, to force an overflow in the lab.
+RCVBUF_ENV = "TWEED_TEST_MONITOR_RCVBUF"
+#: Datagrams read per wake-up, so that a flood cannot hold the event loop.
+READS_PER_WAKEUP = 256
+SO_RCVBUFFORCE = 33
+
+
+@dataclass(frozen=True, slots=True)
+class KernelEvent:
+    """One notification: a route, neighbour or FDB entry (`entry`) or a link (`link`, as
+    (index, name)) was added/changed (`op` "new") or deleted ("del")."""
+
+    op: str
+    entry: Route | Neigh | Fdb | None = None
+    link: tuple[int, str] | None = None
+    #: Neighbours: whether the entry is NUD_PERMANENT (the only kind tweed writes).
+    permanent: bool = True
+
+
+def _attrs(buf: bytes, off: int, end: int) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    while off + 4 <= end:
+        length, kind = RTA.unpack_from(buf, off)
+        if length < 4:
+            break
+        out[kind & 0x3FFF] = buf[off + 4: off + length]  # without NLA_F_NESTED & co
+        off += (length + 3) & ~3
+    return out
+
+
+def _mac(raw: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+def _route(buf: bytes, off: int, end: int) -> Route | None:
+    _fam, dst_len, _s, _t, table, _p, _sc, rtype, flags = RTMSG.unpack_from(buf, off)
+    a = _attrs(buf, off + RTMSG.size, end)
+    if RTA_TABLE in a:
+        table = struct.unpack("=I", a[RTA_TABLE][:4])[0]
+    if table != RT_TABLE_MAIN or rtype != RTN_UNICAST:
+        return None
+    dst = ipaddress.IPv4Address(a.get(RTA_DST, b"\0\0\0\0")[:4])
+    gw = a.get(RTA_GATEWAY)
+    oif = struct.unpack("=i", a[RTA_OIF][:4])[0] if RTA_OIF in a else 0
+    return Route(ipaddress.IPv4Network(f"{dst}/{dst_len}"),
+                 ipaddress.IPv4Address(gw[:4]) if gw and len(gw) >= 4 else None,
+                 oif, bool(flags & RTNH_F_ONLINK))
+
+
+def _neigh(buf: bytes, off: int, end: int, op: str) -> KernelEvent | None:
+    family, index, state, _flags, _type = NDMSG.unpack_from(buf, off)
+    a = _attrs(buf, off + NDMSG.size, end)
+    dst, mac = a.get(NDA_DST), a.get(NDA_LLADDR)
+    if family == socket.AF_INET:
+        if dst is None or len(dst) != 4:
+            return None
+        # A neighbour in FAILED/INCOMPLETE state has no address: "" never equals ours.
+        entry: Neigh | Fdb = Neigh(ipaddress.IPv4Address(dst), _mac(mac or b""), index)
+        return KernelEvent(op, entry, permanent=bool(state & NUD_PERMANENT))
+    if family == AF_BRIDGE:
+        if dst is None or len(dst) != 4 or mac is None:
+            return None  # an entry without an IPv4 VTEP is none of ours
+        entry = Fdb(_mac(mac), ipaddress.IPv4Address(dst), index)
+        return KernelEvent(op, entry, permanent=bool(state & NUD_PERMANENT))
+    return None
+
+
+def _link(buf: bytes, off: int, end: int, op: str) -> KernelEvent:
+    _fam, _type, index, _flags, _change = IFINFOMSG.unpack_from(buf, off)
+    name = _attrs(buf, off + IFINFOMSG.size, end).get(IFLA_IFNAME, b"").split(b"\0")[0]
+    return KernelEvent(op, link=(index, name.decode(errors="replace")))
+
+
+def parse(buf: bytes) -> list[KernelEvent]:
+    """The events in one datagram of notifications; what tweed never writes (other tables,
+    other families, non-unicast routes) is left out, and a truncated message ends it."""
+    out: list[KernelEvent] = []
+    off, size = 0, len(buf)
+    while off + NLMSG_HDR.size <= size:
+        length, kind, _flags, _seq, _pid = NLMSG_HDR.unpack_from(buf, off)
+        if length < NLMSG_HDR.size or off + length > size:
+            break
+        body, end = off + NLMSG_HDR.size, off + length
+        try:
+            if kind in (RTM_NEWROUTE, RTM_DELROUTE) and end - body >= RTMSG.size:
+                route = _route(buf, body, end)
+                if route is not None:
+                    out.append(KernelEvent("new" if kind == RTM_NEWROUTE else "del", route))
+            elif kind in (RTM_NEWNEIGH, RTM_DELNEIGH) and end - body >= NDMSG.size:
+                ev = _neigh(buf, body, end, "new" if kind == RTM_NEWNEIGH else "del")
+                if ev is not None:
+                    out.append(ev)
+            elif kind in (RTM_NEWLINK, RTM_DELLINK) and end - body >= IFINFOMSG.size:
+                out.append(_link(buf, body, end, "new" if kind == RTM_NEWLINK else "del"))
+        except (struct.error, ValueError):
+            pass  # a malformed message says nothing we could act on; the next one may
+        off += (length + 3) & ~3
+    return out
+
+
+@dataclass
+class Desired:
+    """What a backend wants the kernel to hold, as its last plan computed it; what
+    `drifted` compares notifications against."""
+
+    routes: Mapping[ipaddress.IPv4Network, Route] = field(default_factory=dict)
+    #: Routes the backend would delete when it does not desire them (owned).
+    route_owned: Callable[[Route], bool] = lambda r: False
+    #: The device whose permanent neighbours and FDB entries are all ours (0: none).
+    neigh_index: int = 0
+    neigh: Mapping[ipaddress.IPv4Address, Neigh] = field(default_factory=dict)
+    fdb: Mapping[str, Fdb] = field(default_factory=dict)
+    #: The devices tweed uses, index -> name.
+    links: Mapping[int, str] = field(default_factory=dict)
+
+
+def drifted(ev: KernelEvent, want: Desired) -> bool:
+    """Whether `ev` may have left the kernel other than `want`: an entry we want was
+    deleted or changed, or one we would delete appeared. Echoes of our own writes (the
+    entry as desired, or the deletion of one we no longer want) are not."""
+    e = ev.entry
+    if isinstance(e, Route):
+        desired = want.routes.get(e.dst)
+        if ev.op == "del":
+            return desired is not None and desired == e
+        return e != desired and (desired is not None or want.route_owned(e))
+    if isinstance(e, Neigh):
+        if e.index != want.neigh_index or not want.neigh_index:
+            return False
+        n = want.neigh.get(e.ip)
+        if ev.op == "del":
+            return n is not None
+        if n is None:
+            return ev.permanent  # a permanent neighbour we would remove
+        return not ev.permanent or e != n
+    if isinstance(e, Fdb):
+        if e.index != want.neigh_index or not want.neigh_index:
+            return False
+        f = want.fdb.get(e.mac)
+        if ev.op == "del":
+            return f is not None and f.dst == e.dst
+        return e != f
+    if ev.link is not None:
+        return ev.link[0] in want.links
+    return False
+
+
+class KernelMonitor:
+    """The notification socket on the running loop; calls `on_events` with each wake-up's
+    events and `on_lost` when the kernel dropped some (ENOBUFS)."""
+
+    def __init__(
+        self,
+        on_events: Callable[[list[KernelEvent]], None],
+        on_lost: Callable[[], None],
+        *,
+        rcvbuf: int | None = None,
+        sock: socket.socket | None = None,
+    ) -> None:
+        self.on_events = on_events
+        self.on_lost = on_lost
+        self._sock = sock
+        self._rcvbuf = rcvbuf
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._buf = bytearray(256 * 1024)
+
+    @staticmethod
+    def open_socket(rcvbuf: int | None = None) -> socket.socket:
+        """The bound, non-blocking NETLINK_ROUTE socket with the groups tweed watches."""
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        try:
+            test_size = os.environ.get(RCVBUF_ENV)
+            if test_size:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, int(test_size))
+            else:
+                size = rcvbuf or RCVBUF
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+                except OSError:  # not root: as much as net.core.rmem_max allows
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+            sock.bind((0, GROUPS))
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def start(self) -> None:
+        """Open the socket (unless given one) and read it on the running loop."""
+        if self._sock is None:
+            self._sock = self.open_socket(self._rcvbuf)
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        assert self._sock is not None
+        events: list[KernelEvent] = []
+        lost = False
+        view = memoryview(self._buf)
+        for _ in range(READS_PER_WAKEUP):
+            try:
+                n = self._sock.recv_into(self._buf)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    lost = True  # the socket goes on; what was dropped is gone
+                    continue
+                log.error("kernel notifications: %s", exc)
+                break
+            events.extend(parse(bytes(view[:n])))
+        if events:
+            self.on_events(events)
+        if lost:
+            self.on_lost()
+
+    def close(self) -> None:
+        if self._sock is None:
+            return
+        if self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+        self._sock = None
