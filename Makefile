@@ -68,7 +68,7 @@ bench: setup $(BENCH_STAMP)
 # the same run (a command, not a test). SCALE_SIZES="1000 5000" for a quick run (default
 # 1000 5000 10000 20000), SCALE_BACKENDS="vxlan host-gw udp"; tests/bench_scale.py says more.
 bench-scale: setup $(BENCH_STAMP)
-	SCALE_JSON=$(CURDIR)/bench-scale.json SCALE_PLOT=$(CURDIR)/docs/benchmarks-scale.svg \
+	SCALE_JSON=$(CURDIR)/docs/benchmarks-scale.json SCALE_PLOT=$(CURDIR)/docs/benchmarks-scale.svg \
 	  $(PY) -m tests.bench_scale
 
 # A long run under churn (a command, not a test): iperf3 and ping across a three-host lab
