@@ -363,11 +363,15 @@ class LeaseManager:
                     self.counters.relists += 1
                     events = self._apply_snapshot(snap.records)
                     next_rev = snap.revision + 1
+                    # This frame lives as long as the watch: keeping the listing (every
+                    # value as bytes, ~300 bytes a peer) would hold it until the next one.
+                    del snap
                     self.etcd_reachable = True
                     outage.ok()
                     backoff.reset()
                     if events:
                         await on_batch(events)
+                    del events  # one PeerEvent per peer, as for the listing above
                     if on_listed is not None:
                         await on_listed()
                 async for batch in self.registry.watch_subnets(next_rev):
