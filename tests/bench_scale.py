@@ -483,23 +483,32 @@ def fmt(x: float, spec: str = ".2f") -> str:
     return "-" if x != x else format(x, spec)  # NaN: not measured
 
 
-def table(results: list[Result], base: dict[str, Result]) -> str:
+def table(results: list[Result], base: dict[str, Result], idle_seconds: float) -> str:
     head = ("| backend | peers | start s | ip -batch s | x ref | CPU s | RSS MB | KB/peer"
             " above 1 peer | idle CPU s / 30 s | churn p50 ms | churn p99 ms | kernel = etcd"
-            " | Gbit/s |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+            " | RSS after churn MB | Gbit/s |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in results:
         b = base.get(r.backend)
         per = ((r.rss_kib - b.rss_kib) * 1.024 / max(r.peers - 1, 1)
                if b is not None and r.rss_kib else float("nan"))
-        idle = r.idle_cpu_s * 30 / IDLE_SECONDS if IDLE_SECONDS else float("nan")
+        idle = r.idle_cpu_s * 30 / idle_seconds if idle_seconds else float("nan")
         lines.append(
             f"| {r.backend} | {r.peers} | {fmt(r.start_s)} | {fmt(r.ref_s)} | {fmt(r.ratio, '.1f')}"
             f" | {fmt(r.cpu_s)} | {r.rss_kib / 1024:.1f} | {fmt(per, '.2f')} | {fmt(idle)}"
             f" | {fmt(r.churn_p50_ms, '.1f')} | {fmt(r.churn_p99_ms, '.1f')}"
             f" | {'-' if r.kernel_equals_etcd is None else r.kernel_equals_etcd}"
-            f" | {fmt(r.gbps)} |")
+            f" | {r.rss_after_churn_kib / 1024:.1f} | {fmt(r.gbps)} |")
     return "\n".join(lines)
+
+
+def table_from(doc: dict[str, Any]) -> str:
+    """The markdown table of a saved JSON (python -m tests.bench_scale table FILE)."""
+    fields = set(Result.__dataclass_fields__)
+    results = [Result(**{k: v for k, v in r.items() if k in fields}) for r in doc["results"]]
+    base = {b: Result(**{k: v for k, v in r.items() if k in fields})
+            for b, r in doc["one_peer"].items()}
+    return table(results, base, doc["idle_seconds"])
 
 
 def main() -> int:
@@ -522,7 +531,7 @@ def main() -> int:
             print(f"{backend} {n}: {json.dumps(asdict(r))}", flush=True)
     print(f"\nidle over {IDLE_SECONDS:g} s (shown per 30 s); churn {CHURN_RATE:g}/s for "
           f"{CHURN_SECONDS:g} s; udp Gbit/s with N peers (one peer: {fmt(one_peer_gbps)})")
-    print(table(results, base))
+    print(table(results, base, IDLE_SECONDS))
     out = Path(os.environ.get("SCALE_JSON", "bench-scale.json"))
     out.write_text(json.dumps({
         "sizes": SIZES, "idle_seconds": IDLE_SECONDS, "churn_seconds": CHURN_SECONDS,
@@ -547,5 +556,7 @@ if __name__ == "__main__":
     elif len(sys.argv) > 1 and sys.argv[1] == "churn":
         asyncio.run(churn(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]),
                           float(sys.argv[6])))
+    elif len(sys.argv) > 2 and sys.argv[1] == "table":
+        print(table_from(json.loads(Path(sys.argv[2]).read_text())))
     else:
         sys.exit(main())
