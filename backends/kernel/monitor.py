@@ -266,12 +266,23 @@ class KernelMonitor:
                     lost = True  # the socket goes on; what was dropped is gone
                     continue
                 log.error("kernel notifications: %s", exc)
+                lost = True  # what it cost us is unknown: treat it as a loss
                 break
             events.extend(parse(bytes(view[:n])))
+        if lost:
+            self._rearm()
         if events:
             self.on_events(events)
         if lost:
             self.on_lost()
+
+    def _rearm(self) -> None:
+        # libuv (uvloop) stops polling an fd that reported POLLERR, which is how the
+        # kernel signals the overflow: without a fresh reader we would hear nothing more.
+        assert self._loop is not None and self._sock is not None
+        fd = self._sock.fileno()
+        self._loop.remove_reader(fd)
+        self._loop.add_reader(fd, self._readable)
 
     def close(self) -> None:
         if self._sock is None:

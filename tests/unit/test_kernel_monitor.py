@@ -170,29 +170,49 @@ async def test_monitor_reads_datagrams_on_the_loop() -> None:
 
 
 class OverflowingSocket:
-    """recv_into: one datagram, then ENOBUFS (the kernel dropped some), one more, EAGAIN."""
+    """A datagram socket whose first reads are scripted: datagrams, or OSError(ENOBUFS) as
+    the kernel reports dropped notifications; then the real socket."""
 
-    def __init__(self, datagrams: list[bytes | OSError]) -> None:
-        self.datagrams = datagrams
+    def __init__(self, real: socket.socket, script: list[bytes | OSError]) -> None:
+        self.real, self.script = real, script
+
+    def fileno(self) -> int:
+        return self.real.fileno()
 
     def recv_into(self, buf: bytearray) -> int:
-        if not self.datagrams:
-            raise BlockingIOError
-        item = self.datagrams.pop(0)
+        if not self.script:
+            return self.real.recv_into(buf)
+        item = self.script.pop(0)
         if isinstance(item, OSError):
             raise item
         buf[: len(item)] = item
         return len(item)
 
+    def close(self) -> None:
+        self.real.close()
 
-def test_enobufs_is_reported_once_per_wakeup_and_reading_goes_on() -> None:
+
+async def test_enobufs_is_reported_and_reading_goes_on() -> None:
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ours.setblocking(False)
     events: list[KernelEvent] = []
     lost: list[bool] = []
-    sock: Any = OverflowingSocket([link_msg(16, 4, "flannel.1"), OSError(errno.ENOBUFS, "x"),
-                                   link_msg(17, 4, "flannel.1")])
+    sock: Any = OverflowingSocket(ours, [link_msg(16, 4, "flannel.1"),
+                                         OSError(errno.ENOBUFS, "No buffer space"),
+                                         link_msg(17, 4, "flannel.1")])
     monitor = KernelMonitor(events.extend, lambda: lost.append(True), sock=sock)
-    monitor._readable()
-    assert [e.op for e in events] == ["new", "del"] and lost == [True]
+    monitor.start()
+    try:
+        kernel.send(b"")  # wakes the reader: the script, then this empty datagram
+        await until(lambda: lost, 5.0, what="the loss reported")
+        assert [e.op for e in events] == ["new", "del"] and lost == [True]
+        # The reader was armed again (uvloop drops an fd that reported an error).
+        kernel.send(route_msg(25, "10.5.3.0", 24, 4, "10.5.3.0", True))
+        await until(lambda: len(events) == 3, 5.0, what="a notification after the loss")
+        assert events[-1] == KernelEvent("del", ROUTE) and lost == [True]
+    finally:
+        monitor.close()
+        kernel.close()
 
 
 # -- KernelSync's reaction -----------------------------------------------------------------
