@@ -23,6 +23,7 @@ from typing import Any
 
 import matplotlib
 from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 matplotlib.rcParams["svg.fonttype"] = "none"
 matplotlib.rcParams["svg.hashsalt"] = "tweed"  # stable ids: a re-run diffs only on data
@@ -82,12 +83,16 @@ def plot_scale(doc: dict[str, Any], dst: Path) -> None:
         if one:
             m_ax.axhline(one["rss_kib"] / 1024, color=colour, ls=":", alpha=0.6,
                          label=f"{b}, one peer")
-    t_ax.set_xscale("log")
+    sizes = sorted({r["peers"] for r in rows})
+    for ax in (t_ax, m_ax):
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(sizes))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+        ax.xaxis.set_minor_locator(NullLocator())
     t_ax.set_yscale("log")
     t_ax.set_title("start until every peer is in the kernel", fontsize=10, loc="left")
     t_ax.set_xlabel("peers")
     t_ax.set_ylabel("seconds")
-    m_ax.set_xscale("log")
     m_ax.set_title("agent RSS once programmed", fontsize=10, loc="left")
     m_ax.set_xlabel("peers")
     m_ax.set_ylabel("MB")
