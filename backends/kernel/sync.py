@@ -105,6 +105,9 @@ class KernelSync:
         self._wake = asyncio.Event()
         self._why: str | None = None
         self._gone: set[int] = set()  # devices of ours seen deleted
+        #: The last ChangeSet applied, and its entries as sets once an echo needed them.
+        self._written: ChangeSet | None = None
+        self._echoes: tuple[ChangeSet, set[object], set[object]] | None = None
         self.errors = 0
         self.repairs = 0
         #: (kind, op, result) -> count, e.g. ("route", "replace", "ok").
@@ -161,6 +164,7 @@ class KernelSync:
             except BaseException:
                 self._settle(pending, False)
                 raise
+            self._written = cs
             failed = {id(e.item) for e in errors}
             done = {(what, op): 0 for what in KINDS for op in OPS}
             debug = log.isEnabledFor(logging.DEBUG)
@@ -206,7 +210,7 @@ class KernelSync:
                     log.warning("device %s (index %d) was deleted; its entries cannot be "
                                 "programmed until it exists again", name, index)
                 continue
-            if drifted(ev, want):
+            if drifted(ev, want) and not self._echo(ev):
                 drift += 1
         self.events["drift"] += drift
         self.events["ignored"] += len(events) - drift
@@ -215,6 +219,25 @@ class KernelSync:
             if self._why is None:
                 self._why = "event"
             self._wake.set()
+
+    def _echo(self, ev: KernelEvent) -> bool:
+        """Whether `ev` reports what the last apply wrote: an echo read only after a later
+        plan changed the desired tables (a peer that changed again meanwhile), which would
+        otherwise cost one needless full re-read."""
+        cs = self._written
+        if cs is None or ev.entry is None:
+            return False
+        if self._echoes is None or self._echoes[0] is not cs:
+            made: set[object] = {*cs.route_replace, *cs.neigh_replace, *cs.fdb_replace}
+            # A deleted neighbour is reported without its address: keyed by (IP, device).
+            gone: set[object] = {*cs.route_delete, *cs.fdb_delete,
+                                 *((n.ip, n.index) for n in cs.neigh_delete)}
+            self._echoes = (cs, made, gone)
+        _, made, gone = self._echoes
+        e = ev.entry
+        if ev.op == "new":
+            return ev.permanent and e in made
+        return ((e.ip, e.index) if isinstance(e, Neigh) else e) in gone
 
     def overflow(self) -> None:
         """The kernel dropped notifications: re-read everything at once."""

@@ -320,6 +320,21 @@ async def test_echoes_of_our_own_writes_start_no_sync() -> None:
         assert sum(rig.kernel.resyncs.values()) == 0
 
 
+async def test_an_echo_read_after_a_later_plan_starts_no_sync() -> None:
+    async with Rig() as rig:
+        await rig.network.apply([peer(8)])  # written: via(8)
+        # A later plan no longer wants it (the peer left at once), before its echo is read.
+        want = rig.kernel.desired
+        assert want is not None
+        rig.kernel.desired = Desired({k: v for k, v in want.routes.items() if k != via(8).dst},
+                                     want.route_owned, links=want.links)
+        rig.monitor.on_events([KernelEvent("new", via(8))])
+        # A route of that shape we did not write is drift all the same.
+        rig.monitor.on_events([KernelEvent("new", Route(via(8).dst, IP("192.168.100.88"), 2))])
+        await rig.until(lambda: rig.kernel.events["drift"] == 1, "one drift")
+        assert rig.kernel.events["ignored"] == 1
+
+
 async def test_a_changed_route_is_put_back() -> None:
     async with Rig() as rig:
         changed = Route(via(5).dst, IP("192.168.100.99"), 2)
