@@ -11,7 +11,9 @@ gateway on the underlay, udp ones only a PublicIP); then one tweed starts and we
 - the CPU it spends in SCALE_IDLE_SECONDS (30) with nothing changing;
 - churn: SCALE_CHURN_RATE (100) lease changes per second (joins, leaves, PublicIP
   changes) for SCALE_CHURN_SECONDS (60): p50/p99 of tweed_event_to_kernel_seconds over
-  the churn, and whether the kernel equals etcd afterwards;
+  the churn (it starts when the watch hands a batch over, so it misses changes queued
+  before that: how many the agent had not yet received when the churn ended is shown
+  too), and the time until the kernel equals etcd afterwards (SCALE_CATCHUP_TIMEOUT, 180);
 - for udp, TCP throughput container to container (iperf3, as tests/bench.py) with N peers
   known vs in a lab with a single peer.
 Each size also runs with one peer (start only) for the RSS per peer above it. The
@@ -56,6 +58,7 @@ IDLE_SECONDS = float(os.environ.get("SCALE_IDLE_SECONDS", "30"))
 CHURN_SECONDS = float(os.environ.get("SCALE_CHURN_SECONDS", "60"))
 CHURN_RATE = float(os.environ.get("SCALE_CHURN_RATE", "100"))
 START_TIMEOUT = float(os.environ.get("SCALE_START_TIMEOUT", "600"))
+CATCHUP_TIMEOUT = float(os.environ.get("SCALE_CATCHUP_TIMEOUT", "180"))
 
 
 # -- the peers ------------------------------------------------------------------------
@@ -238,6 +241,10 @@ def quantile(q: float, before: list[tuple[float, float]],
     return float("nan")
 
 
+def watch_events(m: dict[str, float]) -> float:
+    return sum(v for k, v in m.items() if k.startswith("tweed_watch_events_total{"))
+
+
 def kernel_counts(host: Any, backend: str) -> tuple[int, ...]:
     if backend == "vxlan":
         dev = f"flannel.{VNI}"
@@ -288,7 +295,8 @@ class Result:
     churn_changes: int = 0
     churn_p50_ms: float = float("nan")
     churn_p99_ms: float = float("nan")
-    churn_converged_s: float = float("nan")
+    churn_converged_s: float = float("nan")  # churn end until kernel == etcd
+    churn_backlog: int = -1  # changes the agent's watch had not yet received at churn end
     kernel_equals_etcd: bool | None = None
     rss_after_churn_kib: int = 0
     gbps: float = float("nan")
@@ -374,24 +382,31 @@ def run_one(backend: str, n: int, full: bool) -> Result:
 def churn_phase(res: Result, lab: Any, etcd: Any, host: Any, pid: int) -> None:
     if CHURN_SECONDS <= 0:
         return
-    before = buckets(metrics(host))
+    m0 = metrics(host)
+    before = buckets(m0)
     out = lab.underlay_ns.exec(
         [sys.executable, "-m", "tests.bench_scale", "churn", etcd.client_url, res.backend,
          str(res.peers), str(CHURN_RATE), str(CHURN_SECONDS)],
         timeout=CHURN_SECONDS + 600).stdout
     end = time.monotonic()
+    # The histogram starts when the watch hands a batch over; changes still queued before
+    # that (the agent behind etcd) show here instead.
+    got = watch_events(metrics(host)) - watch_events(m0)
     doc = json.loads(out.strip().splitlines()[-1])
     res.churn_changes = doc["changes"]
+    res.churn_backlog = int(res.churn_changes - got)
     peers = {int(k): v for k, v in doc["peers"].items()}
     want = desired(res.backend, peers)
     if res.backend == "udp":
         def same() -> bool:
             m = metrics(host)
-            return sum(v for k, v in m.items() if k.startswith("tweed_peers{")) == len(peers)
+            return (watch_events(m) - watch_events(m0) >= res.churn_changes
+                    and sum(v for k, v in m.items() if k.startswith("tweed_peers{"))
+                    == len(peers))
     else:
         def same() -> bool:
             return kernel_state(host, res.backend) == want
-    res.kernel_equals_etcd = wait(same, 60, step=0.5)
+    res.kernel_equals_etcd = wait(same, CATCHUP_TIMEOUT, step=0.5)
     res.churn_converged_s = time.monotonic() - end
     if not res.kernel_equals_etcd and res.backend != "udp":
         have = kernel_state(host, res.backend)
@@ -487,8 +502,9 @@ def table(results: list[Result], base: dict[str, Result], idle_seconds: float) -
     head = ("| backend | peers | start s | ip -batch s | x ref | x ref above 1 peer | CPU s"
             " | RSS MB | KB/peer"
             " above 1 peer | idle CPU s / 30 s | churn p50 ms | churn p99 ms | kernel = etcd"
-            " | RSS after churn MB | Gbit/s |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+            " | behind at churn end | caught up s | RSS after churn MB | Gbit/s |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
+             "---:|"]
     for r in results:
         b = base.get(r.backend)
         per = ((r.rss_kib - b.rss_kib) * 1.024 / max(r.peers - 1, 1)
@@ -502,6 +518,8 @@ def table(results: list[Result], base: dict[str, Result], idle_seconds: float) -
             f" | {fmt(per, '.2f')} | {fmt(idle)}"
             f" | {fmt(r.churn_p50_ms, '.1f')} | {fmt(r.churn_p99_ms, '.1f')}"
             f" | {'-' if r.kernel_equals_etcd is None else r.kernel_equals_etcd}"
+            f" | {r.churn_backlog if r.churn_backlog >= 0 else '-'}"
+            f" | {fmt(r.churn_converged_s, '.1f')}"
             f" | {r.rss_after_churn_kib / 1024:.1f} | {fmt(r.gbps)} |")
     return "\n".join(lines)
 
