@@ -476,6 +476,42 @@ async def test_peer_outside_network_is_skipped() -> None:
     assert got.events() == [("added", "10.5.3.0/24", "192.168.100.3")]
 
 
+async def test_changes_arriving_while_a_batch_is_applied_go_over_together() -> None:
+    """A slow on_batch (the kernel being programmed) does not make the watch fall one
+    response behind per change: what arrived meanwhile is the next batch, in order."""
+    reg = MemoryRegistry()
+    m = manager(reg)
+    await asyncio.wait_for(m.acquire(), TIMEOUT)
+    batches: list[list[PeerEvent]] = []
+    release = asyncio.Event()
+
+    async def slow(batch: list[PeerEvent]) -> None:
+        batches.append(batch)
+        if len(batches) == 1:
+            await release.wait()
+
+    async with background(m.watch(slow)):
+        await reg.put("10.5.2.0-24", value(2), ttl=DAY)
+        await until(lambda: batches)
+        # Five revisions while the first batch is still being applied.
+        await reg.put("10.5.3.0-24", value(3), ttl=DAY)
+        await reg.put("10.5.4.0-24", value(4), ttl=DAY)
+        await reg.delete("10.5.3.0-24")
+        await reg.put("10.5.2.0-24", value(5), ttl=DAY)
+        await reg.put("10.5.6.0-24", value(6), ttl=DAY)
+        await asyncio.sleep(0.05)
+        release.set()
+        await until(lambda: len(batches) >= 2)
+        await asyncio.sleep(0.05)
+    assert len(batches) == 2
+    assert [(e.kind, str(e.lease.subnet), str(e.lease.attrs.public_ip)) for e in batches[1]] == [
+        ("added", "10.5.3.0/24", "192.168.100.3"), ("added", "10.5.4.0/24", "192.168.100.4"),
+        ("removed", "10.5.3.0/24", "192.168.100.3"), ("added", "10.5.2.0/24", "192.168.100.5"),
+        ("added", "10.5.6.0/24", "192.168.100.6")]
+    assert sorted(str(p.subnet) for p in m.peers()) == [
+        "10.5.2.0/24", "10.5.4.0/24", "10.5.6.0/24"]
+
+
 async def test_network_edges_decide_which_peers_are_inside() -> None:
     reg = MemoryRegistry()
     for name in ("10.4.0.0-15", "10.6.0.0-24", "10.4.255.0-24", "10.5.0.0-16", "10.5.255.0-24"):
