@@ -33,6 +33,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -534,6 +535,10 @@ def table_from(doc: dict[str, Any]) -> str:
 
 
 def main() -> int:
+    # The labs are removed in `finally` blocks: let SIGTERM and SIGINT (ignored by default
+    # in a background job) end the run through them.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     results: list[Result] = []
     base: dict[str, Result] = {}
     one_peer_gbps = float("nan")
