@@ -42,7 +42,7 @@ class HostGwNetwork(RoutedNetwork):
         desired = {s: Route(s, attrs.public_ip, oif) for s, attrs in self.peers.items()}
         self.kernel.desired = Desired(desired, lambda r: self._owns(r, oif),
                                       links={oif: self.ext.name})
-        actual = await self.netlink.routes(oif=oif)
+        actual = await self.kernel.view.routes(oif=oif)
         diff = diff_routes(desired, actual, lambda r: self._owns(r, oif))
         return ChangeSet(route_replace=list(diff.replace),
                          route_delete=self._deletions(diff.delete))

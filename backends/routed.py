@@ -118,7 +118,8 @@ class RoutedNetwork:
         return list(entries) if self.peers_known else []
 
     async def _plan(self) -> ChangeSet:
-        """Read the kernel; the changes that make it hold what `peers` needs."""
+        """Read the kernel (through `self.kernel.view`, never `self.netlink`: the reads
+        are cached between drifts); the changes that make it hold what `peers` needs."""
         raise NotImplementedError
 
     async def sync(self) -> bool:

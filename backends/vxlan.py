@@ -196,12 +196,12 @@ class VxlanNetwork(RoutedNetwork):
         self.kernel.desired = Desired(
             routes, self._owned_route, self.dev_index, neigh, fdb,
             {self.dev_index: self.dev_name, self.ext.index: self.ext.name})
-        actual_routes = await self.netlink.routes(oif=self.dev_index)
-        actual_routes += await self.netlink.routes(oif=self.ext.index)
+        actual_routes = await self.kernel.view.routes(oif=self.dev_index)
+        actual_routes += await self.kernel.view.routes(oif=self.ext.index)
         rdiff = diff_routes(routes, actual_routes, self._owned_route)
-        ndiff = diff_entries(neigh, await self.netlink.neighbours(self.dev_index),
+        ndiff = diff_entries(neigh, await self.kernel.view.neighbours(self.dev_index),
                              lambda n: n.ip, lambda n: True)
-        fdiff = diff_entries(fdb, await self.netlink.fdb_entries(self.dev_index),
+        fdiff = diff_entries(fdb, await self.kernel.view.fdb_entries(self.dev_index),
                              lambda f: f.mac, lambda f: True)
         return ChangeSet(
             route_replace=list(rdiff.replace),

@@ -1,7 +1,8 @@
 """KernelSync: bring the kernel to a backend's desired state, now and whenever it drifts.
 
-A backend supplies `plan()`, which reads the kernel and returns the ChangeSet that makes it
-match the desired tables (and leaves those tables in `desired`). KernelSync runs one
+A backend supplies `plan()`, which reads the kernel through `view` (a KernelView: cached
+between real dumps while the monitor runs) and returns the ChangeSet that makes it match the
+desired tables (and leaves those tables in `desired`). KernelSync runs one
 plan/apply at a time: after each event batch; soon after a kernel notification says an
 entry of ours was deleted or changed (a KernelMonitor, debounced so that a burst is one
 sync); at once after notifications were lost (ENOBUFS); and, as a backstop, every `resync`
@@ -25,6 +26,7 @@ from typing import Protocol
 from agent.histogram import Histogram
 from backends.kernel.monitor import Desired, KernelEvent, drifted
 from backends.kernel.types import ChangeSet, Entry, KernelError, Neigh, Netlink, Route
+from backends.kernel.view import KernelView
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,9 @@ class KernelSync:
         clock: Callable[[], float] = time.monotonic, debounce: float = DEBOUNCE,
     ) -> None:
         self.netlink = netlink
+        #: What the plan reads the kernel through: cached between real dumps while the
+        #: monitor runs (dropped on drift, lost notifications, the backstop and errors).
+        self.view = KernelView(netlink)
         self.plan = plan
         self.resync = resync
         self.clock = clock
@@ -153,6 +158,7 @@ class KernelSync:
             try:
                 cs = await self.plan()
             except BaseException:
+                self.view.invalidate()
                 self._settle(pending, False)
                 raise
             if not cs:
@@ -162,8 +168,10 @@ class KernelSync:
             try:
                 errors = await self.netlink.apply(cs)
             except BaseException:
+                self.view.invalidate()  # some of it may have been applied
                 self._settle(pending, False)
                 raise
+            self.view.applied(cs, errors)
             self._written = cs
             failed = {id(e.item) for e in errors}
             done = {(what, op): 0 for what in KINDS for op in OPS}
@@ -205,6 +213,7 @@ class KernelSync:
                 break
             if ev.link is not None and ev.op == "del" and ev.link[0] in want.links:
                 index, name = ev.link
+                self.view.invalidate()  # its entries went with it
                 if index not in self._gone:
                     self._gone.add(index)
                     log.warning("device %s (index %d) was deleted; its entries cannot be "
@@ -215,6 +224,8 @@ class KernelSync:
         self.events["drift"] += drift
         self.events["ignored"] += len(events) - drift
         if drift:
+            # A batch sync before the resync this asks for must not trust the cache either.
+            self.view.invalidate()
             log.debug("kernel notifications: %d of %d show drift", drift, len(events))
             if self._why is None:
                 self._why = "event"
@@ -242,6 +253,7 @@ class KernelSync:
     def overflow(self) -> None:
         """The kernel dropped notifications: re-read everything at once."""
         self.lost += 1
+        self.view.invalidate()
         log.warning("kernel notifications were lost (ENOBUFS: the receive buffer "
                     "overflowed); re-reading the kernel state")
         self._why = "lost"
@@ -264,6 +276,8 @@ class KernelSync:
         notifications, and every `resync` seconds; a kernel state changed behind our back
         is put right."""
         monitor = self._start_monitor()
+        # Only notifications make a cached read trustworthy: without them, read each time.
+        self.view.enabled = monitor is not None
         try:
             while True:
                 reason = "period"
@@ -282,8 +296,11 @@ class KernelSync:
                 if (reason == "event" and want is not None
                         and self._gone.intersection(want.links)):
                     continue  # our device is gone: nothing can be put right (logged)
+                self.view.invalidate()  # every resync is a real read of the kernel
                 await self._resync(reason)
         finally:
+            self.view.enabled = False
+            self.view.invalidate()
             if monitor is not None:
                 monitor.close()
 

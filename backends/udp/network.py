@@ -183,7 +183,7 @@ class UdpNetwork:
             return r.gateway is None and r.dst == net and r.oif == index
 
         self.kernel.desired = Desired(desired, owned, links={index: DEVICE})
-        actual = await self.netlink.routes(oif=index)
+        actual = await self.kernel.view.routes(oif=index)
         diff = diff_routes(desired, actual, owned)
         return ChangeSet(route_replace=list(diff.replace), route_delete=list(diff.delete))
 

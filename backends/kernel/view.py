@@ -1,0 +1,156 @@
+"""KernelView: the kernel reads of a KernelSync, cached between real dumps.
+
+A backend's plan reads every route, neighbour and FDB entry tweed may own and diffs its
+desired tables against them; with thousands of peers that dump costs tens of milliseconds
+per sync, after every batch of lease changes. While a KernelMonitor reports drift, the kernel
+holds what was last read plus what was applied since, so the view keeps each dump per
+(kind, device) after the first real read and updates it entry by entry from every applied
+ChangeSet, with the kernel's own keys: `route replace` replaces the route to that
+destination in the main table whatever its device; a neighbour is keyed by (IP, device);
+an FDB entry by (MAC, device). A change the kernel refused drops that device's cache.
+
+KernelSync drops the whole cache (`invalidate`) on drift, on lost notifications, at every
+backstop resync and after any exception, so none of those can be hidden: the next read
+is a real dump. Until `enabled` (KernelSync sets it while its monitor runs) every read is a
+real dump and nothing is kept: without notifications there is nothing to trust a cache by.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+from backends.kernel.types import ChangeSet, Fdb, KernelError, Neigh, Netlink, Route
+
+
+class KernelView:
+    """The read half of `Netlink` (routes, neighbours, fdb_entries) over a real netlink,
+    served from a cache kept equal to the kernel by `applied` and `invalidate`."""
+
+    def __init__(self, netlink: Netlink, enabled: bool = False) -> None:
+        self.netlink = netlink
+        self.enabled = enabled
+        #: Real dumps done, by kind ("route", "neigh", "fdb"); reads served from the cache.
+        self.dumps: dict[str, int] = {"route": 0, "neigh": 0, "fdb": 0}
+        self.hits = 0
+        self._routes: dict[int | None, dict[ipaddress.IPv4Network, list[Route]]] = {}
+        self._neigh: dict[int, dict[ipaddress.IPv4Address, Neigh]] = {}
+        self._fdb: dict[int, dict[str, list[Fdb]]] = {}
+        # Bumped by every invalidation: a dump that was under way meanwhile may predate the
+        # change that caused it, so it is returned but not kept.
+        self._generation = 0
+
+    def invalidate(self) -> None:
+        """Forget everything: the next read of each (kind, device) is a real dump."""
+        self._generation += 1
+        self._routes.clear()
+        self._neigh.clear()
+        self._fdb.clear()
+
+    async def routes(self, oif: int | None = None) -> list[Route]:
+        """IPv4 routes of the main table on `oif` (all of them if None: never cached)."""
+        table = self._routes.get(oif) if self.enabled and oif is not None else None
+        if table is not None:
+            self.hits += 1
+            return [r for rs in table.values() for r in rs]
+        gen = self._generation
+        self.dumps["route"] += 1
+        got = await self.netlink.routes(oif)
+        if self.enabled and oif is not None and gen == self._generation:
+            fresh: dict[ipaddress.IPv4Network, list[Route]] = {}
+            for r in got:
+                fresh.setdefault(r.dst, []).append(r)
+            self._routes[oif] = fresh
+        return list(got)
+
+    async def neighbours(self, index: int) -> list[Neigh]:
+        """Permanent IPv4 neighbours of device `index`."""
+        table = self._neigh.get(index) if self.enabled else None
+        if table is not None:
+            self.hits += 1
+            return list(table.values())
+        gen = self._generation
+        self.dumps["neigh"] += 1
+        got = await self.netlink.neighbours(index)
+        if self.enabled and gen == self._generation:
+            self._neigh[index] = {n.ip: n for n in got}
+        return list(got)
+
+    async def fdb_entries(self, index: int) -> list[Fdb]:
+        """Forwarding entries of device `index`."""
+        table = self._fdb.get(index) if self.enabled else None
+        if table is not None:
+            self.hits += 1
+            return [f for fs in table.values() for f in fs]
+        gen = self._generation
+        self.dumps["fdb"] += 1
+        got = await self.netlink.fdb_entries(index)
+        if self.enabled and gen == self._generation:
+            fresh: dict[str, list[Fdb]] = {}
+            for f in got:
+                fresh.setdefault(f.mac, []).append(f)
+            self._fdb[index] = fresh
+        return list(got)
+
+    def applied(self, cs: ChangeSet, errors: Sequence[KernelError]) -> None:
+        """`cs` went to the kernel and `errors` came back: keep the cache equal to what the
+        kernel now holds (in the order the changes were applied)."""
+        refused = {id(e.item) for e in errors}
+        for _what, op, items in cs.steps():
+            for item in items:
+                if id(item) in refused:
+                    self._drop(item)
+                elif isinstance(item, Route):
+                    self._route(op, item)
+                elif isinstance(item, Neigh):
+                    self._neighbour(op, item)
+                else:
+                    self._forward(op, item)
+
+    def _drop(self, item: Route | Neigh | Fdb) -> None:
+        # The kernel said no: what it holds for that device is no longer known.
+        if isinstance(item, Route):
+            self._routes.pop(item.oif, None)
+        elif isinstance(item, Neigh):
+            self._neigh.pop(item.index, None)
+        else:
+            self._fdb.pop(item.index, None)
+
+    def _route(self, op: str, r: Route) -> None:
+        if op == "delete":
+            table = self._routes.get(r.oif)
+            rs = table.get(r.dst) if table is not None else None
+            if table is not None and rs is not None and r in rs:
+                rs.remove(r)
+                if not rs:
+                    del table[r.dst]
+            return
+        # Replace keys on the destination in the main table: the route leaves whatever
+        # device it was on.
+        for table in self._routes.values():
+            table.pop(r.dst, None)
+        table = self._routes.get(r.oif)
+        if table is not None:
+            table[r.dst] = [r]
+
+    def _neighbour(self, op: str, n: Neigh) -> None:
+        table = self._neigh.get(n.index)
+        if table is None:
+            return
+        if op == "delete":
+            table.pop(n.ip, None)  # the kernel deletes by (IP, device), whatever the MAC
+        else:
+            table[n.ip] = n
+
+    def _forward(self, op: str, f: Fdb) -> None:
+        table = self._fdb.get(f.index)
+        if table is None:
+            return
+        if op == "delete":
+            fs = table.get(f.mac)
+            if fs is not None and f in fs:
+                fs.remove(f)
+                if not fs:
+                    del table[f.mac]
+        else:
+            table[f.mac] = [f]
