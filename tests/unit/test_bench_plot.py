@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-pytest.importorskip("matplotlib")
-
-from tests.bench_plot import main, plot_scale  # noqa: E402
+from tests.bench_plot import main, plot_scale
 
 
 def test_bench_plot_holds_each_rows_label_and_values(tmp_path):
