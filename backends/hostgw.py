@@ -11,15 +11,15 @@ a fraction of a second), and every `resync` seconds as a backstop. Our lease say
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from agent.config import NetworkConfig
 from agent.lease_codec import LeaseAttrs
 from backends.base import BackendContext
 from backends.external_iface import ExternalInterface
-from backends.kernel.diff import diff_routes
-from backends.kernel.monitor import Desired
-from backends.kernel.types import ChangeSet, Netlink, Route
+from backends.kernel.desired import PeerEntries
+from backends.kernel.types import Netlink, Route
 from backends.routed import RoutedNetwork
 
 TYPE = "host-gw"
@@ -37,15 +37,8 @@ class HostGwNetwork(RoutedNetwork):
         self.lease_attrs = LeaseAttrs(ext.public_ip, None, TYPE, None)
         self.mtu = ext.mtu
 
-    async def _plan(self) -> ChangeSet:
-        oif = self.ext.index
-        desired = {s: Route(s, attrs.public_ip, oif) for s, attrs in self.peers.items()}
-        self.kernel.desired = Desired(desired, lambda r: self._owns(r, oif),
-                                      links={oif: self.ext.name})
-        actual = await self.kernel.view.routes(oif=oif)
-        diff = diff_routes(desired, actual, lambda r: self._owns(r, oif))
-        return ChangeSet(route_replace=list(diff.replace),
-                         route_delete=self._deletions(diff.delete))
+    def _entries(self, subnet: ipaddress.IPv4Network, attrs: LeaseAttrs) -> PeerEntries:
+        return PeerEntries(Route(subnet, attrs.public_ip, self.ext.index))
 
 
 class HostGwBackend:

@@ -1,12 +1,16 @@
-"""What the routed backends (host-gw, vxlan) share: the peer set, route ownership, and the
-KernelSync that brings the kernel to what they want.
+"""What the routed backends (host-gw, vxlan) share: the peer set, route ownership, the
+desired tables, and the plan KernelSync runs to bring the kernel to them.
 
 Both program one set of kernel entries per peer lease of their own BackendType (`peers`),
 remember every peer subnet they ever programmed (`installed`, so that a route of a peer
 that left is still known as ours), and hold deletions back until the first batch of peers
-has arrived (`peers_known`). A subclass says what the kernel should hold for `peers`
-(`_plan`), may create devices for our lease first (`_prepare`) and may refuse a peer whose
-lease it cannot use (`_usable`).
+has arrived (`peers_known`). A subclass says what the kernel should hold for one peer
+(`_entries`), on which devices (`_route_oifs`, `_neigh_index`), may create devices for our
+lease first (`_prepare`) and may refuse a peer whose lease it cannot use (`_usable`).
+
+The desired tables change with each peer event (DesiredTables), so that a plan after a
+batch diffs only the entries that batch touched while the kernel is known to be as the
+last plan left it (`KernelSync.trusted`); every other plan diffs all of them.
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ from agent.config import NetworkConfig
 from agent.lease import Lease, PeerEvent, PeerEventKind
 from agent.lease_codec import LeaseAttrs
 from backends.external_iface import ExternalInterface
+from backends.kernel.desired import DesiredTables, Dirty, PeerEntries
+from backends.kernel.diff import Diff, diff_entries, diff_keys, diff_routes
+from backends.kernel.monitor import Desired
 from backends.kernel.sync import KernelSync
-from backends.kernel.types import ChangeSet, Netlink, Route
+from backends.kernel.types import ChangeSet, Fdb, Neigh, Netlink, Route
 
 T = TypeVar("T")
 
@@ -69,7 +76,11 @@ class RoutedNetwork:
         # guess there is: a restart must not remove them (and drop traffic) only to add
         # them back a moment later, so deletions wait for the peer set.
         self.peers_known = False
+        #: What the kernel should hold for `peers`, kept per peer event.
+        self.tables = DesiredTables()
         self.kernel = KernelSync(netlink, self._plan, resync)
+        #: Plans that diffed only what changed, and plans that diffed every entry.
+        self.plans: dict[str, int] = {"changed": 0, "full": 0}
 
     @property
     def resync(self) -> float:
@@ -85,8 +96,11 @@ class RoutedNetwork:
 
     async def setup(self, lease: Lease) -> None:
         self.own = lease.subnet
-        self.peers.pop(lease.subnet, None)
+        old = self.peers.pop(lease.subnet, None)
+        if old is not None:
+            self._drop(lease.subnet, old)
         await self._prepare(lease)
+        self.tables.stale = True  # entries depend on the devices _prepare made
         await self.sync()
 
     async def _prepare(self, lease: Lease) -> None:
@@ -97,16 +111,51 @@ class RoutedNetwork:
         says no logs why)."""
         return True
 
+    def _entries(self, subnet: ipaddress.IPv4Network, attrs: LeaseAttrs) -> PeerEntries | None:
+        """What the kernel should hold for one usable peer (pure); None: nothing yet."""
+        raise NotImplementedError
+
+    def _route_oifs(self) -> tuple[int, ...]:
+        """The devices whose routes this network manages."""
+        return (self.ext.index,)
+
+    def _neigh_index(self) -> int:
+        """The device whose permanent neighbours and FDB entries are all ours; 0: none."""
+        return 0
+
+    def _links(self) -> dict[int, str]:
+        """The devices this network uses, index -> name (a deleted one is reported)."""
+        return {self.ext.index: self.ext.name}
+
+    def _owned_route(self, r: Route) -> bool:
+        """A route on one of `_route_oifs` this network manages (see owns_peer_route)."""
+        return self._owns(r, r.oif) if r.oif in self._route_oifs() else False
+
+    def _put(self, subnet: ipaddress.IPv4Network, attrs: LeaseAttrs) -> None:
+        e = self._entries(subnet, attrs)
+        if e is not None:
+            self.tables.put(e)
+
+    def _drop(self, subnet: ipaddress.IPv4Network, attrs: LeaseAttrs) -> None:
+        e = self._entries(subnet, attrs)
+        if e is not None:
+            self.tables.drop(e)
+
     async def apply(self, events: list[PeerEvent]) -> None:
-        self.peers_known = True
+        if not self.peers_known:
+            self.peers_known = True
+            self.tables.stale = True  # deletions were held back: diff everything once
         for ev in events:
             subnet, attrs = ev.lease.subnet, ev.lease.attrs
+            old = self.peers.pop(subnet, None)
+            if old is not None:
+                self._drop(subnet, old)
             if (ev.kind is PeerEventKind.REMOVED or attrs.backend_type != self.backend_type
                     or subnet == self.own or not self._usable(subnet, attrs)):
-                self.peers.pop(subnet, None)
                 continue
             self.peers[subnet] = attrs
             self.installed.add(subnet)
+            self._put(subnet, attrs)
         await self.sync()
 
     def _owns(self, r: Route, oif: int) -> bool:
@@ -117,10 +166,88 @@ class RoutedNetwork:
         """`entries` to delete, once the peers are known; none before (see peers_known)."""
         return list(entries) if self.peers_known else []
 
+    def _ready_to_plan(self) -> bool:
+        """Whether the devices the entries live on exist (vxlan: after _prepare)."""
+        return True
+
     async def _plan(self) -> ChangeSet:
-        """Read the kernel (through `self.kernel.view`, never `self.netlink`: the reads
-        are cached between drifts); the changes that make it hold what `peers` needs."""
-        raise NotImplementedError
+        """The changes that make the kernel hold what `peers` needs: only for the keys the
+        tables changed since the last plan when the kernel is trusted to be as that plan
+        left it, for every entry otherwise. Reads go through `self.kernel.view`, never
+        `self.netlink`: they are cached between drifts."""
+        if not self._ready_to_plan():
+            return ChangeSet()
+        t = self.tables
+        # A rebuild may drop keys no change marked (and held-back deletions, entries of a
+        # device made anew): only a full diff finds what the kernel holds under them.
+        full = t.stale or not self.kernel.trusted
+        if t.stale:
+            t.load(e for s, a in sorted(self.peers.items())
+                   if (e := self._entries(s, a)) is not None)
+        neigh_dev = self._neigh_index()
+        self.kernel.desired = Desired(t.routes, self._owned_route, neigh_dev, t.neigh, t.fdb,
+                                      self._links())
+        dirty = t.take_dirty()
+        diffs = None if full else self._diff_changed(dirty)
+        if diffs is None:
+            self.plans["full"] += 1
+            view = self.kernel.view
+            actual: list[Route] = []
+            for oif in self._route_oifs():
+                actual += await view.routes(oif=oif)
+            rdiff = diff_routes(t.routes, actual, self._owned_route)
+            ndiff: Diff[Neigh] = Diff((), ())
+            fdiff: Diff[Fdb] = Diff((), ())
+            if neigh_dev:
+                ndiff = diff_entries(t.neigh, await view.neighbours(neigh_dev),
+                                     lambda n: n.ip, lambda n: True)
+                fdiff = diff_entries(t.fdb, await view.fdb_entries(neigh_dev),
+                                     lambda f: f.mac, lambda f: True)
+        else:
+            self.plans["changed"] += 1
+            rdiff, ndiff, fdiff = diffs
+        return ChangeSet(
+            route_replace=list(rdiff.replace),
+            route_delete=self._deletions(rdiff.delete),
+            neigh_replace=list(ndiff.replace),
+            neigh_delete=self._deletions(ndiff.delete),
+            fdb_replace=list(fdiff.replace),
+            fdb_delete=self._deletions(fdiff.delete),
+        )
+
+    def _diff_changed(
+        self, dirty: Dirty
+    ) -> tuple[Diff[Route], Diff[Neigh], Diff[Fdb]] | None:
+        """The diff of the changed keys against the view's cache; None if a table it needs
+        is not cached (a refused change dropped it): then only a full diff will do."""
+        view, t = self.kernel.view, self.tables
+        oifs = self._route_oifs()
+        dev = self._neigh_index()
+        have_routes: dict[ipaddress.IPv4Network, list[Route]] = {}
+        for dst in dirty.routes:
+            found: list[Route] = []
+            for oif in oifs:
+                got = view.cached_routes(oif, dst)
+                if got is None:
+                    return None
+                found += got
+            have_routes[dst] = found
+        have_neigh: dict[ipaddress.IPv4Address, list[Neigh]] = {}
+        have_fdb: dict[str, list[Fdb]] = {}
+        if dev:
+            for ip in dirty.neigh:
+                n = view.cached_neighbours(dev, ip)
+                if n is None:
+                    return None
+                have_neigh[ip] = n
+            for mac in dirty.fdb:
+                f = view.cached_fdb(dev, mac)
+                if f is None:
+                    return None
+                have_fdb[mac] = f
+        return (diff_keys(t.routes, dirty.routes, have_routes.__getitem__, self._owned_route),
+                diff_keys(t.neigh, have_neigh, have_neigh.__getitem__, lambda n: True),
+                diff_keys(t.fdb, have_fdb, have_fdb.__getitem__, lambda f: True))
 
     async def sync(self) -> bool:
         """Diff the desired entries against the kernel and apply the difference; True if

@@ -34,9 +34,8 @@ from agent.lease import Lease
 from agent.lease_codec import LeaseAttrs
 from backends.base import BackendContext, BackendError
 from backends.external_iface import ExternalInterface
-from backends.kernel.diff import diff_entries, diff_routes
-from backends.kernel.monitor import Desired
-from backends.kernel.types import ChangeSet, Fdb, Neigh, Netlink, Route, VxlanSpec
+from backends.kernel.desired import DesiredTables, PeerEntries
+from backends.kernel.types import Fdb, Neigh, Netlink, Route, VxlanSpec
 from backends.options import opt_bool, opt_int
 from backends.routed import RoutedNetwork
 
@@ -113,28 +112,37 @@ class MacStore:
         atomic_write(self.path, json.dumps({"VtepMAC": mac}) + "\n", 0o600)
 
 
+def peer_entries(
+    subnet: ipaddress.IPv4Network,
+    attrs: LeaseAttrs,
+    dev: int,
+    ext: ExternalInterface,
+    direct_routing: bool,
+) -> PeerEntries | None:
+    """The route, neighbour and FDB entry of one vxlan peer (pure); None without a valid
+    VtepMAC. With DirectRouting a peer on our segment gets only a route via its PublicIP."""
+    mac = peer_mac(attrs)
+    if mac is None:
+        return None
+    if direct_routing and ext.on_segment(attrs.public_ip):
+        return PeerEntries(Route(subnet, attrs.public_ip, ext.index))
+    gw = subnet.network_address
+    return PeerEntries(Route(subnet, gw, dev, onlink=True), Neigh(gw, mac, dev),
+                       Fdb(mac, attrs.public_ip, dev))
+
+
 def desired_state(
     peers: dict[ipaddress.IPv4Network, LeaseAttrs],
     dev: int,
     ext: ExternalInterface,
     direct_routing: bool,
 ) -> tuple[dict[Any, Route], dict[Any, Neigh], dict[Any, Fdb]]:
-    """Routes, neighbours and FDB entries for the vxlan peers (pure)."""
-    routes: dict[Any, Route] = {}
-    neigh: dict[Any, Neigh] = {}
-    fdb: dict[Any, Fdb] = {}
-    for subnet, attrs in sorted(peers.items()):
-        mac = peer_mac(attrs)
-        if mac is None:
-            continue
-        if direct_routing and ext.on_segment(attrs.public_ip):
-            routes[subnet] = Route(subnet, attrs.public_ip, ext.index)
-            continue
-        gw = subnet.network_address
-        neigh[gw] = Neigh(gw, mac, dev)
-        fdb[mac] = Fdb(mac, attrs.public_ip, dev)
-        routes[subnet] = Route(subnet, gw, dev, onlink=True)
-    return routes, neigh, fdb
+    """Routes, neighbours and FDB entries for the vxlan peers (pure): the tables a rebuild
+    holds."""
+    tables = DesiredTables()
+    tables.load(e for s, a in sorted(peers.items())
+                if (e := peer_entries(s, a, dev, ext, direct_routing)) is not None)
+    return tables.routes, tables.neigh, tables.fdb
 
 
 class VxlanNetwork(RoutedNetwork):
@@ -182,35 +190,25 @@ class VxlanNetwork(RoutedNetwork):
             return False
         return True
 
+    def _entries(self, subnet: ipaddress.IPv4Network, attrs: LeaseAttrs) -> PeerEntries | None:
+        return peer_entries(subnet, attrs, self.dev_index, self.ext, self.opts.direct_routing)
+
+    def _route_oifs(self) -> tuple[int, ...]:
+        return (self.dev_index, self.ext.index)
+
+    def _neigh_index(self) -> int:
+        return self.dev_index
+
+    def _links(self) -> dict[int, str]:
+        return {self.dev_index: self.dev_name, self.ext.index: self.ext.name}
+
+    def _ready_to_plan(self) -> bool:
+        return bool(self.dev_index)
+
     def _owned_route(self, r: Route) -> bool:
         if r.oif == self.dev_index and r.dst == self.own and r.gateway is not None:
             return True  # a peer's old route to what is now our own subnet
         return self._owns(r, self.dev_index if r.oif == self.dev_index else self.ext.index)
-
-    async def _plan(self) -> ChangeSet:
-        if not self.dev_index:
-            return ChangeSet()
-        routes, neigh, fdb = desired_state(
-            self.peers, self.dev_index, self.ext, self.opts.direct_routing
-        )
-        self.kernel.desired = Desired(
-            routes, self._owned_route, self.dev_index, neigh, fdb,
-            {self.dev_index: self.dev_name, self.ext.index: self.ext.name})
-        actual_routes = await self.kernel.view.routes(oif=self.dev_index)
-        actual_routes += await self.kernel.view.routes(oif=self.ext.index)
-        rdiff = diff_routes(routes, actual_routes, self._owned_route)
-        ndiff = diff_entries(neigh, await self.kernel.view.neighbours(self.dev_index),
-                             lambda n: n.ip, lambda n: True)
-        fdiff = diff_entries(fdb, await self.kernel.view.fdb_entries(self.dev_index),
-                             lambda f: f.mac, lambda f: True)
-        return ChangeSet(
-            route_replace=list(rdiff.replace),
-            route_delete=self._deletions(rdiff.delete),
-            neigh_replace=list(ndiff.replace),
-            neigh_delete=self._deletions(ndiff.delete),
-            fdb_replace=list(fdiff.replace),
-            fdb_delete=self._deletions(fdiff.delete),
-        )
 
     def ready(self) -> bool:
         return bool(self.dev_index) and self.kernel.ready()

@@ -3,13 +3,14 @@
 Pure logic, no I/O (Calico Felix's shape: keep the desired table, diff on every event
 batch and on every periodic resync). Works for routes (keyed by destination), neighbours
 (keyed by IP) and FDB entries (keyed by MAC). Only entries the caller says it owns are
-ever deleted, so entries made by others are left alone.
+ever deleted, so entries made by others are left alone. `diff_keys` is the same diff over
+some keys only, for a plan that knows which keys changed.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -47,17 +48,30 @@ def diff_entries(
     have: dict[K, list[T]] = {}
     for item in actual:
         have.setdefault(key(item), []).append(item)
-    replace = [item for k, item in desired.items() if have.get(k) != [item]]
-    delete = [
-        item
-        for k, items in have.items()
-        for item in items
-        if owned(item) and (k not in desired or item != desired[k])
-        # A differing owned entry under a desired key is replaced, not deleted, unless
-        # there are several (then the extras go).
-        and (k not in desired or len(items) > 1)
-    ]
-    return Diff(tuple(sorted(replace, key=key)), tuple(sorted(delete, key=key)))
+    return diff_keys(desired, desired.keys() | have.keys(), lambda k: have.get(k, []), owned)
+
+
+def diff_keys(
+    desired: Mapping[K, T],
+    keys: Iterable[K],
+    have: Callable[[K], Sequence[T]],
+    owned: Callable[[T], bool],
+) -> Diff[T]:
+    """The same diff as `diff_entries`, for `keys` only, with the kernel's entries under a
+    key from `have`: what a plan needs when only those keys can have changed."""
+    replace: list[T] = []
+    delete: list[T] = []
+    for k in sorted(keys):
+        items = have(k)
+        want = desired.get(k)
+        if want is not None and (len(items) != 1 or items[0] != want):
+            replace.append(want)
+        for item in items:
+            # A differing owned entry under a desired key is replaced, not deleted, unless
+            # there are several (then the extras go).
+            if owned(item) and (want is None or (item != want and len(items) > 1)):
+                delete.append(item)
+    return Diff(tuple(replace), tuple(delete))
 
 
 def diff_routes(

@@ -2,7 +2,8 @@
 
 A backend supplies `plan()`, which reads the kernel through `view` (a KernelView: cached
 between real dumps while the monitor runs) and returns the ChangeSet that makes it match the
-desired tables (and leaves those tables in `desired`). KernelSync runs one
+desired tables (and leaves those tables in `desired`); while `trusted` says the kernel is
+as the last plan left it, the plan may diff only what its tables changed since. KernelSync runs one
 plan/apply at a time: after each event batch; soon after a kernel notification says an
 entry of ours was deleted or changed (a KernelMonitor, debounced so that a burst is one
 sync); at once after notifications were lost (ENOBUFS); and, as a backstop, every `resync`
@@ -128,6 +129,11 @@ class KernelSync:
         self._pending: list[float] = []
         self._lock = asyncio.Lock()
         self._ok = False
+        #: Set for the duration of each plan: the view's cache holds exactly what the kernel
+        #: held when the last plan's changes were all applied, and nothing was invalidated
+        #: since; a plan may then diff only the entries its desired tables changed since.
+        self.trusted = False
+        self._clean_generation: int | None = None
         self._reported: set[tuple[str, str]] = set()
 
     def ready(self) -> bool:
@@ -155,14 +161,20 @@ class KernelSync:
         async with self._lock:
             # Taken under the lock: the plan below includes every batch expected so far.
             pending, self._pending = self._pending, []
+            gen = self.view.generation
+            self.trusted = self.view.enabled and self._clean_generation == gen
+            self._clean_generation = None  # until this plan's changes are all applied
             try:
                 cs = await self.plan()
             except BaseException:
                 self.view.invalidate()
                 self._settle(pending, False)
                 raise
+            finally:
+                self.trusted = False
             if not cs:
                 self._ok = True
+                self._clean(gen)
                 self._settle(pending, True)
                 return False
             try:
@@ -189,8 +201,16 @@ class KernelSync:
                 log.info("%s", summary(done))
             self._report(errors)
             self._ok = not errors
+            if self._ok:
+                self._clean(gen)
             self._settle(pending, self._ok)
             return True
+
+    def _clean(self, gen: int) -> None:
+        # The kernel is as planned; trusted by the next plan unless a notification of drift
+        # or lost notifications (which invalidate the view) came in meanwhile.
+        if self.view.generation == gen:
+            self._clean_generation = gen
 
     def _report(self, errors: list[KernelError]) -> None:
         for e in errors:

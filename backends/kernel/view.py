@@ -47,6 +47,27 @@ class KernelView:
         self._neigh.clear()
         self._fdb.clear()
 
+    @property
+    def generation(self) -> int:
+        """Bumped by every `invalidate`: equal across two instants, nothing was dropped."""
+        return self._generation
+
+    # -- lookups in the cache only (None: that device's table is not cached) -----------
+    def cached_routes(self, oif: int, dst: ipaddress.IPv4Network) -> list[Route] | None:
+        table = self._routes.get(oif) if self.enabled else None
+        return None if table is None else table.get(dst, [])
+
+    def cached_neighbours(self, index: int, ip: ipaddress.IPv4Address) -> list[Neigh] | None:
+        table = self._neigh.get(index) if self.enabled else None
+        if table is None:
+            return None
+        n = table.get(ip)
+        return [] if n is None else [n]
+
+    def cached_fdb(self, index: int, mac: str) -> list[Fdb] | None:
+        table = self._fdb.get(index) if self.enabled else None
+        return None if table is None else table.get(mac, [])
+
     async def routes(self, oif: int | None = None) -> list[Route]:
         """IPv4 routes of the main table on `oif` (all of them if None: never cached)."""
         table = self._routes.get(oif) if self.enabled and oif is not None else None

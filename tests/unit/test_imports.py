@@ -40,6 +40,7 @@ PURE = frozenset({
     "backends.kernel.types",  # routes, neighbours, FDB entries, change sets; Netlink protocol
     "backends.kernel.wire",   # the rtnetlink requests and answers of routes, neigh, FDB
     "backends.kernel.diff",   # desired vs. actual kernel state
+    "backends.kernel.desired",  # the desired tables, kept per peer change
     "backends.iptables.plan",  # the rules for --ip-masq and forwarding, iptables-save parsing
     "backends.udp.packet",     # IPv4 header bytes, TTL, ICMP
     "backends.udp.lpm",        # longest-prefix match table
