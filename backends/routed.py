@@ -2,11 +2,12 @@
 desired tables, and the plan KernelSync runs to bring the kernel to them.
 
 Both program one set of kernel entries per peer lease of their own BackendType (`peers`),
-remember every peer subnet they ever programmed (`installed`, so that a route of a peer
-that left is still known as ours), and hold deletions back until the first batch of peers
-has arrived (`peers_known`). A subclass says what the kernel should hold for one peer
-(`_entries`), on which devices (`_route_oifs`, `_neigh_index`), may create devices for our
-lease first (`_prepare`) and may refuse a peer whose lease it cannot use (`_usable`).
+remember every peer subnet of another length than the config's SubnetLen they ever
+programmed (`installed`, so that a route of such a peer that left is still known as ours),
+and hold deletions back until the first batch of peers has arrived (`peers_known`). A
+subclass says what the kernel should hold for one peer (`_entries`), on which devices
+(`_route_oifs`, `_neigh_index`), may create devices for our lease first (`_prepare`) and
+may refuse a peer whose lease it cannot use (`_usable`).
 
 The desired tables change with each peer event (DesiredTables), so that a plan after a
 batch diffs only the entries that batch touched while the kernel is known to be as the
@@ -70,7 +71,8 @@ class RoutedNetwork:
         self.config = config
         self.own: ipaddress.IPv4Network | None = None
         self.peers: dict[ipaddress.IPv4Network, LeaseAttrs] = {}
-        # Every peer subnet ever desired (a superset of self.peers).
+        # Every peer subnet ever desired whose length is not the SubnetLen (those are owned
+        # anyway: a set of all of them cost ~100 bytes a peer).
         self.installed: set[ipaddress.IPv4Network] = set()
         # Until the first batch of peers arrives, the entries of the last run are the best
         # guess there is: a restart must not remove them (and drop traffic) only to add
@@ -154,7 +156,8 @@ class RoutedNetwork:
                     or subnet == self.own or not self._usable(subnet, attrs)):
                 continue
             self.peers[subnet] = attrs
-            self.installed.add(subnet)
+            if subnet.prefixlen != self.config.subnet_len:
+                self.installed.add(subnet)
             self._put(subnet, attrs)
         await self.sync()
 

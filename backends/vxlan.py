@@ -86,9 +86,13 @@ def peer_mac(attrs: LeaseAttrs) -> str | None:
     mac = data.get("VtepMAC")
     if mac is None:
         mac = next((v for k, v in data.items() if k.lower() == "vtepmac"), None)
-    if not isinstance(mac, str) or not _MAC_RE.fullmatch(mac.lower()):
+    if not isinstance(mac, str):
         return None
-    return mac.lower()
+    low = mac.lower()
+    if not _MAC_RE.fullmatch(low):
+        return None
+    # The lease's own string when it is lower case already: kept per peer, a copy is not.
+    return mac if low == mac else low
 
 
 class MacStore:

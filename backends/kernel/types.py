@@ -16,7 +16,7 @@ from typing import Protocol
 VXLAN_DEFAULT_PORT = 8472
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Route:
     """An IPv4 route in the main table."""
 
@@ -39,7 +39,7 @@ class Link:
     mac: str = ""
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Neigh:
     """A permanent ARP entry: `ip` has hardware address `mac` on device `index`."""
 
@@ -48,7 +48,7 @@ class Neigh:
     index: int
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Fdb:
     """A forwarding entry of a vxlan device: frames for `mac` go to the VTEP at `dst`."""
 

@@ -18,9 +18,52 @@ real dump and nothing is kept: without notifications there is nothing to trust a
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import TypeAlias, TypeVar
 
 from backends.kernel.types import ChangeSet, Fdb, KernelError, Neigh, Netlink, Route
+
+T = TypeVar("T", Route, Fdb)
+K = TypeVar("K", bound=Hashable)
+#: A key's entries: one (nearly always), or a list of several. A list per key cost about
+#: 90 bytes a peer per table.
+Slot: TypeAlias = "T | list[T]"
+
+
+def _items(slot: Slot[T] | None) -> list[T]:
+    if slot is None:
+        return []
+    return slot if isinstance(slot, list) else [slot]
+
+
+def _index(items: Iterable[T], key: Callable[[T], K]) -> dict[K, Slot[T]]:
+    out: dict[K, Slot[T]] = {}
+    for item in items:
+        k = key(item)
+        old = out.get(k)
+        if old is None:
+            out[k] = item
+        else:
+            many = _items(old)[:]
+            many.append(item)
+            out[k] = many
+    return out
+
+
+def _remove(table: dict[K, Slot[T]], k: K, item: T) -> None:
+    slot = table.get(k)
+    if slot is None:
+        return
+    if not isinstance(slot, list):
+        if slot == item:
+            del table[k]
+        return
+    if item in slot:
+        slot.remove(item)
+        if len(slot) == 1:
+            table[k] = slot[0]
+        elif not slot:
+            del table[k]
 
 
 class KernelView:
@@ -33,9 +76,9 @@ class KernelView:
         #: Real dumps done, by kind ("route", "neigh", "fdb"); reads served from the cache.
         self.dumps: dict[str, int] = {"route": 0, "neigh": 0, "fdb": 0}
         self.hits = 0
-        self._routes: dict[int | None, dict[ipaddress.IPv4Network, list[Route]]] = {}
+        self._routes: dict[int | None, dict[ipaddress.IPv4Network, Slot[Route]]] = {}
         self._neigh: dict[int, dict[ipaddress.IPv4Address, Neigh]] = {}
-        self._fdb: dict[int, dict[str, list[Fdb]]] = {}
+        self._fdb: dict[int, dict[str, Slot[Fdb]]] = {}
         # Bumped by every invalidation: a dump that was under way meanwhile may predate the
         # change that caused it, so it is returned but not kept.
         self._generation = 0
@@ -55,7 +98,7 @@ class KernelView:
     # -- lookups in the cache only (None: that device's table is not cached) -----------
     def cached_routes(self, oif: int, dst: ipaddress.IPv4Network) -> list[Route] | None:
         table = self._routes.get(oif) if self.enabled else None
-        return None if table is None else table.get(dst, [])
+        return None if table is None else _items(table.get(dst))
 
     def cached_neighbours(self, index: int, ip: ipaddress.IPv4Address) -> list[Neigh] | None:
         table = self._neigh.get(index) if self.enabled else None
@@ -66,22 +109,19 @@ class KernelView:
 
     def cached_fdb(self, index: int, mac: str) -> list[Fdb] | None:
         table = self._fdb.get(index) if self.enabled else None
-        return None if table is None else table.get(mac, [])
+        return None if table is None else _items(table.get(mac))
 
     async def routes(self, oif: int | None = None) -> list[Route]:
         """IPv4 routes of the main table on `oif` (all of them if None: never cached)."""
         table = self._routes.get(oif) if self.enabled and oif is not None else None
         if table is not None:
             self.hits += 1
-            return [r for rs in table.values() for r in rs]
+            return [r for slot in table.values() for r in _items(slot)]
         gen = self._generation
         self.dumps["route"] += 1
         got = await self.netlink.routes(oif)
         if self.enabled and oif is not None and gen == self._generation:
-            fresh: dict[ipaddress.IPv4Network, list[Route]] = {}
-            for r in got:
-                fresh.setdefault(r.dst, []).append(r)
-            self._routes[oif] = fresh
+            self._routes[oif] = _index(got, lambda r: r.dst)
         return list(got)
 
     async def neighbours(self, index: int) -> list[Neigh]:
@@ -102,15 +142,12 @@ class KernelView:
         table = self._fdb.get(index) if self.enabled else None
         if table is not None:
             self.hits += 1
-            return [f for fs in table.values() for f in fs]
+            return [f for slot in table.values() for f in _items(slot)]
         gen = self._generation
         self.dumps["fdb"] += 1
         got = await self.netlink.fdb_entries(index)
         if self.enabled and gen == self._generation:
-            fresh: dict[str, list[Fdb]] = {}
-            for f in got:
-                fresh.setdefault(f.mac, []).append(f)
-            self._fdb[index] = fresh
+            self._fdb[index] = _index(got, lambda f: f.mac)
         return list(got)
 
     def applied(self, cs: ChangeSet, errors: Sequence[KernelError]) -> None:
@@ -140,11 +177,8 @@ class KernelView:
     def _route(self, op: str, r: Route) -> None:
         if op == "delete":
             table = self._routes.get(r.oif)
-            rs = table.get(r.dst) if table is not None else None
-            if table is not None and rs is not None and r in rs:
-                rs.remove(r)
-                if not rs:
-                    del table[r.dst]
+            if table is not None:
+                _remove(table, r.dst, r)
             return
         # Replace keys on the destination in the main table: the route leaves whatever
         # device it was on.
@@ -152,7 +186,7 @@ class KernelView:
             table.pop(r.dst, None)
         table = self._routes.get(r.oif)
         if table is not None:
-            table[r.dst] = [r]
+            table[r.dst] = r
 
     def _neighbour(self, op: str, n: Neigh) -> None:
         table = self._neigh.get(n.index)
@@ -168,10 +202,6 @@ class KernelView:
         if table is None:
             return
         if op == "delete":
-            fs = table.get(f.mac)
-            if fs is not None and f in fs:
-                fs.remove(f)
-                if not fs:
-                    del table[f.mac]
+            _remove(table, f.mac, f)
         else:
-            table[f.mac] = [f]
+            table[f.mac] = f

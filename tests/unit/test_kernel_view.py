@@ -252,3 +252,32 @@ async def test_without_a_monitor_every_sync_reads() -> None:
     reads = fake.reads
     await sync.sync()
     assert fake.reads == 2 * reads
+
+
+async def test_several_entries_under_one_key_are_kept_and_removed_one_by_one() -> None:
+    """The real kernel can hold two routes to one destination on a device (other metrics)
+    and two FDB entries for one MAC (other VTEPs); the cache keeps both, drops them one at
+    a time, and a replace leaves only the new one."""
+    two_routes = [route(1), Route(NET("10.5.1.0/24"), IP("10.5.1.9"), DEV, onlink=True)]
+    two_fdb = [fdb(1, 11), fdb(1, 12)]
+
+    class Doubled(FakeNetlink):
+        async def routes(self, oif: int | None = None) -> list[Route]:
+            return list(two_routes) if oif == DEV else []
+
+        async def fdb_entries(self, index: int) -> list[Fdb]:
+            return list(two_fdb)
+
+    view = KernelView(Doubled(), enabled=True)
+    assert await view.routes(DEV) == two_routes and view.dumps["route"] == 1
+    assert await view.fdb_entries(DEV) == two_fdb
+    assert view.cached_routes(DEV, NET("10.5.1.0/24")) == two_routes
+    assert view.cached_fdb(DEV, fdb(1).mac) == two_fdb
+    view.applied(ChangeSet(route_delete=[two_routes[0]], fdb_delete=[two_fdb[1]]), [])
+    assert await view.routes(DEV) == [two_routes[1]] and view.dumps["route"] == 1
+    assert await view.fdb_entries(DEV) == [two_fdb[0]]
+    view.applied(ChangeSet(route_delete=[two_routes[1]]), [])
+    assert view.cached_routes(DEV, NET("10.5.1.0/24")) == []
+    view.applied(ChangeSet(fdb_replace=[fdb(1, 13)]), [])
+    assert view.cached_fdb(DEV, fdb(1).mac) == [fdb(1, 13)]
+    assert view.cached_routes(EXT, NET("10.5.1.0/24")) is None  # never read: not cached
