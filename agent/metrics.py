@@ -173,6 +173,20 @@ def network_families(network: Network) -> Iterator[Metric]:
     yield events
     yield _counter("tweed_kernel_events_lost", "times the kernel dropped notifications "
                    "(ENOBUFS) and a full re-read followed", kernel.lost)
+    reads = CounterMetricFamily("tweed_kernel_reads", "reads of the kernel's routes, "
+                                "neighbours and FDB entries by a plan, by kind and source "
+                                "(dump: asked of the kernel; cache: known from the last "
+                                "dump and the changes applied since)", labels=["kind", "source"])
+    for kind in sorted(kernel.view.dumps):
+        reads.add_metric([kind, "dump"], kernel.view.dumps[kind])
+        reads.add_metric([kind, "cache"], kernel.view.cached[kind])
+    yield reads
+    plans = CounterMetricFamily("tweed_kernel_plans", "plans of kernel changes by scope "
+                                "(changed: only the entries a batch changed; full: every "
+                                "entry; host-gw and vxlan)", labels=["scope"])
+    for scope, value in sorted(kernel.plans.items()):
+        plans.add_metric([scope], value)
+    yield plans
     h = kernel.delay
     yield HistogramMetricFamily(
         "tweed_event_to_kernel_seconds", "from a batch of lease events reaching tweed to "

@@ -81,8 +81,6 @@ class RoutedNetwork:
         #: What the kernel should hold for `peers`, kept per peer event.
         self.tables = DesiredTables()
         self.kernel = KernelSync(netlink, self._plan, resync)
-        #: Plans that diffed only what changed, and plans that diffed every entry.
-        self.plans: dict[str, int] = {"changed": 0, "full": 0}
 
     @property
     def resync(self) -> float:
@@ -193,7 +191,7 @@ class RoutedNetwork:
         dirty = t.take_dirty()
         diffs = None if full else self._diff_changed(dirty)
         if diffs is None:
-            self.plans["full"] += 1
+            self.kernel.plans["full"] += 1
             view = self.kernel.view
             actual: list[Route] = []
             for oif in self._route_oifs():
@@ -207,7 +205,7 @@ class RoutedNetwork:
                 fdiff = diff_entries(t.fdb, await view.fdb_entries(neigh_dev),
                                      lambda f: f.mac, lambda f: True)
         else:
-            self.plans["changed"] += 1
+            self.kernel.plans["changed"] += 1
             rdiff, ndiff, fdiff = diffs
         return ChangeSet(
             route_replace=list(rdiff.replace),

@@ -134,6 +134,9 @@ class KernelSync:
         #: since; a plan may then diff only the entries its desired tables changed since.
         self.trusted = False
         self._clean_generation: int | None = None
+        #: Plans by scope: "changed" (only the keys the desired tables changed, while
+        #: trusted), "full" (every entry); counted by the plans that tell them apart.
+        self.plans: dict[str, int] = {"changed": 0, "full": 0}
         self._reported: set[tuple[str, str]] = set()
 
     def ready(self) -> bool:

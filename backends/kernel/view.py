@@ -73,9 +73,9 @@ class KernelView:
     def __init__(self, netlink: Netlink, enabled: bool = False) -> None:
         self.netlink = netlink
         self.enabled = enabled
-        #: Real dumps done, by kind ("route", "neigh", "fdb"); reads served from the cache.
+        #: Real dumps done and reads served from the cache, by kind (route, neigh, fdb).
         self.dumps: dict[str, int] = {"route": 0, "neigh": 0, "fdb": 0}
-        self.hits = 0
+        self.cached: dict[str, int] = {"route": 0, "neigh": 0, "fdb": 0}
         self._routes: dict[int | None, dict[ipaddress.IPv4Network, Slot[Route]]] = {}
         self._neigh: dict[int, dict[ipaddress.IPv4Address, Neigh]] = {}
         self._fdb: dict[int, dict[str, Slot[Fdb]]] = {}
@@ -89,6 +89,11 @@ class KernelView:
         self._routes.clear()
         self._neigh.clear()
         self._fdb.clear()
+
+    @property
+    def hits(self) -> int:
+        """Reads served from the cache, of every kind."""
+        return sum(self.cached.values())
 
     @property
     def generation(self) -> int:
@@ -115,7 +120,7 @@ class KernelView:
         """IPv4 routes of the main table on `oif` (all of them if None: never cached)."""
         table = self._routes.get(oif) if self.enabled and oif is not None else None
         if table is not None:
-            self.hits += 1
+            self.cached["route"] += 1
             return [r for slot in table.values() for r in _items(slot)]
         gen = self._generation
         self.dumps["route"] += 1
@@ -128,7 +133,7 @@ class KernelView:
         """Permanent IPv4 neighbours of device `index`."""
         table = self._neigh.get(index) if self.enabled else None
         if table is not None:
-            self.hits += 1
+            self.cached["neigh"] += 1
             return list(table.values())
         gen = self._generation
         self.dumps["neigh"] += 1
@@ -141,7 +146,7 @@ class KernelView:
         """Forwarding entries of device `index`."""
         table = self._fdb.get(index) if self.enabled else None
         if table is not None:
-            self.hits += 1
+            self.cached["fdb"] += 1
             return [f for slot in table.values() for f in _items(slot)]
         gen = self._generation
         self.dumps["fdb"] += 1

@@ -200,3 +200,39 @@ def test_routes_deleted_by_hand_come_back_without_the_backstop(lab, tmp_path, ba
         assert shows in routes(h1, dst)
     assert resyncs(metrics(h1, HEALTH), "period") == 0
     assert a1.stop() == 0 and a2.stop() == 0
+
+
+def test_lease_changes_at_2000_peers_are_planned_from_what_changed(lab, tmp_path):
+    """With the monitor running, a batch of lease changes (a join, a PublicIP change, a
+    VtepMAC change, a leave) is diffed by key against the cached view: the kernel ends equal
+    to etcd with no further dump of it and no full plan."""
+    etcd = lab.start_etcd()
+    n = 2000
+    host, agent = start(lab, etcd, tmp_path, n)
+    wait_in_step(host, agent, etcd, 120, "all 2,000 peers programmed")
+    # The first batch after the start may still be a full plan (the listing's deletions).
+    wait_for(lambda: metrics(host, HEALTH)['tweed_kernel_plans_total{scope="full"}'] >= 1, 10,
+             what="the start planned")
+    before = metrics(host, HEALTH)
+    leases = peer_leases(n + 1)
+    joined = f"10.{1 + n // 256}.{n % 256}.0/24"
+    moved, remac, left = "10.1.5.0/24", "10.1.6.0/24", "10.1.7.0/24"
+    leases[moved]["PublicIP"] = "172.30.9.9"
+    leases[remac]["BackendData"]["VtepMAC"] = "0a:ee:00:00:00:06"
+    for subnet in (joined, moved, remac):
+        etcd.put(subnet_key(subnet), json.dumps(leases[subnet], separators=(",", ":")))
+    etcd.delete(subnet_key(left))
+    wait_for(lambda: left not in expected_peers(etcd, PREFIX, "vxlan", host.address), 10,
+             what="the leave visible in etcd")
+    wait_in_step(host, agent, etcd, 30, "the kernel equal to etcd after the changes")
+    after = metrics(host, HEALTH)
+
+    def grew(key: str) -> float:
+        return after[key] - before[key]
+
+    assert grew('tweed_kernel_plans_total{scope="changed"}') >= 1
+    assert grew('tweed_kernel_plans_total{scope="full"}') == 0
+    assert sum(grew(f'tweed_kernel_reads_total{{kind="{k}",source="dump"}}')
+               for k in ("route", "neigh", "fdb")) == 0
+    assert counts(host) == (n, n)  # one joined, one left
+    assert agent.stop() == 0

@@ -196,13 +196,13 @@ async def test_batches_while_trusted_are_planned_from_their_keys(tmp_path: Path)
     vx = await network(fake, tmp_path, "vxlan", False)
     vx.kernel.view.enabled = True
     await vx.apply([event("added", n, 2 + n % 3, n % 6, "vxlan") for n in range(2, 8)])
-    full = vx.plans["full"]
+    full = vx.kernel.plans["full"]
     await vx.apply([event("removed", 2, 4, 2, "vxlan")])
     await vx.apply([event("added", 9, 3, 2, "vxlan")])  # the VtepMAC 2 had, now free
-    assert vx.plans["full"] == full and vx.plans["changed"] >= 2
+    assert vx.kernel.plans["full"] == full and vx.kernel.plans["changed"] >= 2
     routes, neigh, fdb = desired_state(vx.peers, vx.dev_index, EXT, False)
     assert kernel(fake) == (set(routes.values()), set(neigh.values()), set(fdb.values()))
     # Drift makes the next plan a full one again.
     vx.kernel.view.invalidate()
     await vx.apply([event("added", 10, 3, 1, "vxlan")])
-    assert vx.plans["full"] == full + 1
+    assert vx.kernel.plans["full"] == full + 1

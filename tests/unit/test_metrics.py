@@ -172,6 +172,11 @@ async def test_periodic_resyncs_are_counted_by_result(tmp_path: Path) -> None:
     assert m['tweed_kernel_resyncs_total{reason="event",result="repaired"}'] == 0
     assert m['tweed_kernel_events_total{result="drift"}'] == 0
     assert m["tweed_kernel_events_lost_total"] == 0
+    # Without notifications the kernel is never trusted: every read a dump, every plan full.
+    assert m['tweed_kernel_reads_total{kind="route",source="dump"}'] >= 3
+    assert m['tweed_kernel_reads_total{kind="route",source="cache"}'] == 0
+    assert m['tweed_kernel_plans_total{scope="full"}'] >= 3
+    assert m['tweed_kernel_plans_total{scope="changed"}'] == 0
 
 
 async def test_renewals_by_result_and_a_lost_lease(tmp_path: Path) -> None:
