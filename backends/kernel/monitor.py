@@ -1,7 +1,9 @@
 """KernelMonitor: the kernel's route, neighbour, FDB and link notifications, on the event loop.
 
 One NETLINK_ROUTE socket bound to the IPv4 route, neighbour (which also carries the bridge
-FDB, family AF_BRIDGE) and link multicast groups, read with `loop.add_reader` (pyroute2's
+FDB, family AF_BRIDGE), link and IPv4 address multicast groups (the kernel flushes the
+routes through an address it removes without a route notification: the address's own is
+the only word of it), read with `loop.add_reader` (pyroute2's
 asyncio socket does not run on uvloop, and a thread blocked in recv would do the same work
 with a thread switch per wake-up). Only the netlink header and the few attributes tweed
 compares are parsed (`parse`, pure), into the same Route/Neigh/Fdb values the backends
@@ -32,10 +34,12 @@ log = logging.getLogger(__name__)
 # Multicast group bits for bind() (the legacy RTMGRP_* masks).
 RTMGRP_LINK = 0x1
 RTMGRP_NEIGH = 0x4
+RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV4_ROUTE = 0x40
-GROUPS = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE
+GROUPS = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE
 
 RTM_NEWLINK, RTM_DELLINK = 16, 17
+RTM_NEWADDR, RTM_DELADDR = 20, 21
 RTM_NEWROUTE, RTM_DELROUTE = 24, 25
 RTM_NEWNEIGH, RTM_DELNEIGH = 28, 29
 NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
@@ -43,6 +47,7 @@ NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 RTMSG = struct.Struct("=BBBBBBBBI")
 NDMSG = struct.Struct("=BxxxiHBB")  # family, ifindex, state, flags, type
 IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
+IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
 RTA = struct.Struct("=HH")  # len, type
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
 NDA_DST, NDA_LLADDR = 1, 2
@@ -66,12 +71,14 @@ SO_RCVBUFFORCE = 33
 
 @dataclass(frozen=True, slots=True)
 class KernelEvent:
-    """One notification: a route, neighbour or FDB entry (`entry`) or a link (`link`, as
-    (index, name)) was added/changed (`op` "new") or deleted ("del")."""
+    """One notification: a route, neighbour or FDB entry (`entry`), a link (`link`, as
+    (index, name)) or an IPv4 address of device `address` was added/changed (`op` "new")
+    or deleted ("del")."""
 
     op: str
     entry: Route | Neigh | Fdb | None = None
     link: tuple[int, str] | None = None
+    address: int | None = None
     #: Neighbours: whether the entry is NUD_PERMANENT (the only kind tweed writes).
     permanent: bool = True
 
@@ -151,6 +158,11 @@ def parse(buf: bytes) -> list[KernelEvent]:
                     out.append(ev)
             elif kind in (RTM_NEWLINK, RTM_DELLINK) and end - body >= IFINFOMSG.size:
                 out.append(_link(buf, body, end, "new" if kind == RTM_NEWLINK else "del"))
+            elif kind in (RTM_NEWADDR, RTM_DELADDR) and end - body >= IFADDRMSG.size:
+                family, _plen, _flags, _scope, index = IFADDRMSG.unpack_from(buf, body)
+                if family == socket.AF_INET:
+                    out.append(KernelEvent("new" if kind == RTM_NEWADDR else "del",
+                                           address=index))
         except (struct.error, ValueError):
             pass  # a malformed message says nothing we could act on; the next one may
         off += (length + 3) & ~3
@@ -201,6 +213,10 @@ def drifted(ev: KernelEvent, want: Desired) -> bool:
         return e != f
     if ev.link is not None:
         return ev.link[0] in want.links
+    if ev.address is not None:
+        # Removed: the routes through it are gone unannounced; added back: the routes
+        # refused meanwhile (no such gateway) can be written now.
+        return ev.address in want.links
     return False
 
 

@@ -236,3 +236,28 @@ def test_lease_changes_at_2000_peers_are_planned_from_what_changed(lab, tmp_path
                for k in ("route", "neigh", "fdb")) == 0
     assert counts(host) == (n, n)  # one joined, one left
     assert agent.stop() == 0
+
+
+def test_routes_flushed_with_an_address_come_back_with_it(lab, tmp_path):
+    """The kernel drops host-gw routes through an address it removes and says so only with
+    the address's own notification: with a 3600 s backstop, the route is back as soon as
+    the address is."""
+    etcd = lab.start_etcd()
+    put_config(etcd, backend="host-gw")
+    h1, a1, _ = bring_up(lab, etcd, tmp_path, 1, resync="3600")
+    _, a2, _ = bring_up(lab, etcd, tmp_path, 2, resync="3600")
+    dst, shows = a2.subnet, "via 192.168.100.2 dev eth0"
+    wait_for(lambda: shows in routes(h1, dst), 30, what=f"{dst} programmed")
+    address = f"{h1.address}/24"
+    h1.exec(["ip", "addr", "del", address, "dev", "eth0"])
+    try:
+        wait_for(lambda: routes(h1, dst) == "", 5, what="the route flushed with the address")
+    finally:
+        h1.exec(["ip", "addr", "add", address, "dev", "eth0"])
+    wait_for(lambda: shows in routes(h1, dst), 5, what="the route back with the address",
+             detail=lambda: a1.log()[-2000:])
+    m = metrics(h1, HEALTH)
+    assert resyncs(m, "period") == 0
+    assert m['tweed_kernel_events_total{result="drift"}'] >= 2  # the deletion, the addition
+    assert a1.proc.poll() is None
+    assert a1.stop() == 0 and a2.stop() == 0

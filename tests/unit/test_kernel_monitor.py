@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.ndmsg import ndmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
@@ -70,6 +71,17 @@ def link_msg(kind: int, index: int, name: str) -> bytes:
     return bytes(m.data)
 
 
+def addr_msg(kind: int, family: int, index: int, address: str, prefixlen: int) -> bytes:
+    m = ifaddrmsg()
+    m["family"] = family
+    m["index"] = index
+    m["prefixlen"] = prefixlen
+    m["attrs"] = [("IFA_ADDRESS", address), ("IFA_LOCAL", address)]
+    m["header"]["type"] = kind
+    m.encode()
+    return bytes(m.data)
+
+
 # -- parsing -------------------------------------------------------------------------------
 
 
@@ -99,6 +111,14 @@ def test_parse_neighbours_fdb_and_links() -> None:
     assert parse(neigh_msg(29, 7, 4, "192.168.100.3", MAC)) == [KernelEvent("del", FDB)]
     assert parse(link_msg(17, 4, "flannel.1")) == [KernelEvent("del", link=(4, "flannel.1"))]
     assert parse(link_msg(16, 2, "eth0")) == [KernelEvent("new", link=(2, "eth0"))]
+
+
+def test_parse_addresses() -> None:
+    assert parse(addr_msg(21, socket.AF_INET, 2, "192.168.100.1", 24)) == [
+        KernelEvent("del", address=2)]
+    assert parse(addr_msg(20, socket.AF_INET, 4, "10.5.1.0", 32)) == [
+        KernelEvent("new", address=4)]
+    assert parse(addr_msg(20, socket.AF_INET6, 2, "fd00::1", 64)) == []  # not IPv4
 
 
 def test_parse_several_messages_and_stops_at_a_truncated_one() -> None:
@@ -140,6 +160,9 @@ WANT = Desired({ROUTE.dst: ROUTE}, owned, 4, {NEIGH.ip: NEIGH}, {MAC: FDB}, {4: 
     (KernelEvent("del", Fdb("0a:00:00:00:00:09", IP("192.168.100.9"), 4)), False),
     (KernelEvent("new", link=(4, "flannel.1")), True),
     (KernelEvent("new", link=(7, "docker0")), False),
+    (KernelEvent("del", address=4), True),  # its routes were flushed, unannounced
+    (KernelEvent("new", address=4), True),  # refused routes can be written now
+    (KernelEvent("del", address=7), False),  # not a device of ours
 ])
 def test_drifted(event: KernelEvent, expected: bool) -> None:
     assert drifted(event, WANT) is expected
