@@ -41,7 +41,7 @@ from agent.lease_codec import (
     format_subnet_key,
     parse_subnet_key,
 )
-from agent.registry import Compacted, Event, Record, Registry, RegistryUnavailable
+from agent.registry import Compacted, Event, Registry, RegistryUnavailable, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,10 @@ class LeaseManager:
         self._lost = asyncio.Event()
         self._peers: dict[str, PeerLease] = {}
         self._warned: set[tuple[str, str]] = set()
+        #: The listing the first acquire decoded, kept for the watch's first snapshot so
+        #: that a start lists and decodes every lease once, not twice.
+        self._first_listing: _Listing | None = None
+        self._watching = False
 
     # -- decoding --------------------------------------------------------------------
     def _warn_once(self, name: str, problem: str) -> None:
@@ -182,6 +186,7 @@ class LeaseManager:
     async def _try_acquire(self, previous: ipaddress.IPv4Network | None) -> Lease | None:
         snap = await self.registry.list_subnets()
         existing: list[Existing] = []
+        decoded: dict[str, tuple[ipaddress.IPv4Network, LeaseAttrs | None]] = {}
         for rec in snap.records:
             key = self._parse_key(rec.name)
             if key is None or key.ipv4 is None:
@@ -190,6 +195,9 @@ class LeaseManager:
             existing.append(
                 Existing(key.ipv4, attrs, rec.lease_id != 0, rec.name, rec.mod_revision)
             )
+            decoded[rec.name] = (key.ipv4, attrs)
+        # Only before the watch starts: later acquisitions (a lost lease) run beside it.
+        self._first_listing = None if self._watching else _Listing(snap, decoded)
         choice = choose_subnet(self.config, self.attrs.public_ip, existing, previous, self.rng)
         for stale in choice.stale:
             log.info("deleting our old lease %s: it does not fit the network config", stale.name)
@@ -268,6 +276,8 @@ class LeaseManager:
         lease = self.lease
         if lease is None:
             return
+        if mod_revision < lease.mod_revision:
+            return  # older than our own write: a listing made before it (the acquire's)
         if ev_kind == "delete" or not self._ours(attrs):
             self._lost.set()
         else:
@@ -277,37 +287,51 @@ class LeaseManager:
                 lease.subnet, lease.name, lease.attrs, mod_revision, lease.expires_at
             )
 
-    def _peer_of(self, name: str, value: bytes) -> PeerLease | None:
-        key = self._parse_key(name)
-        if key is None or key.ipv4 is None:
-            return None
-        attrs = self._decode(name, value)
+    def _peer_of(
+        self, name: str, value: bytes,
+        known: tuple[ipaddress.IPv4Network, LeaseAttrs | None] | None = None,
+    ) -> PeerLease | None:
+        if known is not None:
+            subnet, attrs = known  # decoded (and any problem counted) by the acquire
+        else:
+            key = self._parse_key(name)
+            if key is None or key.ipv4 is None:
+                return None
+            subnet, attrs = key.ipv4, self._decode(name, value)
         if attrs is None:
             return None
         if attrs.public_ip == self.attrs.public_ip:
             return None
-        if self.config.network is not None and not _inside(key.ipv4, self.config.network):
+        if self.config.network is not None and not _inside(subnet, self.config.network):
             self.counters.outside_network += 1
             self._warn_once(name, f"subnet is outside the network {self.config.network}")
             return None
-        return PeerLease(key.ipv4, attrs)
+        return PeerLease(subnet, attrs)
 
-    def _apply_snapshot(self, records: list[Record]) -> list[PeerEvent]:
+    def _apply_snapshot(
+        self, snap: Snapshot,
+        decoded: dict[str, tuple[ipaddress.IPv4Network, LeaseAttrs | None]] | None = None,
+    ) -> list[PeerEvent]:
+        """The peer events that take the known peers to those of `snap`; `decoded` holds
+        the records the acquire decoded (then `snap` is its listing)."""
         lease = self.lease
         fresh: dict[str, PeerLease] = {}
         own_seen = False
-        for rec in records:
+        for rec in snap.records:
+            known = decoded.get(rec.name) if decoded is not None else None
             if lease is not None and rec.name == lease.name:
-                attrs = self._decode(rec.name, rec.value)
+                attrs = known[1] if known is not None else self._decode(rec.name, rec.value)
                 self._own_event("put", attrs, rec.mod_revision)
-                if self._ours(attrs):
+                if self._ours(attrs) or rec.mod_revision < lease.mod_revision:
                     own_seen = True
                     continue
                 # Another host holds our old key now: it is a peer like any other.
-            peer = self._peer_of(rec.name, rec.value)
+            peer = self._peer_of(rec.name, rec.value, known)
             if peer is not None:
                 fresh[rec.name] = peer
-        if lease is not None and not own_seen:
+        # A listing older than our own write (the acquire's) cannot show it: the watch,
+        # from the revision after the listing, does.
+        if lease is not None and not own_seen and lease.mod_revision <= snap.revision:
             self._lost.set()
         events = diff_peers(self._peers, fresh)
         self._peers = fresh
@@ -361,14 +385,20 @@ class LeaseManager:
         while True:
             try:
                 if next_rev is None:
-                    snap = await self.registry.list_subnets()
+                    first, self._first_listing = self._first_listing, None
+                    self._watching = True
+                    if first is not None:
+                        snap, decoded = first.snap, first.decoded
+                    else:
+                        snap, decoded = await self.registry.list_subnets(), None
+                    self.counters.relists += 1  # the start's listing counts, made once
+                    del first
                     self.batch_received = time.monotonic()
-                    self.counters.relists += 1
-                    events = self._apply_snapshot(snap.records)
+                    events = self._apply_snapshot(snap, decoded)
                     next_rev = snap.revision + 1
                     # This frame lives as long as the watch: keeping the listing (every
                     # value as bytes, ~300 bytes a peer) would hold it until the next one.
-                    del snap
+                    del snap, decoded
                     self.etcd_reachable = True
                     outage.ok()
                     backoff.reset()
@@ -447,6 +477,14 @@ class LeaseManager:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+
+
+@dataclass
+class _Listing:
+    """A listing and what of it was decoded: subnets/ name -> (subnet, attrs or None)."""
+
+    snap: Snapshot
+    decoded: dict[str, tuple[ipaddress.IPv4Network, LeaseAttrs | None]]
 
 
 @dataclass

@@ -673,3 +673,44 @@ def test_json_of_manager_value() -> None:
         "PublicIPv6": None,
         "BackendType": "host-gw",
     }
+
+
+# -- one listing at start ------------------------------------------------------------------
+
+
+class CountingRegistry(MemoryRegistry):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lists = 0
+
+    async def list_subnets(self):  # type: ignore[no-untyped-def]
+        self.lists += 1
+        return await super().list_subnets()
+
+
+@pytest.mark.parametrize("previous", [None, net("10.5.1.0/24")])
+async def test_a_start_lists_and_decodes_the_leases_once(previous) -> None:
+    """The acquire's listing starts the watch: one list_subnets, each bad value counted
+    once, and our own write (made after that listing: a new key, or our old one updated)
+    neither seen as lost nor taken back to the listing's older revision."""
+    reg = CountingRegistry()
+    await reg.put("10.5.3.0-24", value(3), ttl=600)
+    await reg.put("10.5.4.0-24", b"{not json", ttl=600)
+    if previous is not None:
+        await reg.put("10.5.1.0-24", value(1), ttl=600)  # ours, from the last run
+    m = manager(reg, previous=previous)
+    lease = await asyncio.wait_for(m.acquire(), TIMEOUT)
+    assert (lease.subnet == previous) if previous is not None else True
+    got = Collector()
+    async with background(m.watch(got)):
+        await until(lambda: got.events() == [("added", "10.5.3.0/24", "192.168.100.3")])
+        await reg.put("10.5.5.0-24", value(5), ttl=600)
+        await until(lambda: len(got.events()) == 2)
+        assert reg.lists == 1
+        assert m.counters.bad_values == 1
+        assert not m.lease_lost
+        assert m.lease is not None and m.lease.mod_revision >= lease.mod_revision
+    assert m.counters.reacquisitions == 0
+    # The revision we hold is our key's: a renewal's compare matches it.
+    rec = await record(reg, lease.name)
+    assert rec is not None and m.lease.mod_revision == rec.mod_revision
