@@ -14,8 +14,11 @@ gateway on the underlay, udp ones only a PublicIP); then one tweed starts and we
   the churn (it starts when the watch hands a batch over, so it misses changes queued
   before that: how many the agent had not yet received when the churn ended is shown
   too), and the time until the kernel equals etcd afterwards (SCALE_CATCHUP_TIMEOUT, 180);
+  the agent's RSS every 5 s of the churn, and how much it grew from the second quarter
+  to the last (SCALE_CHURN_SECONDS=600 makes it the 10-minute memory run);
 - for udp, TCP throughput container to container (iperf3, as tests/bench.py) with N peers
-  known vs in a lab with a single peer.
+  known, before the churn and while it runs (the agent programming the datapath), vs in a
+  lab with a single peer.
 Each size also runs with one peer (start only) for the RSS per peer above it. The
 reference is measured in the same run: `ip -batch` (and `bridge -batch` for the FDB)
 adding the same entries into a fresh namespace with the same devices; times are printed
@@ -34,8 +37,10 @@ import json
 import os
 import random
 import signal
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,6 +65,7 @@ CHURN_SECONDS = float(os.environ.get("SCALE_CHURN_SECONDS", "60"))
 CHURN_RATE = float(os.environ.get("SCALE_CHURN_RATE", "100"))
 START_TIMEOUT = float(os.environ.get("SCALE_START_TIMEOUT", "600"))
 CATCHUP_TIMEOUT = float(os.environ.get("SCALE_CATCHUP_TIMEOUT", "180"))
+CHURN_SAMPLE = 5.0  # seconds between RSS samples during the churn
 
 
 # -- the peers ------------------------------------------------------------------------
@@ -151,6 +157,13 @@ async def churn(url: str, backend: str, n: int, rate: float, seconds: float) -> 
     present = dict.fromkeys(range(n), 0)
     gone: list[int] = []
     next_new = n
+    # The agents' own leases (the tweed under test, a udp bench's second host) sit just
+    # above the seeded subnets, where joins go: a join must never overwrite one.
+    from etcd3aio.kv import prefix_range_end
+
+    start = f"{PREFIX}/subnets/".encode()
+    held = {kv_.key.decode() for kv_ in (await kv.get(
+        start, prefix_range_end(start), keys_only=True, timeout=30)).kvs}
     t0 = time.monotonic()
     k = 0
     while (now := time.monotonic() - t0) < seconds:
@@ -159,6 +172,9 @@ async def churn(url: str, backend: str, n: int, rate: float, seconds: float) -> 
             await asyncio.sleep(due - now)
         kind = k % 3
         if kind == 0:  # a join: a subnet that left earlier, or a new one
+            if not gone:
+                while key_of(subnet_of(next_new)) in held:
+                    next_new += 1
             i = gone.pop() if gone else next_new
             next_new += i == next_new
             present[i] = 0
@@ -300,7 +316,10 @@ class Result:
     churn_backlog: int = -1  # changes the agent's watch had not yet received at churn end
     kernel_equals_etcd: bool | None = None
     rss_after_churn_kib: int = 0
+    #: [seconds into the churn, RSS KiB], every CHURN_SAMPLE seconds.
+    churn_rss: list[list[float]] = field(default_factory=list)
     gbps: float = float("nan")
+    gbps_churn: float = float("nan")  # udp: the same, measured while the churn runs
     log_lines: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -371,24 +390,43 @@ def run_one(backend: str, n: int, full: bool) -> Result:
             time.sleep(IDLE_SECONDS)
             res.idle_cpu_s = proc_cpu(pid) - c0
             res.rss_after_idle_kib = proc_mem(pid)["VmRSS"]
-            churn_phase(res, lab, etcd, host, pid)
-            if backend == "udp":
-                res.gbps = udp_throughput(lab, etcd, host, agent, Path(tmp), n)
+            pair = udp_pair(lab, etcd, host, agent, Path(tmp)) if backend == "udp" else None
+            if pair is not None:
+                res.gbps = pair()
+            churn_phase(res, lab, etcd, host, pid, pair)
             res.log_lines = len(agent.log().splitlines())
     finally:
         lab.close()
     return res
 
 
-def churn_phase(res: Result, lab: Any, etcd: Any, host: Any, pid: int) -> None:
+def churn_phase(res: Result, lab: Any, etcd: Any, host: Any, pid: int,
+                pair: Any = None) -> None:
     if CHURN_SECONDS <= 0:
         return
     m0 = metrics(host)
     before = buckets(m0)
-    out = lab.underlay_ns.exec(
+    churn = lab.underlay_ns.popen(
         [sys.executable, "-m", "tests.bench_scale", "churn", etcd.client_url, res.backend,
          str(res.peers), str(CHURN_RATE), str(CHURN_SECONDS)],
-        timeout=CHURN_SECONDS + 600).stdout
+        stdout=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    during: list[float] = []
+    thread = None
+    if pair is not None:
+        # udp: TCP between the containers while the agent programs the churn's changes.
+        thread = threading.Thread(target=lambda: during.append(pair()), daemon=True)
+        thread.start()
+    while churn.poll() is None:
+        res.churn_rss.append([round(time.monotonic() - t0, 1), proc_mem(pid)["VmRSS"]])
+        try:
+            churn.wait(timeout=CHURN_SAMPLE)
+        except subprocess.TimeoutExpired:
+            pass
+    out, _ = churn.communicate(timeout=CHURN_SECONDS + 600)
+    if thread is not None:
+        thread.join(timeout=300)
+        res.gbps_churn = during[0] if during else float("nan")
     end = time.monotonic()
     # The histogram starts when the watch hands a batch over; changes still queued before
     # that (the agent behind etcd) show here instead.
@@ -403,7 +441,7 @@ def churn_phase(res: Result, lab: Any, etcd: Any, host: Any, pid: int) -> None:
             m = metrics(host)
             return (watch_events(m) - watch_events(m0) >= res.churn_changes
                     and sum(v for k, v in m.items() if k.startswith("tweed_peers{"))
-                    == len(peers))
+                    == len(peers) + (pair is not None))  # host 2, if up, is a peer too
     else:
         def same() -> bool:
             return kernel_state(host, res.backend) == want
@@ -422,9 +460,10 @@ def churn_phase(res: Result, lab: Any, etcd: Any, host: Any, pid: int) -> None:
     res.rss_after_churn_kib = proc_mem(pid)["VmRSS"]
 
 
-def udp_throughput(lab: Any, etcd: Any, host1: Any, agent1: Any, workdir: Path,
-                   n: int) -> float:
-    """iperf3 TCP between containers on host 1 (tweed under test) and host 2."""
+def udp_pair(lab: Any, etcd: Any, host1: Any, agent1: Any, workdir: Path) -> Any:
+    """A container on host 1 (tweed under test) and one on host 2 (a second tweed); the
+    function returned measures iperf3 TCP from the first to the second (NaN if they never
+    reached each other)."""
     from tests.bench import measure
     from tests.lab.agents import Agent
 
@@ -441,9 +480,14 @@ def udp_throughput(lab: Any, etcd: Any, host1: Any, agent1: Any, workdir: Path,
     def up() -> bool:
         return c1.exec(["ping", "-c", "1", "-W", "1", c2.ip], check=False).returncode == 0
 
-    if not wait(up, START_TIMEOUT, step=0.5):
-        return float("nan")
-    return float(measure(c1, c2.ip, c2, mss=mtu - 52)["gbps"])
+    reachable = wait(up, START_TIMEOUT, step=0.5)
+
+    def gbps() -> float:
+        if not reachable:
+            return float("nan")
+        return float(measure(c1, c2.ip, c2, mss=mtu - 52)["gbps"])
+
+    return gbps
 
 
 def udp_one_peer() -> float:
@@ -499,13 +543,24 @@ def fmt(x: float, spec: str = ".2f") -> str:
     return "-" if x != x else format(x, spec)  # NaN: not measured
 
 
+def rss_growth_mb(samples: list[list[float]]) -> float:
+    """MB the RSS grew during the churn: the mean of its last quarter's samples minus that
+    of its second quarter (the first is still settling); NaN with too few samples."""
+    rss = [kib for _, kib in samples]
+    q = len(rss) // 4
+    if q < 1:
+        return float("nan")
+    return (sum(rss[-q:]) / q - sum(rss[q:2 * q]) / q) / 1024
+
+
 def table(results: list[Result], base: dict[str, Result], idle_seconds: float) -> str:
     head = ("| backend | peers | start s | ip -batch s | x ref | x ref above 1 peer | CPU s"
             " | RSS MB | KB/peer"
             " above 1 peer | idle CPU s / 30 s | churn p50 ms | churn p99 ms | kernel = etcd"
-            " | behind at churn end | caught up s | RSS after churn MB | Gbit/s |")
+            " | behind at churn end | caught up s | RSS after churn MB | RSS growth in churn MB"
+            " | Gbit/s | Gbit/s in churn |")
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
-             "---:|"]
+             "---:|---:|---:|"]
     for r in results:
         b = base.get(r.backend)
         per = ((r.rss_kib - b.rss_kib) * 1.024 / max(r.peers - 1, 1)
@@ -521,7 +576,8 @@ def table(results: list[Result], base: dict[str, Result], idle_seconds: float) -
             f" | {'-' if r.kernel_equals_etcd is None else r.kernel_equals_etcd}"
             f" | {r.churn_backlog if r.churn_backlog >= 0 else '-'}"
             f" | {fmt(r.churn_converged_s, '.1f')}"
-            f" | {r.rss_after_churn_kib / 1024:.1f} | {fmt(r.gbps)} |")
+            f" | {r.rss_after_churn_kib / 1024:.1f} | {fmt(rss_growth_mb(r.churn_rss))}"
+            f" | {fmt(r.gbps)} | {fmt(r.gbps_churn)} |")
     return "\n".join(lines)
 
 
