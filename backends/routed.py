@@ -25,7 +25,7 @@ from agent.lease import Lease, PeerEvent, PeerEventKind
 from agent.lease_codec import LeaseAttrs
 from backends.external_iface import ExternalInterface
 from backends.kernel.desired import DesiredTables, Dirty, PeerEntries
-from backends.kernel.diff import Diff, diff_entries, diff_keys, diff_routes
+from backends.kernel.diff import Diff, diff_entries, diff_keys, diff_routes, sorted_keys
 from backends.kernel.monitor import Desired
 from backends.kernel.sync import KernelSync
 from backends.kernel.types import ChangeSet, Fdb, Neigh, Netlink, Route
@@ -183,8 +183,8 @@ class RoutedNetwork:
         # device made anew): only a full diff finds what the kernel holds under them.
         full = t.stale or not self.kernel.trusted
         if t.stale:
-            t.load(e for s, a in sorted(self.peers.items())
-                   if (e := self._entries(s, a)) is not None)
+            t.load(e for s in sorted_keys(self.peers)
+                   if (e := self._entries(s, self.peers[s])) is not None)
         neigh_dev = self._neigh_index()
         self.kernel.desired = Desired(t.routes, self._owned_route, neigh_dev, t.neigh, t.fdb,
                                       self._links())

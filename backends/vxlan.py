@@ -35,6 +35,7 @@ from agent.lease_codec import LeaseAttrs
 from backends.base import BackendContext, BackendError
 from backends.external_iface import ExternalInterface
 from backends.kernel.desired import DesiredTables, PeerEntries
+from backends.kernel.diff import sorted_keys
 from backends.kernel.types import Fdb, Neigh, Netlink, Route, VxlanSpec
 from backends.options import opt_bool, opt_int
 from backends.routed import RoutedNetwork
@@ -144,8 +145,8 @@ def desired_state(
     """Routes, neighbours and FDB entries for the vxlan peers (pure): the tables a rebuild
     holds."""
     tables = DesiredTables()
-    tables.load(e for s, a in sorted(peers.items())
-                if (e := peer_entries(s, a, dev, ext, direct_routing)) is not None)
+    tables.load(e for s in sorted_keys(peers)
+                if (e := peer_entries(s, peers[s], dev, ext, direct_routing)) is not None)
     return tables.routes, tables.neigh, tables.fdb
 
 

@@ -105,10 +105,12 @@ def _route(buf: bytes, off: int, end: int) -> Route | None:
         table = struct.unpack("=I", a[RTA_TABLE][:4])[0]
     if table != RT_TABLE_MAIN or rtype != RTN_UNICAST:
         return None
-    dst = ipaddress.IPv4Address(a.get(RTA_DST, b"\0\0\0\0")[:4])
+    dst = int.from_bytes(a.get(RTA_DST, b"\0\0\0\0")[:4], "big")
     gw = a.get(RTA_GATEWAY)
     oif = struct.unpack("=i", a[RTA_OIF][:4])[0] if RTA_OIF in a else 0
-    return Route(ipaddress.IPv4Network(f"{dst}/{dst_len}"),
+    # From the integer: a third of the cost of formatting and parsing "a.b.c.d/len", and
+    # a cold start echoes one route per peer.
+    return Route(ipaddress.IPv4Network((dst, dst_len)),
                  ipaddress.IPv4Address(gw[:4]) if gw and len(gw) >= 4 else None,
                  oif, bool(flags & RTNH_F_ONLINK))
 

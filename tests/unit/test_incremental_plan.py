@@ -23,7 +23,7 @@ from backends.base import BackendContext
 from backends.external_iface import ExternalInterface
 from backends.hostgw import HostGwNetwork
 from backends.kernel.desired import DesiredTables, PeerEntries
-from backends.kernel.diff import diff_entries, diff_keys
+from backends.kernel.diff import diff_entries, diff_keys, sorted_keys
 from backends.kernel.fake import FakeNetlink
 from backends.kernel.types import Fdb, Neigh, Route
 from backends.routed import RoutedNetwork
@@ -97,6 +97,16 @@ def test_diff_keys_over_every_key_is_diff_entries(want: list[Route], have: list[
         by_key.setdefault(r.dst, []).append(r)
     keys = desired.keys() | by_key.keys()
     assert diff_keys(desired, keys, lambda k: by_key.get(k, []), owned) == full
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 32))))
+def test_sorted_keys_is_the_natural_order(pairs: list[tuple[int, int]]) -> None:
+    nets = [NET((addr >> (32 - n) << (32 - n) if n else 0, n)) for addr, n in pairs]
+    assert sorted_keys(nets) == sorted(nets)
+    addrs = [IP(addr) for addr, _ in pairs]
+    assert sorted_keys(addrs) == sorted(addrs)
+    macs = [f"{addr:012x}" for addr, _ in pairs]
+    assert sorted_keys(macs) == sorted(macs)
 
 
 # -- the networks: incremental against full, step by step -------------------------------
