@@ -249,6 +249,13 @@ class VxlanBackend:
                 mac, source = dev.mac, "existing device"
             else:
                 mac, source = random_mac(self.rng), "new"
-            store.save(mac)
+            try:
+                store.save(mac)
+            except OSError as exc:
+                raise BackendError(
+                    f"cannot write the vxlan state file {store.path}:"
+                    f" {exc.strerror or exc}; it is kept next to --subnet-file, so make"
+                    f" {store.path.parent} writable or choose another --subnet-file"
+                ) from None
         log.info("VtepMAC %s (%s; kept in %s)", mac, source, store.path)
         return VxlanNetwork(ctx.netlink, ctx.ext, config, opts, mac, ctx.resync)

@@ -154,7 +154,12 @@ class UdpNetwork:
         self.own = lease.subnet
         if self.tun is None:
             opts = self.opts
-            self.tun = open_tun(DEVICE, vnet_hdr=opts.vnet_hdr)
+            try:
+                self.tun = open_tun(DEVICE, vnet_hdr=opts.vnet_hdr)
+            except BackendError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - pytun missing, /dev/net/tun absent
+                raise BackendError(f"cannot open TUN device {DEVICE}: {exc}") from None
             self.sock = open_socket(self.ext.iface_addr, opts.port)
             self.datapath = self.datapath_cls(
                 self.tun.fileno(), self.sock, port=opts.port, mtu=self.mtu,
@@ -162,7 +167,12 @@ class UdpNetwork:
                 coalesce=opts.coalesce, gso=opts.udp_gso, gro=opts.udp_gro,
             )
         address = ipaddress.IPv4Interface(f"{lease.subnet.network_address}/32")
-        self.tun_index = await self.netlink.configure_link(DEVICE, address, self.mtu, TXQUEUELEN)
+        try:
+            self.tun_index = await self.netlink.configure_link(
+                DEVICE, address, self.mtu, TXQUEUELEN)
+        except Exception as exc:  # noqa: BLE001 - pyroute2's NetlinkError is a plain Exception
+            raise BackendError(f"cannot configure TUN device {DEVICE} (address {address},"
+                               f" MTU {self.mtu}): {exc}") from None
         assert self.datapath is not None
         if self.peers.pop(lease.subnet, None) is not None:
             self.datapath.del_route(lease.subnet)
