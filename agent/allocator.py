@@ -69,7 +69,10 @@ def choose_subnet(
     previous: ipaddress.IPv4Network | None,
     rng: random.Random,
 ) -> Choice:
-    """Pick the subnet to lease; raise OutOfSubnets when none is free."""
+    """Pick the subnet to lease; raise OutOfSubnets when none is free (or, for a config
+    without an IPv4 Network, which the daemon refuses before it gets here, none can be)."""
+    if config.network is None:
+        raise OutOfSubnets("the network config has no IPv4 Network: no subnet to lease")
     leases = list(existing)
     own = [e for e in leases if e.attrs is not None and e.attrs.public_ip == public_ip]
     fitting = [e for e in own if config.subnet_fits(e.subnet)]

@@ -1,6 +1,7 @@
 """atomic_write: replace a file so that readers see the old or the new content, never a mix.
 
-Used for subnet.env, the vxlan VtepMAC state file and `tweed docker-opts` output.
+Used for subnet.env, the vxlan VtepMAC state file and `tweed docker-opts` output;
+`check_writable` finds out at start whether such a file could be written in a folder.
 """
 
 from __future__ import annotations
@@ -34,3 +35,13 @@ def atomic_write(path: Path, text: str, mode: int) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def check_writable(folder: Path) -> None:
+    """Raise OSError now if atomic_write could not write in `folder` later: the folder is
+    created if missing, and a temp file made and removed in it (as root, permission bits
+    alone would not tell)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tweed-check.", dir=folder)
+    os.close(fd)
+    os.unlink(tmp)

@@ -58,6 +58,25 @@ class NetworkConfig:
         )
 
 
+def unsupported(config: NetworkConfig) -> str | None:
+    """Why tweed cannot run a config flanneld accepts, or None: tweed leases IPv4 subnets
+    only (IPv6-only and dual stack come in a later release)."""
+    if config.network is None:
+        return ("EnableIPv4 is false: tweed leases IPv4 subnets only for now (IPv6-only"
+                " and dual stack come in a later release); set EnableIPv4 to true (the"
+                " default) and an IPv4 Network")
+    return None
+
+
+def ignored(config: NetworkConfig) -> str | None:
+    """What of a config tweed runs without, or None (said once at start)."""
+    if config.enable_ipv6:
+        return (f"EnableIPv6: IPv6 is not supported yet (dual stack comes in a later"
+                f" release); only the IPv4 Network {config.network} is leased and"
+                f" subnet.env has no FLANNEL_IPV6_* lines")
+    return None
+
+
 def _fold(obj: dict[str, Any]) -> dict[str, Any]:
     """Lower-case the keys, as Go's encoding/json matches field names case-insensitively."""
     out: dict[str, Any] = {}

@@ -4,10 +4,17 @@
 and builds nothing a test would want to replace; `run()` hands it the real ones (etcd,
 pyroute2, the iptables commands), tests hand it MemoryRegistry and FakeNetlink.
 
-Phases: choose the external interface; connect to etcd; wait for a valid network config;
-build the backend; acquire the lease; program the backend and write subnet.env; then run
-(peer watch, lease keeper, backend resync, config watch) until SIGTERM/SIGINT, which stop
-everything within 2 s and leave the lease and the kernel state in place.
+Phases: check that subnet.env's folder can be written; choose the external interface;
+connect to etcd; wait for a valid network config; build the backend; acquire the lease;
+program the backend, then write subnet.env (so a subnet.env of this run always names a
+subnet whose device is set up, as flanneld does); then run (peer watch, lease keeper, lease
+installer, backend resync, config watch) until SIGTERM/SIGINT, which stop everything within
+2 s and leave the lease and the kernel state in place.
+
+Failures a user can cause are one line, never a traceback: at start a StartupError (exit
+1); while running, what cannot be done now (a new lease's device or subnet.env, a batch of
+peers the kernel would not take) is logged once, counted in `failures` and retried, and
+/readyz says why meanwhile.
 """
 
 from __future__ import annotations
@@ -19,14 +26,15 @@ import ipaddress
 import json
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import uvloop
 
 from agent import sd_notify
+from agent.atomic_file import check_writable
 from agent.backoff import Backoff, OutageLog
-from agent.config import ConfigError, NetworkConfig, parse_config
+from agent.config import ConfigError, NetworkConfig, ignored, parse_config, unsupported
 from agent.etcd_registry import EtcdRegistry, EtcdSetupError
 from agent.health import Heartbeat
 from agent.lease import Lease, PeerEvent
@@ -34,7 +42,7 @@ from agent.lease_manager import LeaseManager
 from agent.options import EtcdSettings, Options, etcd_settings
 from agent.registry import Compacted, Registry, RegistryUnavailable
 from agent.state import ConfigState
-from agent.subnet_file import SubnetEnv, read_previous_subnet, write_subnet_file
+from agent.subnet_file import SubnetEnv, read_previous_subnet, write_problem, write_subnet_file
 from backends import backend_problem, build_backend
 from backends.base import BackendContext, BackendError, Network
 from backends.external_iface import ExternalInterface, InterfaceError, choose_interface
@@ -49,6 +57,11 @@ log = logging.getLogger("tweed")
 #: Seconds a clean stop may take before the remaining work is abandoned.
 STOP_GRACE = 1.5
 
+#: What the running agent retries, counted in `Daemon.failures` (tweed_failures_total):
+#: subnet.env for a new lease, a new lease's backend setup, a batch of peers (or a
+#: listing) the kernel could not be programmed for.
+FAILURE_STEPS = ("subnet_file", "backend_setup", "kernel")
+
 #: How the daemon gets what touches the world; run() passes the real ones.
 RegistryFactory = Callable[[EtcdSettings], Registry]
 NetlinkFactory = Callable[[], Netlink]
@@ -59,13 +72,35 @@ class StartupError(RuntimeError):
     """The agent cannot start with these settings; the message says why."""
 
 
+class SubnetFileError(RuntimeError):
+    """subnet.env cannot be written; the message names the file, --subnet-file and what
+    to do."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for an error: the messages of tweed's own errors say everything; others
+    (pyroute2's NetlinkError, OSError, ...) also need their type to be understood."""
+    if isinstance(exc, (StartupError, SubnetFileError, BackendError, ConfigError,
+                        RegistryUnavailable)):
+        return str(exc)
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def config_problem(config: NetworkConfig) -> str | None:
+    """Why tweed could not run on a config that parsed, or None: a family tweed does not
+    lease yet, a Backend.Type it lacks, a Backend option the backend refuses."""
+    return unsupported(config) or backend_problem(config)
+
+
 async def wait_for_config(
     registry: Registry, key: str, status: Callable[[str], None] | None = None
 ) -> NetworkConfig:
     """Read the network config; until it exists and is valid, watch the key for changes.
 
     `status` is told what is being waited for (etcd unreachable, no config, an invalid
-    one) each time that changes, for /readyz.
+    one) each time that changes, for /readyz. Invalid is what parse_config refuses and
+    what config_problem finds (a bad Backend option waits for a fix like a bad Network).
     """
     backoff = Backoff()
     outage = OutageLog(log, f"reading the network config {key}")
@@ -80,10 +115,15 @@ async def wait_for_config(
                     level = logging.WARNING
                 else:
                     try:
-                        return parse_config(value)
+                        config = parse_config(value)
+                        why = config_problem(config)
                     except ConfigError as exc:
-                        problem = f"invalid network config at {key}: {exc}; waiting for a fix"
-                        level = logging.ERROR
+                        why = str(exc)
+                    else:
+                        if why is None:
+                            return config
+                    problem = f"invalid network config at {key}: {why}; waiting for a fix"
+                    level = logging.ERROR
                 if status is not None:
                     status(problem)
                 if problem != reported:
@@ -157,6 +197,16 @@ class Daemon:
         self.config_state: ConfigState = "running"
         self._config_reported: object = "running"
         self.iptables: IptablesKeeper | None = None  # --ip-masq / --iptables-forward-rules
+        #: Failures retried while running, by step (FAILURE_STEPS), for metrics.
+        self.failures: dict[str, int] = dict.fromkeys(FAILURE_STEPS, 0)
+        #: Why the newest lease is not set up (its device or subnet.env), while retried.
+        self.lease_problem: str | None = None
+        #: Why the kernel could not be programmed for the last batch, until a retry works.
+        self.kernel_problem: str | None = None
+        self._new_lease: Lease | None = None  # handed over by the lease keeper
+        self._lease_wake = asyncio.Event()
+        self._kernel_retry = asyncio.Event()
+        self._kernel_outage = OutageLog(log, "programming the kernel for the peers")
 
     def not_ready_reason(self) -> str | None:
         if self.config is None:
@@ -171,10 +221,14 @@ class Daemon:
         if lease.expires_at is not None and lease.expires_at <= m.clock():
             # Renewals failed until the TTL ran out: etcd may give the subnet to another host.
             return f"the lease on {lease.subnet} expired (etcd unreachable: renewals failed)"
+        if self.lease_problem is not None:
+            return self.lease_problem
         if not self.file_written:
             return "subnet file not written"
         if self.written_subnet != lease.subnet:
             return f"subnet file not yet rewritten for the new subnet {lease.subnet}"
+        if self.kernel_problem is not None:
+            return f"backend not programmed: {self.kernel_problem} (retrying)"
         if self.network is None or not self.network.ready():
             return "backend not programmed"
         if not self.peers_listed:
@@ -184,13 +238,20 @@ class Daemon:
 
     async def _interface(self) -> ExternalInterface:
         o = self.opts
-        links = await self.netlink.links()
-        reach = None
-        if o.iface_can_reach:
-            reach = await self.netlink.route_get_oif(ipaddress.IPv4Address(o.iface_can_reach))
-            if reach is None and not o.iface and not o.iface_regex:
-                raise StartupError(f"--iface-can-reach: no route to {o.iface_can_reach}")
-        default = await self.netlink.default_route_oif()
+        try:
+            links = await self.netlink.links()
+            reach = None
+            if o.iface_can_reach:
+                reach = await self.netlink.route_get_oif(
+                    ipaddress.IPv4Address(o.iface_can_reach))
+            default = await self.netlink.default_route_oif()
+        except Exception as exc:  # noqa: BLE001 - pyroute2's NetlinkError is a plain Exception
+            raise StartupError(
+                "cannot read the host's interfaces and routes to choose the external"
+                f" interface (--iface, --iface-regex, --iface-can-reach): {describe_error(exc)}"
+            ) from None
+        if o.iface_can_reach and reach is None and not o.iface and not o.iface_regex:
+            raise StartupError(f"--iface-can-reach: no route to {o.iface_can_reach}")
         try:
             ext = choose_interface(
                 links, iface=o.iface, iface_regex=o.iface_regex, can_reach_oif=reach,
@@ -205,19 +266,60 @@ class Daemon:
         return ext
 
     def _write_subnet_file(self, lease: Lease) -> None:
+        """subnet.env for `lease`; SubnetFileError (one line) if it cannot be written."""
         assert self.config is not None and self.network is not None
         env = SubnetEnv(self.config.network, lease.subnet, self.network.mtu, self.opts.ip_masq)
-        write_subnet_file(self.subnet_file, env)
+        try:
+            write_subnet_file(self.subnet_file, env)
+        except OSError as exc:
+            raise SubnetFileError(write_problem(self.subnet_file, exc)) from None
         self.file_written = True
         self.written_subnet = lease.subnet
         log.info("wrote %s (subnet %s, MTU %d)", self.subnet_file, lease.subnet, env.mtu)
 
     async def _on_new_lease(self, lease: Lease) -> None:
+        """The lease keeper holds a new lease (the last one was lost): `_install_leases`
+        sets it up. Handed over, not awaited here, so that a setup retried for long does
+        not keep the keeper from renewing the new lease."""
+        self._new_lease = lease
+        self._lease_wake.set()
+
+    async def _install_leases(self) -> None:
+        """Set up each new lease, device first, then subnet.env (so the file never names a
+        subnet whose device is not set up); what fails is logged once, counted, retried
+        with backoff and said by /readyz, until it works or a newer lease replaces it."""
         assert self.network is not None
-        await self.network.setup(lease)
-        self._write_subnet_file(lease)
-        if self.iptables is not None:
-            self.iptables.set_subnet(lease.subnet)
+        backoff = Backoff()
+        outage: OutageLog | None = None
+        outage_of: Lease | None = None  # the lease `outage` speaks of
+        while True:
+            await self._lease_wake.wait()
+            self._lease_wake.clear()
+            lease = self._new_lease
+            if lease is None:
+                continue
+            if outage is None or outage_of is not lease:
+                outage = OutageLog(log, f"setting up the new subnet {lease.subnet}")
+                outage_of = lease
+            step = "backend_setup"
+            try:
+                await self.network.setup(lease)
+                step = "subnet_file"
+                self._write_subnet_file(lease)
+            except Exception as exc:  # noqa: BLE001 - BackendError, NetlinkError, SubnetFileError
+                self.failures[step] += 1
+                why = describe_error(exc)
+                outage.fail(why, logging.ERROR)
+                self.lease_problem = f"cannot set up the new subnet {lease.subnet}: {why}"
+                await backoff.wait()
+                self._lease_wake.set()  # again, with the newest lease by then
+                continue
+            outage.ok()
+            outage = None
+            backoff.reset()
+            self.lease_problem = None
+            if self.iptables is not None:
+                self.iptables.set_subnet(lease.subnet)
 
     def _judge_config(self, key: str, value: bytes | None) -> None:
         """Compare the config in etcd with the running one; log each new state once."""
@@ -231,7 +333,7 @@ class Daemon:
             new: NetworkConfig | None = None
             try:
                 new = parse_config(value)
-                problem = backend_problem(new)
+                problem = config_problem(new)
             except ConfigError as exc:
                 problem = str(exc)
             if problem is not None:
@@ -281,19 +383,65 @@ class Daemon:
         """Peer changes to the backend; the kernel sync times them from their arrival."""
         assert self.network is not None and self.manager is not None
         self.network.kernel.expect(self.manager.batch_received)
-        await self.network.apply(events)
+        await self._program(self.network.apply(events))
 
     async def _on_listed(self) -> None:
         """A full listing was handed over: stale entries can go, and /readyz may say ready."""
         assert self.network is not None
-        await self.network.apply([])
+        # Listed even if the kernel refused: the backend knows the peers, the retry
+        # programs them, and /readyz says "backend not programmed" until it has.
+        await self._program(self.network.apply([]))
         self.peers_listed = True
+
+    async def _program(self, call: Awaitable[None]) -> None:
+        """Await a backend call that programs the kernel; when it raises (the kernel could
+        not be read or written: pyroute2's NetlinkError, OSError), the peers are kept as the
+        backend took them and `_repair_kernel` syncs again until it works."""
+        try:
+            await call
+        except Exception as exc:  # noqa: BLE001 - netlink errors come in many types
+            self._kernel_failed(exc)
+        else:
+            if self.kernel_problem is not None:
+                self._kernel_ok()  # refused entries, if any, are the sync's to report
+
+    def _kernel_failed(self, exc: Exception) -> None:
+        self.failures["kernel"] += 1
+        self.kernel_problem = describe_error(exc)
+        self._kernel_outage.fail(self.kernel_problem, logging.ERROR)
+        self._kernel_retry.set()
+
+    def _kernel_ok(self) -> None:
+        self.kernel_problem = None
+        self._kernel_outage.ok()
+
+    async def _repair_kernel(self) -> None:
+        """After a batch could not be programmed: sync again, with backoff, until a sync
+        goes through (the backend's resync would too, but only every --resync-period)."""
+        assert self.network is not None
+        backoff = Backoff()
+        while True:
+            await self._kernel_retry.wait()
+            await backoff.wait()
+            self._kernel_retry.clear()
+            try:
+                await self.network.kernel.sync()
+            except Exception as exc:  # noqa: BLE001 - as in _program
+                self._kernel_failed(exc)
+                continue
+            backoff.reset()
+            self._kernel_ok()
 
     def _set_waiting_for(self, what: str) -> None:
         self.waiting_for = what
 
     async def serve(self) -> None:
         o = self.opts
+        # Before a lease is taken: a folder that cannot hold subnet.env is the user's to fix.
+        try:
+            check_writable(self.subnet_file.parent)
+        except OSError as exc:
+            raise StartupError(write_problem(self.subnet_file, exc)) from None
         ext = await self._interface()
         try:
             self.registry = self._registry_factory(etcd_settings(o))
@@ -305,6 +453,8 @@ class Daemon:
         self.waiting_for = None
         log.info("network config: %s, subnets /%d, backend %s",
                  self.config.network, self.config.subnet_len, self.config.backend_type)
+        if (left_out := ignored(self.config)) is not None:
+            log.warning("%s", left_out)
         # The VtepMAC (vxlan) is kept next to the subnet file, named after it.
         ctx = BackendContext(self.netlink, ext, o.resync_period, self.subnet_file.parent,
                              self.subnet_file.name)
@@ -313,6 +463,9 @@ class Daemon:
             self.network = await backend.register_network(self.config)
         except BackendError as exc:
             raise StartupError(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - a netlink read (vxlan: find_vxlan)
+            raise StartupError(f"cannot set up the {self.config.backend_type} backend:"
+                               f" {describe_error(exc)}") from None
         if self._monitor_factory is not None:
             self.network.kernel.watch(self._monitor_factory)
         self.manager = LeaseManager(
@@ -321,10 +474,19 @@ class Daemon:
             ttl=o.subnet_lease_ttl, renew_margin=o.subnet_lease_renew_margin * 60.0,
         )
         lease = await self.manager.acquire()
-        self._write_subnet_file(lease)
+        # Device first, then subnet.env: a failed setup leaves no subnet.env of this run
+        # for Docker to start on (one from an earlier run stays; docs/troubleshooting.md).
         try:
             await self.network.setup(lease)
         except BackendError as exc:
+            raise StartupError(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - the first sync's netlink reads and writes
+            raise StartupError(
+                f"cannot program the {self.config.backend_type} backend for subnet"
+                f" {lease.subnet}: {describe_error(exc)}") from None
+        try:
+            self._write_subnet_file(lease)
+        except SubnetFileError as exc:
             raise StartupError(str(exc)) from None
         if o.ip_masq or o.iptables_forward_rules:
             # A lease is held, and only a subnet of an IPv4 Network can be leased.
@@ -339,6 +501,8 @@ class Daemon:
                 tg.create_task(self.iptables.run(), name="iptables")
             tg.create_task(self.manager.watch(self._on_batch, self._on_listed), name="watch")
             tg.create_task(self.manager.hold(self._on_new_lease), name="hold")
+            tg.create_task(self._install_leases(), name="install-leases")
+            tg.create_task(self._repair_kernel(), name="repair-kernel")
             tg.create_task(self.network.run(), name="resync")
             tg.create_task(self._report_config_changes(self.registry), name="config")
 
@@ -377,7 +541,11 @@ class Daemon:
             notifier.stopping(f"stopped by an error: {error}")
             if isinstance(error, StartupError):
                 log.error("%s", error)
+            elif error is None:
+                log.error("stopped: every task of the agent ended")
             elif isinstance(error, BaseExceptionGroup):
+                # What a user can cause is handled where it happens; this is a bug, and
+                # its traceback is what finds it.
                 for sub in error.exceptions:
                     log.error("stopped by an error: %r", sub, exc_info=sub)
             else:
@@ -387,24 +555,49 @@ class Daemon:
             reporter.cancel()
             notifier.stopping("stopping; the lease and the kernel state stay in place")
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError, Exception):
+            try:
                 await asyncio.wait_for(task, STOP_GRACE / 2)
+            except asyncio.CancelledError:
+                pass  # stopped as asked
+            except TimeoutError:
+                log.warning("stopping: the agent's tasks did not stop within %.2f s; "
+                            "leaving them", STOP_GRACE / 2)
+            except Exception as exc:  # noqa: BLE001 - said, then the stop goes on
+                _stop_failed("stopping the agent's tasks", exc)
         stopper.cancel()
         heartbeat.cancel()
         if health is not None:
             health.close()
-        with contextlib.suppress(Exception):
+        try:
             await asyncio.wait_for(self._close(), STOP_GRACE / 2)
+        except TimeoutError:
+            log.warning("stopping: closing the backend, etcd client and netlink took over"
+                        " %.2f s; leaving them", STOP_GRACE / 2)
         notifier.close()
         log.debug("main loop done")
         return code
 
     async def _close(self) -> None:
+        """Close what the agent opened, each on its own: one that fails is one line, and
+        the others are still closed."""
+        closers: list[tuple[str, Callable[[], Awaitable[None]]]] = []
         if self.network is not None:
-            await self.network.close()
+            closers.append(("the backend", self.network.close))
         if self.registry is not None:
-            await self.registry.close()
-        await self.netlink.close()
+            closers.append(("the etcd client", self.registry.close))
+        closers.append(("netlink", self.netlink.close))
+        for what, close in closers:
+            try:
+                await close()
+            except Exception as exc:  # noqa: BLE001 - said, then the next is closed
+                _stop_failed(f"closing {what}", exc)
+
+
+def _stop_failed(what: str, exc: Exception) -> None:
+    """One line, no traceback: nothing is left to do about an error while stopping."""
+    errors = exc.exceptions if isinstance(exc, ExceptionGroup) else (exc,)
+    for sub in errors:
+        log.warning("stopping: %s failed: %s", what, describe_error(sub))
 
 
 def run(opts: Options) -> int:

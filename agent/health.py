@@ -97,7 +97,9 @@ async def _handle(
             f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data
         )
         await writer.drain()
-    except (TimeoutError, ConnectionError):
+    except (TimeoutError, ConnectionError, ValueError):
+        # ValueError: a request line longer than the stream's limit (64 KiB); such a
+        # client gets no answer, and no traceback lands in the log.
         pass
     finally:
         writer.close()

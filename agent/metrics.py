@@ -68,6 +68,12 @@ class AgentCollector(Collector):
             yield fam
         yield _gauge("tweed_event_loop_lag_seconds",
                      "how late the event loop ran the last heartbeat timer", d.heartbeat.lag)
+        failures = CounterMetricFamily("tweed_failures", "failures the running agent "
+                                       "retries, by step (subnet_file, backend_setup, "
+                                       "kernel)", labels=["step"])
+        for step, value in d.failures.items():
+            failures.add_metric([step], value)
+        yield failures
         if d.registry is not None:
             yield from etcd_families(d.registry.requests)
         if d.manager is not None:

@@ -67,3 +67,8 @@ class AgentState(Protocol):
     def iptables(self) -> IptablesKeeper | None:
         """The iptables keeper, with --ip-masq or --iptables-forward-rules."""
         ...
+
+    @property
+    def failures(self) -> dict[str, int]:
+        """Failures the running agent retries, by step (agent.daemon.FAILURE_STEPS)."""
+        ...

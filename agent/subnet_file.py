@@ -1,7 +1,8 @@
 """subnet.env: the file Docker (and mk-docker-opts) read to learn the host's subnet and MTU.
 
 Rendering and parsing are pure; `write_subnet_file` is the only I/O and writes atomically
-(temp file in the same folder, fsync, rename) so a reader never sees half a file.
+(temp file in the same folder, fsync, rename) so a reader never sees half a file;
+`write_problem` is the one line for a file that cannot be written.
 """
 
 from __future__ import annotations
@@ -81,3 +82,12 @@ def read_previous_subnet(path: Path) -> ipaddress.IPv4Network | None:
 def write_subnet_file(path: Path, env: SubnetEnv) -> None:
     """Write subnet.env atomically with mode 0644, creating the parent folder."""
     atomic_write(path, render_subnet_env(env), 0o644)
+
+
+def write_problem(path: Path, exc: OSError) -> str:
+    """The one line for subnet.env (or its folder) that cannot be written: the file, the
+    flag and what to do."""
+    return (f"--subnet-file: cannot write {path}: {exc.strerror or exc}; tweed writes"
+            f" subnet.env (and the vxlan state file) in {path.parent}: make that folder"
+            f" writable for tweed (systemd: ReadWritePaths=), or choose another"
+            f" --subnet-file")
