@@ -318,6 +318,8 @@ class Daemon:
             outage = None
             backoff.reset()
             self.lease_problem = None
+            if self._new_lease is lease:  # else a newer one came meanwhile: its turn next
+                self._new_lease = None
             if self.iptables is not None:
                 self.iptables.set_subnet(lease.subnet)
 
