@@ -7,6 +7,7 @@ Rendering and parsing are pure; `write_subnet_file` is the only I/O and writes a
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +88,10 @@ def write_subnet_file(path: Path, env: SubnetEnv) -> None:
 def write_problem(path: Path, exc: OSError) -> str:
     """The one line for subnet.env (or its folder) that cannot be written: the file, the
     flag and what to do."""
-    return (f"--subnet-file: cannot write {path}: {exc.strerror or exc}; tweed writes"
+    why = exc.strerror or str(exc)
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):  # mkdir met a file where a folder goes
+        why = f"{path.parent} (or a folder above it) is a file, not a folder"
+    return (f"--subnet-file: cannot write {path}: {why}; tweed writes"
             f" subnet.env (and the vxlan state file) in {path.parent}: make that folder"
             f" writable for tweed (systemd: ReadWritePaths=), or choose another"
             f" --subnet-file")

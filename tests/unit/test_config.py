@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import random
 
 import pytest
 
-from agent.config import ConfigError, parse_config
+from agent.allocator import OutOfSubnets, choose_subnet
+from agent.config import ConfigError, ignored, parse_config, unsupported
 
 
 def cfg(**fields: object):
@@ -246,6 +248,25 @@ def test_ipv6_only() -> None:
     assert c.enable_ipv4 is False
     assert c.ipv6_subnet_len == 64
     assert not c.subnet_fits(net("10.5.1.0/24"))
+
+
+def test_ipv6_only_parses_as_flanneld_does_but_tweed_cannot_run_it_yet() -> None:
+    c = cfg(EnableIPv4=False, EnableIPv6=True, IPv6Network="fd00::/56")
+    problem = unsupported(c)
+    assert problem is not None and problem.startswith("EnableIPv4 is false:")
+    assert "\n" not in problem
+    # The allocator, should it ever be asked, says so instead of an AssertionError.
+    with pytest.raises(OutOfSubnets, match="no IPv4 Network"):
+        choose_subnet(c, ipaddress.IPv4Address("192.168.0.1"), [], None, random.Random(1))
+
+
+def test_dual_stack_runs_on_ipv4_and_says_what_is_left_out() -> None:
+    dual = cfg(Network="10.5.0.0/16", EnableIPv6=True, IPv6Network="fd00::/56")
+    assert unsupported(dual) is None
+    note = ignored(dual)
+    assert note is not None and note.startswith("EnableIPv6: IPv6 is not supported yet")
+    plain = cfg(Network="10.5.0.0/16")
+    assert unsupported(plain) is None and ignored(plain) is None
 
 
 def test_ipv6_network_required_when_enabled() -> None:

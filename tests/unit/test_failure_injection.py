@@ -33,6 +33,7 @@ import pytest
 import backends.udp.network as udp_network
 from agent.daemon import Daemon
 from agent.health import start_health_server
+from agent.subnet_file import write_problem
 from tests.support.daemon_rig import CONFIG, OWN, DaemonRig, NetlinkError, peer_value
 
 NET = "10.5.0.0/16"
@@ -428,6 +429,20 @@ async def test_a_request_line_over_the_limit_is_dropped_without_a_traceback(
     finally:
         server.close()
     assert_no_traceback(caplog)
+
+
+@pytest.mark.parametrize(("exc", "why"), [
+    (PermissionError(errno.EACCES, "Permission denied", "/run/flannel"), "Permission denied"),
+    (FileExistsError(errno.EEXIST, "File exists", "/run/flannel"),
+     "/run/flannel (or a folder above it) is a file, not a folder"),
+    (OSError("disk full"), "disk full"),
+])
+def test_the_subnet_file_line_names_the_file_the_flag_and_what_to_do(
+    exc: OSError, why: str,
+) -> None:
+    line = write_problem(Path("/run/flannel/subnet.env"), exc)
+    assert line.startswith(f"--subnet-file: cannot write /run/flannel/subnet.env: {why}; ")
+    assert "make that folder writable" in line and "\n" not in line
 
 
 def test_the_troubleshooting_page_documents_every_outcome_line() -> None:
