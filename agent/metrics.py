@@ -211,6 +211,11 @@ _UDP_HELP = {
     "coalesced_writes": "TCP super-packets written to the TUN",
     "tso_reads": "TCP super-packets read from the TUN and cut (TSO)",
     "icmp_unreachable_sent": "ICMP net-unreachable replies written to the TUN",
+    "icmp_time_exceeded_sent": "ICMP time exceeded answers for TTLs that ran out here",
+    "icmp_rate_limited": "ICMP errors not sent: their destination's token bucket was empty",
+    "tx_socket_full": "sends that found the UDP socket buffer full",
+    "tun_lost": "times flannel0's TUN reported an error or hang-up (device deleted)",
+    "tun_recreated": "times flannel0 was made again and handed to the datapath",
 }
 
 

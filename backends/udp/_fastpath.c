@@ -4,25 +4,42 @@
  *
  * Threads. One packet thread per datapath moves packets between the TUN fd and the UDP
  * socket without the GIL: it never calls into Python. Python (holding the GIL) changes
- * routes, reads counters and offloads, and starts and stops the thread. What the two
- * share, and how:
+ * routes and our subnet, reads counters and offloads, and starts and stops the thread.
+ * What the two share, and how:
  *  - the routes: a read-write lock. The packet thread takes the read lock for one lookup
  *    (a route for a destination, or a sender's source check) and drops it before doing
  *    anything else, so it never holds it across I/O; Python takes the write lock with the
  *    GIL released, so that a Python thread waiting for it does not stall the others;
- *  - the counters and the `gso` flag (the packet thread turns GSO off when a send cannot
- *    segment; Python reads it in offloads()): C11 atomics, relaxed, since each is a value
- *    on its own and orders nothing else;
+ *  - the counters, the `gso` flag (the packet thread turns GSO off when a send cannot
+ *    segment; Python reads it in offloads()), our subnet (`own`, one 64-bit value written
+ *    by set_subnet) and `tun_lost` (set by the packet thread before it ends on a TUN
+ *    error): C11 atomics, relaxed, since each is a value on its own and orders nothing
+ *    else (pthread_join orders what the ended thread did before Python looks further);
  *  - everything else the packet thread reads (the fds, the MTU, the port, the flags) is
- *    written in Core_init, before the thread exists, and never again: Core_init refuses a
- *    second call and start() refuses an uninitialised Core. The buffers belong to the
- *    packet thread while it runs; the test hooks drain_tun/drain_udp refuse to run then.
+ *    written while no packet thread exists: in Core_init, which refuses a second call, or
+ *    in set_tun, which refuses to run while the thread does; start() refuses an
+ *    uninitialised Core. The buffers, the send state of a held batch and the ICMP rate
+ *    buckets belong to the packet thread while it runs; the test hooks drain_tun/drain_udp
+ *    refuse to run then.
+ *
+ * Neither direction waits for the other. A full socket buffer (sendmmsg: EAGAIN) holds
+ * the batch being sent, stops reading the TUN (the TUN's queue then pushes back on the
+ * senders) and asks poll() for POLLOUT, while received datagrams keep going to the TUN; a
+ * batch still held after SEND_HOLD_MS is dropped, as a router with a full queue would.
+ * Each wake-up handles at most a few batches of each side before poll() looks at both
+ * again. POLLERR/POLLHUP on the TUN (flannel0 deleted) ends the thread with `tun_lost`
+ * set and the `done` eventfd written, which Python watches: it makes a new device and
+ * hands it over with set_tun.
  *
  * Semantics are the pure-Python datapath's (backends/udp/python_datapath.py, contract in
  * backends/udp/datapath.py), counter for counter, and one test suite runs against both
  * (tests/unit/test_datapath.py): one inner IPv4 packet per datagram, TTL decremented on
  * both ends with an incremental checksum fix, ICMP net-unreachable for packets no peer
- * subnet matches (never for ICMP or non-first fragments), receive drops by reason. The
+ * subnet matches (never for ICMP or non-first fragments), ICMP time exceeded from our
+ * subnet's first address when a TTL runs out (into the TUN on the sending side, back to
+ * the sender's peer on the receiving side), both rate-limited per destination as the
+ * kernel's icmp_ratelimit, receive drops by reason (also for destinations outside our
+ * subnet). The
  * algorithms are the same too: the per-prefix-length route table of backends/udp/lpm.py,
  * the same send runs and batches, the same coalescing rule and caps.
  *
@@ -54,6 +71,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 #include <arpa/inet.h>
 #include <linux/if_tun.h>
 #include <netinet/in.h>
@@ -101,7 +119,15 @@ struct vnet_hdr {
 #define MERGE_MAX 64      /* segments per coalesced write (COALESCE_MAX_SEGMENTS) */
 #define MERGE_BYTES 65000
 #define CMSG_SLOT CMSG_SPACE(sizeof(uint16_t))
-#define SEND_WAIT_MS 20   /* how long a full socket buffer may hold up the TUN side */
+#define SEND_HOLD_MS 60   /* how long a full socket buffer may hold a send batch */
+#define TUN_BUDGET 4      /* send batches per wake-up before poll() looks at both sides */
+#define UDP_BUDGET 4      /* receive batches per wake-up */
+/* ICMP errors per destination, as the kernel's (net.ipv4.icmp_ratelimit and
+ * XRLIM_BURST_FACTOR): ICMP_RATELIMIT_MS, ICMP_BURST and ICMP_BUCKET_BITS in
+ * backends/udp/packet.py. */
+#define ICMP_BURST 6
+#define ICMP_BUCKET_BITS 6
+#define ICMP_BUCKETS (1 << ICMP_BUCKET_BITS)
 
 /* Counter order: must match COUNTERS in backends/udp/datapath.py. */
 enum {
@@ -110,6 +136,7 @@ enum {
     RX_DROP_UNKNOWN_SOURCE, RX_DROP_MALFORMED, RX_DROP_OVERSIZED,
     RX_DROP_SPOOFED_SOURCE, RX_DROP_TTL, RX_DROP_TUN_ERROR, ICMP_UNREACHABLE_SENT,
     GSO_SENDS, GRO_RECEIVES, COALESCED_WRITES, TSO_READS,
+    RX_DROP_DST_OUTSIDE, ICMP_TIME_EXCEEDED_SENT, ICMP_RATE_LIMITED, TX_SOCKET_FULL,
     NCOUNTERS
 };
 
@@ -152,15 +179,25 @@ struct pend {
     uint32_t len;
 };
 
+/* A token bucket of the ICMP rate limit (ms of tokens, as the kernel's). */
+struct bucket {
+    int64_t tokens, last;
+    int used; /* 0: never used, full */
+};
+
 typedef struct {
     PyObject_HEAD
-    int tun, udp, efd;
+    int tun, udp, efd, done;
     uint16_t port;
-    int mtu, check_source, vnet, gro, tso, coalesce; /* set once, before the thread */
+    int mtu, check_source, vnet, gro, tso, coalesce; /* set while no thread runs */
+    int tso_wanted;        /* the tso option, for a TUN handed over by set_tun */
+    int icmp_interval;     /* ms of tokens per ICMP error; 0: no limit */
     atomic_int gso;        /* on until a send cannot segment; read by Python */
-    int ready;             /* Core_init succeeded: buffers, eventfd and lock are there */
+    _Atomic uint64_t own;  /* our subnet: mask << 32 | network; 0 until set_subnet */
+    atomic_int tun_lost;   /* the packet thread ended on POLLERR/POLLHUP of the TUN */
+    int ready;             /* Core_init succeeded: buffers, eventfds and lock are there */
     int lock_ready;        /* the lock was initialised (so dealloc destroys it) */
-    int efd_open;          /* efd is ours to close */
+    int efd_open, done_open; /* efd and done are ours to close */
     pthread_t thread;
     int running;           /* Python's side only (under the GIL) */
     pthread_rwlock_t lock; /* the routes: the packet thread reads, Python writes */
@@ -176,6 +213,16 @@ typedef struct {
     int *npkts;
     uint8_t *cmsgs;        /* MAX_SEGS * CMSG_SLOT: UDP_SEGMENT control data */
     int nsegs;
+    int nm, sent;          /* messages of the batch being sent, and how many went */
+    int held;              /* that batch waits for room in the socket buffer... */
+    int64_t held_until;    /* ...until then (ms, CLOCK_MONOTONIC) */
+    size_t off;            /* where the next TUN read goes in txbuf... */
+    int reads;             /* ...and the reads of this batch so far */
+    int carry;             /* a packet read but not yet cut when the batch was held: */
+    size_t carry_off, carry_n;
+    uint32_t carry_peer;
+    struct vnet_hdr carry_vh;
+    struct bucket buckets[ICMP_BUCKETS];
     /* receive side */
     uint8_t *rxbuf;        /* RX_BATCH * rxslot */
     size_t rxslot;
@@ -698,41 +745,165 @@ static void flush_pending(Core *c)
     c->npend = 0;
 }
 
-/* ICMP destination unreachable (net) for `off`, from its destination: our own address (what
- * flanneld uses) would come back through the TUN as a martian and never reach the sender. */
-static void net_unreachable(Core *c, const uint8_t *off, size_t n)
+/* ---- ICMP errors ------------------------------------------------------------------ */
+
+#define ICMP_MAX (20 + 8 + 60 + 8) /* IP, ICMP header, the quoted header and 8 bytes */
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* May an ICMP error go to `dst` now? The kernel's per-destination token bucket
+ * (inet_peer_xrlim_allow): an error costs icmp_interval ms of tokens, tokens grow with
+ * time up to ICMP_BURST errors' worth, a bucket starts full; destinations share
+ * ICMP_BUCKETS buckets by a Fibonacci hash (IcmpLimiter in backends/udp/packet.py).
+ * Counts a refusal. Packet thread only (or a test hook while it does not run). */
+static int icmp_allowed(Core *c, uint32_t dst)
+{
+    if (c->icmp_interval <= 0)
+        return 1;
+    struct bucket *b = &c->buckets[(uint32_t)(dst * 2654435769u) >> (32 - ICMP_BUCKET_BITS)];
+    int64_t now = now_ms(), cap = (int64_t)ICMP_BURST * c->icmp_interval;
+    int64_t tokens = b->used ? b->tokens + (now - b->last) : cap;
+    if (tokens > cap)
+        tokens = cap;
+    b->used = 1;
+    b->last = now;
+    if (tokens >= c->icmp_interval) {
+        b->tokens = tokens - c->icmp_interval;
+        return 1;
+    }
+    b->tokens = tokens;
+    count(c, ICMP_RATE_LIMITED, 1);
+    return 0;
+}
+
+/* An ICMP error of `type`/`code` from `src` (4 bytes, network order) to the source of the
+ * offender `off` (n bytes, its header checked: ihl <= total <= n), quoting its header and
+ * 8 bytes of payload (RFC 792), into pkt (ICMP_MAX bytes). Returns the length. */
+static size_t icmp_error(uint8_t *pkt, const uint8_t *off, size_t n, uint8_t type,
+                         uint8_t code, const uint8_t *src)
 {
     size_t ihl = (size_t)(off[0] & 0x0F) * 4;
-    size_t total = (size_t)off[2] << 8 | off[3];
-    if (ihl < 20 || total < ihl || total > n || off[9] == 1)
-        return;
-    if (((off[6] & 0x1F) << 8 | off[7]) != 0) /* not the first fragment */
-        return;
     size_t quote = ihl + 8 <= n ? ihl + 8 : n;
-    uint8_t pkt[20 + 8 + 60 + 8];
     size_t len = 20 + 8 + quote;
     memset(pkt, 0, 28);
     pkt[0] = 0x45;
     put_be16(pkt + 2, (uint32_t)len);
     pkt[8] = 64;
     pkt[9] = 1;
-    memcpy(pkt + 12, off + 16, 4);
+    memcpy(pkt + 12, src, 4);
     memcpy(pkt + 16, off + 12, 4);
-    pkt[20] = 3; /* destination unreachable */
-    pkt[21] = 0; /* net unreachable */
+    pkt[20] = type;
+    pkt[21] = code;
     memcpy(pkt + 28, off, quote);
     put_csum(pkt + 22, sum_add(0, pkt + 20, 8 + quote));
     ip_csum(pkt, 20);
-    write_tun(c, pkt, len, ICMP_UNREACHABLE_SENT);
+    return len;
+}
+
+/* A whole IPv4 header within n bytes: 1 (and its header length in *ihl). */
+static int header_ok(const uint8_t *off, size_t n, size_t *ihl)
+{
+    if (n < 20 || off[0] >> 4 != 4)
+        return 0;
+    *ihl = (size_t)(off[0] & 0x0F) * 4;
+    size_t total = (size_t)off[2] << 8 | off[3];
+    return *ihl >= 20 && total >= *ihl && total <= n;
+}
+
+static int first_fragment(const uint8_t *off)
+{
+    return ((off[6] & 0x1F) << 8 | off[7]) == 0;
+}
+
+/* ICMP destination unreachable (net) for `off`, from its destination: our own address (what
+ * flanneld uses) would come back through the TUN as a martian and never reach the sender. */
+static void net_unreachable(Core *c, const uint8_t *off, size_t n)
+{
+    size_t ihl;
+    if (!header_ok(off, n, &ihl) || off[9] == 1 || !first_fragment(off))
+        return;
+    uint8_t pkt[ICMP_MAX];
+    size_t len = icmp_error(pkt, off, n, 3, 0, off + 16);
+    if (icmp_allowed(c, be32(off + 12)))
+        write_tun(c, pkt, len, ICMP_UNREACHABLE_SENT);
+}
+
+/* 0.0.0.0, or multicast (224/4) and above (so also the limited broadcast). */
+static int special_addr(const uint8_t *a)
+{
+    return a[0] >= 224 || (a[0] | a[1] | a[2] | a[3]) == 0;
+}
+
+/* The ICMP time exceeded (TTL exceeded in transit) for `off` (n bytes), whose TTL ran out
+ * here, from our subnet's first address (flannel0's), into pkt; 0 when a router must not
+ * answer (time_exceeded in backends/udp/packet.py says when) or our subnet is not set. */
+static size_t time_exceeded(Core *c, uint8_t *pkt, const uint8_t *off, size_t n)
+{
+    uint64_t own = atomic_load_explicit(&c->own, memory_order_relaxed);
+    size_t ihl;
+    if (!own || !header_ok(off, n, &ihl) || !first_fragment(off))
+        return 0;
+    if (special_addr(off + 12) || special_addr(off + 16))
+        return 0;
+    if (off[9] == 1) { /* never about an ICMP error, nor a type unknown to us */
+        size_t total = (size_t)off[2] << 8 | off[3];
+        if (total <= ihl)
+            return 0;
+        uint8_t t = off[ihl];
+        if (t > 18 || t == 3 || t == 4 || t == 5 || t == 11 || t == 12)
+            return 0;
+    }
+    uint8_t src[4];
+    put_be32(src, (uint32_t)own);
+    return icmp_error(pkt, off, n, 11, 0, src);
+}
+
+/* A TTL ran out on the way from the TUN: answer into the TUN. */
+static void ttl_answer_tun(Core *c, const uint8_t *off, size_t n)
+{
+    uint8_t pkt[ICMP_MAX];
+    size_t len = time_exceeded(c, pkt, off, n);
+    if (len && icmp_allowed(c, be32(off + 12)))
+        write_tun(c, pkt, len, ICMP_TIME_EXCEEDED_SENT);
+}
+
+/* A TTL ran out on the way to the TUN: answer to the peer that routes the sender. Our own
+ * address as the source would be a martian in our own TUN, but not at the peer. */
+static void ttl_answer_peer(Core *c, const uint8_t *off, size_t n)
+{
+    uint8_t pkt[ICMP_MAX];
+    size_t len = time_exceeded(c, pkt, off, n);
+    if (!len)
+        return;
+    uint32_t peer = route_for(c, be32(off + 12));
+    if (!peer || !icmp_allowed(c, be32(off + 12)))
+        return;
+    struct sockaddr_in to;
+    memset(&to, 0, sizeof to);
+    to.sin_family = AF_INET;
+    to.sin_port = htons(c->port);
+    to.sin_addr.s_addr = htonl(peer);
+    if (sendto(c->udp, pkt, len, MSG_DONTWAIT, (struct sockaddr *)&to, sizeof to) ==
+        (ssize_t)len)
+        count(c, ICMP_TIME_EXCEEDED_SENT, 1);
 }
 
 /* ---- the send side ---------------------------------------------------------------- */
 
-/* Send the segments gathered in c->segs: consecutive ones for one peer of one size (the
- * last may be shorter) as one UDP GSO message, all messages with sendmmsg. A full socket
- * buffer holds the TUN side up for a moment (the TUN queue then pushes back on the
- * senders) rather than dropping at once. */
-static void flush_segments(Core *c)
+/* Sending a batch may stop on a full socket buffer: the batch is then held (c->held) and
+ * the loop waits for POLLOUT, the receive side going on meanwhile. */
+enum { SENT, HELD };
+
+static int send_some(Core *c);
+
+/* Turn the segments gathered in c->segs into messages: consecutive ones for one peer of
+ * one size (the last may be shorter) as one UDP GSO message; then send them. */
+static int start_send(Core *c)
 {
     int nm = 0, k = c->nsegs;
     int gso = atomic_load_explicit(&c->gso, memory_order_relaxed);
@@ -769,45 +940,69 @@ static void flush_segments(Core *c)
         c->npkts[nm++] = j - i;
         i = j;
     }
-    int sent = 0, waits = 0;
-    while (sent < nm) {
-        int r = sendmmsg(c->udp, c->msgs + sent, (unsigned)(nm - sent), MSG_DONTWAIT);
+    c->nm = nm;
+    c->sent = 0;
+    return send_some(c);
+}
+
+/* The batch is done with (sent or dropped): its segments and buffers are free. */
+static void send_done(Core *c)
+{
+    c->nsegs = c->nm = c->sent = 0;
+    c->held = 0;
+}
+
+/* Drop what is left of the batch, counted. */
+static void drop_rest(Core *c)
+{
+    for (int i = c->sent; i < c->nm; i++)
+        count(c, TX_DROP_SEND_ERROR, (uint64_t)c->npkts[i]);
+    send_done(c);
+}
+
+/* Send the batch's messages from c->sent on with sendmmsg. SENT when all went (or were
+ * dropped), HELD when the socket buffer is full: the rest waits for POLLOUT. */
+static int send_some(Core *c)
+{
+    while (c->sent < c->nm) {
+        int r = sendmmsg(c->udp, c->msgs + c->sent, (unsigned)(c->nm - c->sent),
+                         MSG_DONTWAIT);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
-            int full = errno == EAGAIN || errno == ENOBUFS;
-            if (full && waits++ < 3) {
-                struct pollfd pf = {c->udp, POLLOUT, 0};
-                (void)poll(&pf, 1, SEND_WAIT_MS);
-                continue;
+            if (errno == EAGAIN) {
+                if (!c->held) {
+                    c->held = 1;
+                    c->held_until = now_ms() + SEND_HOLD_MS;
+                    count(c, TX_SOCKET_FULL, 1);
+                }
+                return HELD;
             }
-            if (!full && c->npkts[sent] > 1) {
+            if (errno == ENOBUFS) { /* the device queue is full: drop, as a router would */
+                drop_rest(c);
+                return SENT;
+            }
+            if (c->npkts[c->sent] > 1) {
                 /* The path cannot segment: one datagram per message from now on. */
                 atomic_store_explicit(&c->gso, 0, memory_order_relaxed);
                 int left = 0;
-                for (int i = sent; i < nm; i++)
+                for (int i = c->sent; i < c->nm; i++)
                     left += c->npkts[i];
                 /* Resend the rest without GSO, from the first unsent segment. */
                 int first = c->nsegs - left;
                 memmove(c->segs, c->segs + first, sizeof *c->segs * (size_t)left);
                 memmove(c->iov, c->iov + 2 * first, sizeof *c->iov * (size_t)(2 * left));
                 c->nsegs = left;
-                flush_segments(c);
-                return;
-            }
-            if (full) { /* still full: drop the rest, as a router would */
-                for (int i = sent; i < nm; i++)
-                    count(c, TX_DROP_SEND_ERROR, (uint64_t)c->npkts[i]);
-                break;
+                return start_send(c);
             }
             /* This one message cannot go (its peer is unreachable, a firewall refuses
              * it, ...): drop it alone and go on with the others, as the python datapath
              * does. */
-            count(c, TX_DROP_SEND_ERROR, (uint64_t)c->npkts[sent]);
-            sent++;
+            count(c, TX_DROP_SEND_ERROR, (uint64_t)c->npkts[c->sent]);
+            c->sent++;
             continue;
         }
-        for (int i = sent; i < sent + r; i++) {
+        for (int i = c->sent; i < c->sent + r; i++) {
             uint64_t bytes = 0;
             for (size_t q = 0; q < c->msgs[i].msg_hdr.msg_iovlen; q++)
                 bytes += c->msgs[i].msg_hdr.msg_iov[q].iov_len;
@@ -816,29 +1011,83 @@ static void flush_segments(Core *c)
             if (c->npkts[i] > 1)
                 count(c, GSO_SENDS, 1);
         }
-        sent += r;
-        waits = 0;
+        c->sent += r;
     }
-    c->nsegs = 0;
+    send_done(c);
+    return SENT;
 }
 
-/* Drain the TUN: read packets (or super-packets) into the arena, route them, cut them
- * into wire packets, and send a batch whenever the arena or the segment table is full. */
-static void from_tun(Core *c)
+/* A held batch, when poll() says the socket is writable or its time is up. */
+static int resume_send(Core *c, int writable)
+{
+    if (writable && send_some(c) == SENT)
+        return SENT;
+    if (now_ms() >= c->held_until) {
+        drop_rest(c);
+        return SENT;
+    }
+    return HELD;
+}
+
+/* Cut one routed packet (p, n bytes as read, with its vnet header) into segments for
+ * `peer`, sending the batch first when the segment table has no room for it. HELD when
+ * that send is held: the packet is then carried (cut when the batch has gone). */
+static int add_packet(Core *c, const struct vnet_hdr *vh, uint8_t *p, size_t n, uint32_t peer)
+{
+    uint32_t lens[MAX_SEGS];
+    int k;
+    for (;;) {
+        k = tso_split(vh, p, n, c->hdrs + (size_t)c->nsegs * HDR_SLOT,
+                      c->iov + 2 * c->nsegs, lens, MAX_SEGS - c->nsegs);
+        if (k != -2 || c->nsegs == 0)
+            break;
+        if (start_send(c) == HELD) { /* room for the rest of this super-packet, later */
+            c->carry = 1;
+            c->carry_off = (size_t)(p - c->txbuf);
+            c->carry_n = n;
+            c->carry_peer = peer;
+            c->carry_vh = *vh;
+            return HELD;
+        }
+    }
+    if (k < 0) {
+        count(c, TX_DROP_MALFORMED, 1);
+        return SENT;
+    }
+    if (vh->gso_type != VNET_GSO_NONE)
+        count(c, TSO_READS, 1);
+    for (int q = 0; q < k; q++)
+        c->segs[c->nsegs + q] = (struct seg){peer, lens[q]};
+    c->nsegs += k;
+    return SENT;
+}
+
+/* Read the TUN: packets (or super-packets) into the arena, routed, cut into wire
+ * packets, sent a batch at a time (BATCH reads, or a full arena). At most `budget` batches
+ * (< 0: no limit). Returns 1 when the TUN had nothing more to read (EAGAIN), 0 when the
+ * budget ran out or a batch is held (c->held: nothing more is read until it has gone). */
+static int from_tun(Core *c, int budget)
 {
     struct vnet_hdr vh;
+    if (c->held)
+        return 0;
     for (;;) {
-        size_t off = 0;
-        int reads = 0, eagain = 0;
-        while (reads < BATCH && off + READ_MAX <= TX_ARENA) {
-            uint8_t *p = c->txbuf + off;
+        int eagain = 0;
+        if (c->carry) { /* the packet whose batch was held: cut it now */
+            c->carry = 0;
+            if (add_packet(c, &c->carry_vh, c->txbuf + c->carry_off, c->carry_n,
+                           c->carry_peer) == HELD)
+                return 0;
+        }
+        while (c->reads < BATCH && c->off + READ_MAX <= TX_ARENA) {
+            uint8_t *p = c->txbuf + c->off;
             struct iovec rv[2] = {{&vh, VNET_HDR_LEN}, {p, READ_MAX}};
             ssize_t r = c->vnet ? readv(c->tun, rv, 2) : read(c->tun, p, READ_MAX);
-            if (r < 0) {
+            if (r < 0) { /* EAGAIN; an error shows as POLLERR in the loop */
                 eagain = 1;
                 break;
             }
-            reads++;
+            c->reads++;
             size_t n;
             if (c->vnet) {
                 if (r < VNET_HDR_LEN) {
@@ -862,32 +1111,21 @@ static void from_tun(Core *c)
             }
             if (!decrement_ttl(p)) {
                 count(c, TX_DROP_TTL, 1);
+                ttl_answer_tun(c, p, n);
                 continue;
             }
-            uint32_t lens[MAX_SEGS];
-            int k;
-            for (;;) {
-                k = tso_split(&vh, p, n, c->hdrs + (size_t)c->nsegs * HDR_SLOT,
-                              c->iov + 2 * c->nsegs, lens, MAX_SEGS - c->nsegs);
-                if (k != -2 || c->nsegs == 0)
-                    break;
-                flush_segments(c); /* room for the rest of this super-packet */
-            }
-            if (k < 0) {
-                count(c, TX_DROP_MALFORMED, 1);
-                continue;
-            }
-            if (vh.gso_type != VNET_GSO_NONE)
-                count(c, TSO_READS, 1);
-            for (int q = 0; q < k; q++)
-                c->segs[c->nsegs + q] = (struct seg){peer, lens[q]};
-            c->nsegs += k;
-            off += (n + 15) & ~(size_t)15;
+            c->off += (n + 15) & ~(size_t)15;
+            if (add_packet(c, &vh, p, n, peer) == HELD)
+                return 0;
         }
-        if (c->nsegs)
-            flush_segments(c);
+        c->off = 0;
+        c->reads = 0;
+        if (c->nsegs && start_send(c) == HELD)
+            return 0;
         if (eagain)
-            return;
+            return 1;
+        if (budget > 0 && --budget == 0)
+            return 0;
     }
 }
 
@@ -920,8 +1158,14 @@ static void deliver(Core *c, uint8_t *p, size_t n, uint32_t peer, int truncated)
         count(c, RX_DROP_SPOOFED_SOURCE, 1);
         return;
     }
+    uint64_t own = atomic_load_explicit(&c->own, memory_order_relaxed);
+    if (!own || (be32(p + 16) & (uint32_t)(own >> 32)) != (uint32_t)own) {
+        count(c, RX_DROP_DST_OUTSIDE, 1);
+        return;
+    }
     if (!decrement_ttl(p)) {
         count(c, RX_DROP_TTL, 1);
+        ttl_answer_peer(c, p, total);
         return;
     }
     if (c->npend == PEND_MAX)
@@ -929,9 +1173,10 @@ static void deliver(Core *c, uint8_t *p, size_t n, uint32_t peer, int truncated)
     c->pend[c->npend++] = (struct pend){p, (uint32_t)total};
 }
 
-/* Drain the socket with recvmmsg. With UDP GRO the kernel may hand over several
- * datagrams of one sender in one buffer, with their size in a cmsg: split it again. */
-static void from_udp(Core *c)
+/* Drain the socket with recvmmsg, at most `budget` batches (< 0: no limit); 1 when it had
+ * nothing more. With UDP GRO the kernel may hand over several datagrams of one sender in
+ * one buffer, with their size in a cmsg: split it again. */
+static int from_udp(Core *c, int budget)
 {
     struct mmsghdr m[RX_BATCH];
     struct iovec v[RX_BATCH];
@@ -956,7 +1201,7 @@ static void from_udp(Core *c)
         if (r <= 0) {
             if (r < 0 && errno == EINTR)
                 continue;
-            return;
+            return 1;
         }
         for (int i = 0; i < r; i++) {
             uint8_t *p = v[i].iov_base;
@@ -987,30 +1232,59 @@ static void from_udp(Core *c)
         }
         flush_pending(c);
         if (r < RX_BATCH)
-            return;
+            return 1;
+        if (budget > 0 && --budget == 0)
+            return 0;
     }
 }
 
 /* One thread for both directions: a ping's reply usually reaches the TUN while the thread
  * is still writing the request into it, and is read without sleeping. Measured on two
  * vCPUs, a thread per direction cost one more wake-up per round trip (RTT 0.27-0.30 ms
- * against 0.19-0.25 ms) and gave no more throughput. */
+ * against 0.19-0.25 ms) and gave no more throughput. Each side gets a few batches per
+ * wake-up, so a flood one way cannot starve the other; a held send batch takes the TUN
+ * out of the poll set (nothing more is read from it) and asks for POLLOUT instead. */
 static void *loop(void *arg)
 {
     Core *c = arg;
-    struct pollfd fds[3] = {{c->tun, POLLIN, 0}, {c->udp, POLLIN, 0}, {c->efd, POLLIN, 0}};
     for (;;) {
-        if (poll(fds, 3, -1) < 0) {
+        int held = c->held;
+        struct pollfd fds[3] = {
+            {held ? -1 : c->tun, POLLIN, 0},
+            {c->udp, (short)(POLLIN | (held ? POLLOUT : 0)), 0},
+            {c->efd, POLLIN, 0},
+        };
+        int wait = -1;
+        if (held) {
+            int64_t left = c->held_until - now_ms();
+            wait = left > 0 ? (int)left : 0;
+        }
+        int r = poll(fds, 3, wait);
+        if (r < 0) {
             if (errno == EINTR)
                 continue;
             break;
         }
         if (fds[2].revents)
             break;
+        if (fds[0].revents & (POLLERR | POLLHUP | POLLNVAL)) {
+            /* The device is gone (a TUN whose interface was deleted reports POLLERR and
+             * reads EBADFD): tell Python, which makes a new one, and end. */
+            atomic_store_explicit(&c->tun_lost, 1, memory_order_relaxed);
+            uint64_t one = 1;
+            (void)!write(c->done, &one, sizeof one);
+            break;
+        }
+        if (held) {
+            int done = resume_send(c, (fds[1].revents & POLLOUT) != 0) == SENT;
+            if (done && c->carry)
+                from_tun(c, TUN_BUDGET); /* the carried packet goes before more reads */
+        }
         if (fds[0].revents & POLLIN)
-            from_tun(c);
-        if (fds[1].revents & POLLIN)
-            from_udp(c);
+            from_tun(c, TUN_BUDGET);
+        /* POLLERR on the socket too: recvmmsg reports (and clears) the error. */
+        if (fds[1].revents & (POLLIN | POLLERR))
+            from_udp(c, UDP_BUDGET);
     }
     return NULL;
 }
@@ -1023,6 +1297,9 @@ static void core_free(Core *c)
     if (c->efd_open)
         close(c->efd);
     c->efd_open = 0;
+    if (c->done_open)
+        close(c->done);
+    c->done_open = 0;
     if (c->lock_ready)
         pthread_rwlock_destroy(&c->lock);
     c->lock_ready = 0;
@@ -1047,13 +1324,38 @@ static void core_free(Core *c)
     c->ready = 0;
 }
 
+/* Non-blocking, as the loop drains each fd until EAGAIN; -1 with OSError set. */
+static int set_nonblocking(int fd)
+{
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
+
+/* Take `fd` as the TUN (no packet thread runs): non-blocking, TSO probed. */
+static int attach_tun(Core *c, int fd)
+{
+    if (set_nonblocking(fd) < 0)
+        return -1;
+    c->tun = fd;
+    /* TSO needs the vnet header; a TUN (or stand-in) that refuses the ioctl gets none. */
+    unsigned int off = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN;
+    c->tso = c->vnet && c->tso_wanted && ioctl(fd, TUNSETOFFLOAD, off) == 0;
+    return 0;
+}
+
 static int Core_init(Core *c, PyObject *args, PyObject *kw)
 {
     static char *names[] = {"tun_fd", "sock_fd", "port", "mtu", "check_source", "vnet_hdr",
-                            "gso", "gro", "tso", "coalesce", NULL};
+                            "gso", "gro", "tso", "coalesce", "icmp_ratelimit_ms", NULL};
     int tun, udp, port, mtu, check = 1, vnet = 0, gso = 1, gro = 1, tso = 1, coalesce = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiii|pppppp", names, &tun, &udp, &port, &mtu,
-                                     &check, &vnet, &gso, &gro, &tso, &coalesce))
+    int icmp_interval = 1000;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiii|ppppppi", names, &tun, &udp, &port,
+                                     &mtu, &check, &vnet, &gso, &gro, &tso, &coalesce,
+                                     &icmp_interval))
         return -1;
     /* Once: a second call would change what a running packet thread reads. */
     if (c->ready) {
@@ -1064,8 +1366,12 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_ValueError, "bad mtu or port");
         return -1;
     }
-    c->tun = tun;
+    if (icmp_interval < 0 || icmp_interval > 3600000) {
+        PyErr_SetString(PyExc_ValueError, "bad icmp_ratelimit_ms");
+        return -1;
+    }
     c->udp = udp;
+    c->icmp_interval = icmp_interval;
     c->mtu = mtu;
     int one = 1, zero = 0;
     c->gro = gro && setsockopt(c->udp, SOL_UDP, UDP_GRO, &one, sizeof one) == 0;
@@ -1073,28 +1379,26 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw)
     atomic_store_explicit(&c->gso,
                           gso && setsockopt(c->udp, SOL_UDP, UDP_SEGMENT, &zero, sizeof zero) == 0,
                           memory_order_relaxed);
-    /* TSO needs the vnet header; a TUN (or stand-in) that refuses the ioctl gets none. */
-    unsigned int off = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN;
-    c->tso = vnet && tso && ioctl(c->tun, TUNSETOFFLOAD, off) == 0;
+    c->vnet = vnet;
+    c->tso_wanted = tso;
+    if (attach_tun(c, tun) < 0 || set_nonblocking(c->udp) < 0)
+        return -1;
     c->coalesce = vnet && coalesce;
-    /* The loop drains each fd until EAGAIN: both must be non-blocking. */
-    for (int i = 0; i < 2; i++) {
-        int fd = i ? c->udp : c->tun;
-        int fl = fcntl(fd, F_GETFL);
-        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
-            PyErr_SetFromErrno(PyExc_OSError);
-            return -1;
-        }
-    }
     c->port = (uint16_t)port;
     c->check_source = check;
-    c->vnet = vnet;
     c->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (c->efd < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
     c->efd_open = 1;
+    c->done = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (c->done < 0) {
+        core_free(c);
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    c->done_open = 1;
     int err = pthread_rwlock_init(&c->lock, NULL);
     if (err) {
         core_free(c);
@@ -1195,6 +1499,56 @@ static PyObject *Core_del_route(Core *c, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* Our subnet, as (network, mask): received packets are delivered only for it. */
+static PyObject *Core_set_subnet(Core *c, PyObject *args)
+{
+    unsigned int net, mask;
+    if (!PyArg_ParseTuple(args, "II", &net, &mask) || need_ready(c) < 0)
+        return NULL;
+    int plen = prefix_len(mask);
+    if (plen < 0)
+        return NULL;
+    if (plen == 0) {
+        PyErr_SetString(PyExc_ValueError, "our subnet cannot be 0.0.0.0/0");
+        return NULL;
+    }
+    atomic_store_explicit(&c->own, (uint64_t)mask << 32 | (net & mask), memory_order_relaxed);
+    Py_RETURN_NONE;
+}
+
+/* A new TUN fd (flannel0 made again), only while no packet thread runs: the thread reads
+ * c->tun without a lock. */
+static PyObject *Core_set_tun(Core *c, PyObject *args)
+{
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd) || need_ready(c) < 0)
+        return NULL;
+    if (c->running) {
+        PyErr_SetString(PyExc_RuntimeError, "the packet thread is running");
+        return NULL;
+    }
+    if (attach_tun(c, fd) < 0)
+        return NULL;
+    atomic_store_explicit(&c->tun_lost, 0, memory_order_relaxed);
+    Py_RETURN_NONE;
+}
+
+/* True once the packet thread ended because the TUN reported an error or hang-up. */
+static PyObject *Core_tun_lost(Core *c, PyObject *unused)
+{
+    (void)unused;
+    return PyBool_FromLong(atomic_load_explicit(&c->tun_lost, memory_order_relaxed));
+}
+
+/* The eventfd the packet thread writes when it ends on its own (the TUN is gone). */
+static PyObject *Core_done_fd(Core *c, PyObject *unused)
+{
+    (void)unused;
+    if (need_ready(c) < 0)
+        return NULL;
+    return PyLong_FromLong(c->done);
+}
+
 static PyObject *Core_start(Core *c, PyObject *unused)
 {
     (void)unused;
@@ -1202,6 +1556,15 @@ static PyObject *Core_start(Core *c, PyObject *unused)
         return NULL;
     if (c->running)
         Py_RETURN_NONE;
+    /* A batch held when the thread last stopped is not sent now, nor a carried packet:
+     * their TUN may be another. */
+    if (c->held || c->nsegs)
+        drop_rest(c);
+    c->carry = 0;
+    c->off = 0;
+    c->reads = 0;
+    uint64_t drain;
+    (void)!read(c->done, &drain, sizeof drain);
     int err = pthread_create(&c->thread, NULL, loop, c);
     if (err) {
         errno = err;
@@ -1273,16 +1636,32 @@ static PyObject *drain(Core *c, void (*step)(Core *))
     Py_RETURN_NONE;
 }
 
+/* The TUN side until EAGAIN; a held batch is waited for here, as poll() would. */
+static void drain_tun_all(Core *c)
+{
+    while (!from_tun(c, -1)) {
+        int64_t left = c->held_until - now_ms();
+        struct pollfd pf = {c->udp, POLLOUT, 0};
+        int r = poll(&pf, 1, left > 0 ? (int)left : 0);
+        resume_send(c, r > 0 && (pf.revents & POLLOUT));
+    }
+}
+
+static void drain_udp_all(Core *c)
+{
+    from_udp(c, -1);
+}
+
 static PyObject *Core_drain_tun(Core *c, PyObject *unused)
 {
     (void)unused;
-    return drain(c, from_tun);
+    return drain(c, drain_tun_all);
 }
 
 static PyObject *Core_drain_udp(Core *c, PyObject *unused)
 {
     (void)unused;
-    return drain(c, from_udp);
+    return drain(c, drain_udp_all);
 }
 
 static PyMethodDef Core_methods[] = {
@@ -1296,6 +1675,13 @@ static PyMethodDef Core_methods[] = {
     {"stop", (PyCFunction)Core_stop, METH_NOARGS, "stop and join the packet thread"},
     {"counters", (PyCFunction)Core_counters, METH_NOARGS, "counters as a tuple"},
     {"offloads", (PyCFunction)Core_offloads, METH_NOARGS, "offloads in use, as a dict"},
+    {"set_subnet", (PyCFunction)Core_set_subnet, METH_VARARGS, "set_subnet(net, mask)"},
+    {"set_tun", (PyCFunction)Core_set_tun, METH_VARARGS,
+     "set_tun(fd): a new TUN fd, while the thread does not run"},
+    {"tun_lost", (PyCFunction)Core_tun_lost, METH_NOARGS,
+     "whether the thread ended on a TUN error or hang-up"},
+    {"done_fd", (PyCFunction)Core_done_fd, METH_NOARGS,
+     "the eventfd written when the thread ends on its own"},
     {NULL, NULL, 0, NULL},
 };
 

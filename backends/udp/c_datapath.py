@@ -1,11 +1,12 @@
 """CDatapath: the Datapath interface over the C packet loop in backends/udp/_fastpath.c.
 
 The loop runs in its own thread without the GIL; this wrapper turns subnets into integers
-for it, starts and stops the thread, and names its counters. It does recvmmsg/sendmmsg
-batches, TUN TSO (super-packets cut into wire packets in C), UDP GSO on send, UDP GRO on
-receive and coalesced TUN writes, each probed and each one that can be turned off (the
-backend options in backends/udp/network.py); `auto` chooses it when it is built. Its
-types are in _fastpath.pyi.
+for it, starts and stops the thread, names its counters, and turns the thread's end on a
+TUN error (flannel0 deleted: its `done` eventfd, watched on the event loop) into TunLost.
+It does recvmmsg/sendmmsg batches, TUN TSO (super-packets cut into wire packets in C),
+UDP GSO on send, UDP GRO on receive and coalesced TUN writes, each probed and each one
+that can be turned off (the backend options in backends/udp/network.py); `auto` chooses
+it when it is built. Its types are in _fastpath.pyi.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import ipaddress
 import socket
 
 from backends.udp import _fastpath
-from backends.udp.datapath import COUNTERS, describe_offloads, offload_counters
+from backends.udp.datapath import COUNTERS, TunLost, describe_offloads, offload_counters
+from backends.udp.packet import ICMP_RATELIMIT_MS
 
 
 class CDatapath:
@@ -27,10 +29,11 @@ class CDatapath:
         self, tun_fd: int, sock: socket.socket, *, port: int, mtu: int,
         check_source: bool = True, gso: bool = True, gro: bool = True,
         vnet_hdr: bool = False, tso: bool = True, coalesce: bool = True,
+        icmp_ratelimit_ms: int = ICMP_RATELIMIT_MS,
     ) -> None:
         self.sock = sock
         self._core = _fastpath.Core(tun_fd, sock.fileno(), port, mtu, check_source, vnet_hdr,
-                                    gso, gro, tso, coalesce)
+                                    gso, gro, tso, coalesce, icmp_ratelimit_ms)
         self._stopped: asyncio.Future[None] | None = None
 
     def set_route(self, subnet: ipaddress.IPv4Network, peer: ipaddress.IPv4Address) -> None:
@@ -38,6 +41,12 @@ class CDatapath:
 
     def del_route(self, subnet: ipaddress.IPv4Network) -> None:
         self._core.del_route(int(subnet.network_address), int(subnet.netmask))
+
+    def set_subnet(self, subnet: ipaddress.IPv4Network) -> None:
+        self._core.set_subnet(int(subnet.network_address), int(subnet.netmask))
+
+    def set_tun(self, tun_fd: int) -> None:
+        self._core.set_tun(tun_fd)
 
     def offloads(self) -> dict[str, bool]:
         return self._core.offloads()
@@ -50,13 +59,24 @@ class CDatapath:
         return values | offload_counters(self.offloads())
 
     async def run(self) -> None:
-        self._stopped = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._stopped = stopped = loop.create_future()
         self.sock.setblocking(False)
+        done = self._core.done_fd()
+
+        def ended() -> None:  # the packet thread ended on its own: the TUN is gone
+            if not stopped.done():
+                stopped.set_result(None)
+
         self._core.start()
+        loop.add_reader(done, ended)
         try:
-            await self._stopped
+            await stopped
         finally:
+            loop.remove_reader(done)
             self._core.stop()
+        if self._core.tun_lost():
+            raise TunLost("the TUN reported an error or hang-up: the device is gone")
 
     def stop(self) -> None:
         if self._stopped is not None and not self._stopped.done():

@@ -7,12 +7,17 @@ holds only the contract they share: the protocol, the counter and offload names,
 wire constants.
 
 Wire format (flanneld's): each UDP datagram carries exactly one raw IPv4 packet. Both
-ends decrement the inner TTL; a packet whose TTL would reach 0 is dropped. A packet from
-the TUN with no matching peer subnet gets an ICMP net-unreachable written back into the
-TUN. On receive, datagrams are dropped (and counted by reason) when they come from an
-address that is no current peer's PublicIP, are not a whole IPv4 packet, are larger than
-the TUN's MTU, or carry an inner source outside the sending peer's subnets; the two
-source checks can be turned off for NATed setups.
+ends decrement the inner TTL, as two routers would. A packet whose TTL runs out is dropped
+and answered with an ICMP time exceeded from flannel0's address (our subnet's first
+address): written back into the TUN on the sending side, sent back to the peer that routes
+the packet's source on the receiving side. A packet from the TUN with no matching peer
+subnet gets an ICMP net-unreachable written back into the TUN. ICMP errors are
+rate-limited per destination as the kernel's (backends/udp/packet.py, IcmpLimiter). On
+receive, datagrams are dropped (and counted by reason) when they come from an address that
+is no current peer's PublicIP, are not a whole IPv4 packet, are larger than the TUN's MTU,
+carry an inner source outside the sending peer's subnets, or an inner destination outside
+this host's subnet (set_subnet; until it is set, every datagram is dropped so); the two
+source checks can be turned off for NATed setups, the destination check cannot.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ COUNTERS = (
     "rx_drop_unknown_source", "rx_drop_malformed", "rx_drop_oversized",
     "rx_drop_spoofed_source", "rx_drop_ttl", "rx_drop_tun_error", "icmp_unreachable_sent",
     "gso_sends", "gro_receives", "coalesced_writes", "tso_reads",
+    "rx_drop_dst_outside", "icmp_time_exceeded_sent", "icmp_rate_limited", "tx_socket_full",
 )
 #: The offloads a datapath may use, as reported by offloads() and in counters() as
 #: `offload_<name>` (1 in use, 0 not).
@@ -57,6 +63,11 @@ VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
 VIRTIO_NET_HDR_GSO_TCPV4 = 1
 
 
+class TunLost(Exception):
+    """The TUN device reported an error or hang-up (flannel0 was deleted): run() ends
+    with this, and the backend makes a new device and hands it over (set_tun)."""
+
+
 class Datapath(Protocol):
     """What the udp backend needs from a packet mover."""
 
@@ -70,8 +81,18 @@ class Datapath(Protocol):
     def del_route(self, subnet: ipaddress.IPv4Network) -> None:
         ...
 
+    def set_subnet(self, subnet: ipaddress.IPv4Network) -> None:
+        """This host's subnet: datagrams are delivered only for destinations in it, and
+        its first address (flannel0's) is the source of ICMP time exceeded."""
+        ...
+
+    def set_tun(self, tun_fd: int) -> None:
+        """Move packets through this TUN fd from now on (a recreated flannel0); only
+        while run() is not running."""
+        ...
+
     async def run(self) -> None:
-        """Move packets until stop()."""
+        """Move packets until stop(); raises TunLost when the TUN device is gone."""
         ...
 
     def stop(self) -> None:

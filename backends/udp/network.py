@@ -10,6 +10,17 @@ Every peer lease (whatever its BackendType, as flanneld does) becomes a datapath
 `<peer subnet> -> <peer PublicIP>`. The packets themselves are moved by a Datapath
 (backends/udp/datapath.py). Our lease carries neither BackendType nor BackendData.
 
+A router's rules: the datapath delivers a peer's datagram only for a destination inside
+our subnet, and answers a TTL that runs out with an ICMP time exceeded from flannel0's
+address (datapath.py). So that the kernel takes the answers written into flannel0 from
+that local address (not a martian), flannel0 has accept_local=1 while the source checks
+are on (with `CheckSource: false` a peer could send with our addresses: left off there).
+
+A deleted flannel0 is made again: the datapath's run() ends with TunLost (the TUN fd
+reports an error), and the network opens a new TUN, gives it the address, MTU, queue
+length and up state, hands its fd to the datapath, and syncs the Network route; counted
+(`tun_lost`, `tun_recreated` in counters()) and logged.
+
 Options: `Port` (8285), `Datapath` (`auto`/`python`/`c`; TWEED_DATAPATH wins),
 `CheckSource` (true; false accepts datagrams from any address and any inner source, for
 NATed setups), `MTU` (the underlay MTU to plan for; default the interface's), and one
@@ -42,7 +53,7 @@ from backends.kernel.monitor import Desired
 from backends.kernel.sync import KernelSync
 from backends.kernel.types import ChangeSet, Netlink, Route
 from backends.options import opt_bool, opt_int, opt_str
-from backends.udp.datapath import Datapath
+from backends.udp.datapath import Datapath, TunLost
 from backends.udp.selection import choose_datapath
 
 log = logging.getLogger(__name__)
@@ -54,6 +65,8 @@ TXQUEUELEN = 5000
 SOCKET_BUFFER = 8 * 1024 * 1024
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
+#: How long a failed attempt to make flannel0 again waits before the next (doubling).
+RECREATE_RETRY = (0.05, 5.0)
 
 
 @dataclass(frozen=True)
@@ -149,6 +162,8 @@ class UdpNetwork:
         self.tun_index = 0
         self.peers: dict[ipaddress.IPv4Network, ipaddress.IPv4Address] = {}
         self.kernel = KernelSync(netlink, self._plan, resync)
+        self.tun_lost = 0  # times the TUN reported an error (flannel0 deleted)
+        self.tun_recreated = 0  # times flannel0 was made again and handed over
 
     async def setup(self, lease: Lease) -> None:
         self.own = lease.subnet
@@ -174,6 +189,8 @@ class UdpNetwork:
             raise BackendError(f"cannot configure TUN device {DEVICE} (address {address},"
                                f" MTU {self.mtu}): {exc}") from None
         assert self.datapath is not None
+        self.datapath.set_subnet(lease.subnet)
+        self._accept_local()
         if self.peers.pop(lease.subnet, None) is not None:
             self.datapath.del_route(lease.subnet)
         log.info("udp: %s (index %d, MTU %d, address %s), socket %s:%d, %s datapath%s",
@@ -227,13 +244,76 @@ class UdpNetwork:
         return self.datapath is not None and self.kernel.ready()
 
     def counters(self) -> dict[str, int]:
-        return self.datapath.counters() if self.datapath is not None else {}
+        if self.datapath is None:
+            return {}
+        return self.datapath.counters() | {"tun_lost": self.tun_lost,
+                                            "tun_recreated": self.tun_recreated}
+
+    def _accept_local(self) -> None:
+        """accept_local=1 on flannel0 (with the source checks on): the time exceeded the
+        datapath writes into it comes from flannel0's own address."""
+        if not self.opts.check_source:
+            return
+        path = f"/proc/sys/net/ipv4/conf/{DEVICE}/accept_local"
+        try:
+            with open(path, "w") as f:
+                f.write("1")
+        except FileNotFoundError:
+            log.debug("udp: no %s (not a real %s)", path, DEVICE)
+        except OSError as exc:
+            log.warning("udp: cannot set %s (%s): traceroute shows this host's hop as *",
+                        path, exc.strerror)
 
     async def run(self) -> None:
         assert self.datapath is not None
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.datapath.run(), name="datapath")
+            tg.create_task(self._run_datapath(), name="datapath")
             tg.create_task(self.kernel.run(), name="udp-resync")
+
+    async def _run_datapath(self) -> None:
+        """The datapath until it is stopped; each time its TUN is lost, flannel0 again."""
+        assert self.datapath is not None
+        while True:
+            try:
+                await self.datapath.run()
+                return
+            except TunLost as exc:
+                self.tun_lost += 1
+                log.warning("udp: %s is gone (%s); making it again", DEVICE, exc)
+            await self._recreate()
+
+    async def _recreate(self) -> None:
+        """A new flannel0 (address, MTU, queue length, up) handed to the datapath, then
+        the Network route synced; retried with a growing pause until it works."""
+        assert self.datapath is not None and self.own is not None
+        delay, cap = RECREATE_RETRY
+        while True:
+            start = asyncio.get_running_loop().time()
+            try:
+                await self._open_again(self.own)
+            except Exception as exc:  # noqa: BLE001 - any failure is retried, one line each
+                log.error("udp: cannot make %s again: %s; retrying in %.2f s", DEVICE,
+                          exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, cap)
+                continue
+            self.tun_recreated += 1
+            log.info("udp: %s made again (index %d) in %.0f ms", DEVICE, self.tun_index,
+                     (asyncio.get_running_loop().time() - start) * 1000)
+            await self.sync()
+            return
+
+    async def _open_again(self, subnet: ipaddress.IPv4Network) -> None:
+        assert self.datapath is not None
+        if self.tun is not None:  # the old fd holds nothing now; closing it frees the name
+            with contextlib.suppress(Exception):
+                self.tun.close()
+            self.tun = None
+        self.tun = open_tun(DEVICE, vnet_hdr=self.opts.vnet_hdr)
+        address = ipaddress.IPv4Interface(f"{subnet.network_address}/32")
+        self.tun_index = await self.netlink.configure_link(DEVICE, address, self.mtu, TXQUEUELEN)
+        self._accept_local()
+        self.datapath.set_tun(self.tun.fileno())
 
     async def close(self) -> None:
         if self.datapath is not None:

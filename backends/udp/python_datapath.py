@@ -15,8 +15,10 @@ import asyncio
 import errno
 import ipaddress
 import os
+import select
 import socket
 import struct
+import time
 from collections.abc import Callable
 
 from backends.udp.datapath import (
@@ -35,11 +37,19 @@ from backends.udp.datapath import (
     VIRTIO_NET_HDR_GSO_TCPV4,
     VNET_HDR,
     VNET_NONE,
+    TunLost,
     describe_offloads,
     offload_counters,
 )
 from backends.udp.lpm import RouteTable
-from backends.udp.packet import checksum, decrement_ttl, net_unreachable
+from backends.udp.packet import (
+    ICMP_RATELIMIT_MS,
+    IcmpLimiter,
+    checksum,
+    decrement_ttl,
+    net_unreachable,
+    time_exceeded,
+)
 
 #: A packet waiting in the receive buffer: (offset, length).
 Pending = tuple[int, int]
@@ -71,11 +81,16 @@ class PythonDatapath:
     gro_receives: int
     coalesced_writes: int
     tso_reads: int
+    rx_drop_dst_outside: int
+    icmp_time_exceeded_sent: int
+    icmp_rate_limited: int
+    tx_socket_full: int
 
     def __init__(
         self, tun_fd: int, sock: socket.socket, *, port: int, mtu: int,
         check_source: bool = True, gso: bool = True, gro: bool = True,
         vnet_hdr: bool = False, tso: bool = False, coalesce: bool = True,
+        icmp_ratelimit_ms: int = ICMP_RATELIMIT_MS,
     ) -> None:
         self.tun_fd = tun_fd
         # The TUN was opened with IFF_VNET_HDR: every read and write starts with a
@@ -93,7 +108,13 @@ class PythonDatapath:
         self.routes: RouteTable[tuple[str, int]] = RouteTable()
         # PublicIP -> how many subnets it holds: is a datagram's sender a peer at all.
         self.peers: dict[str, int] = {}
+        # Our subnet as (network, mask) integers: a received packet is ours when
+        # dst & mask == network. Unset, no destination matches (-1 is no masked value).
+        self.own_net, self.own_mask = -1, 0
+        self.own_addr = b"\0\0\0\0"  # flannel0's address, the source of time exceeded
+        self.limiter = IcmpLimiter(icmp_ratelimit_ms)
         self._stopped: asyncio.Future[None] | None = None
+        self._lost = False
         for name in COUNTERS:
             setattr(self, name, 0)
         self.gso = gso and _probe_gso(sock)
@@ -114,6 +135,18 @@ class PythonDatapath:
         self.routes.set(subnet, addr)
         self.peers[addr[0]] = self.peers.get(addr[0], 0) + 1
 
+    def set_subnet(self, subnet: ipaddress.IPv4Network) -> None:
+        if subnet.prefixlen == 0:
+            raise ValueError("our subnet cannot be 0.0.0.0/0")
+        self.own_net, self.own_mask = int(subnet.network_address), int(subnet.netmask)
+        self.own_addr = subnet.network_address.packed
+
+    def set_tun(self, tun_fd: int) -> None:
+        if self._stopped is not None and not self._stopped.done():
+            raise RuntimeError("set_tun while the datapath runs")
+        self.tun_fd = tun_fd
+        self._lost = False
+
     def del_route(self, subnet: ipaddress.IPv4Network) -> None:
         old = self.routes.delete(subnet)
         if old is None:
@@ -131,17 +164,35 @@ class PythonDatapath:
         self._stopped = loop.create_future()
         os.set_blocking(self.tun_fd, False)
         self.sock.setblocking(False)
-        loop.add_reader(self.tun_fd, self._from_tun())
-        loop.add_reader(self.sock.fileno(), self._from_udp())
+        tun_fd, sock_fd = self.tun_fd, self.sock.fileno()  # the socket may be closed first
+        loop.add_reader(tun_fd, self._from_tun())
+        loop.add_reader(sock_fd, self._from_udp())
         try:
             await self._stopped
         finally:
-            loop.remove_reader(self.tun_fd)
-            loop.remove_reader(self.sock.fileno())
+            loop.remove_reader(tun_fd)
+            loop.remove_reader(sock_fd)
+        if self._lost:
+            raise TunLost(f"the TUN (fd {tun_fd}) reported an error: the device is gone")
 
     def stop(self) -> None:
         if self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)
+
+    def _tun_lost(self) -> None:
+        """A TUN read failed other than EAGAIN (a deleted device reads EBADFD) or read
+        end of file, and the loop would call the reader again at once (the C loop sees
+        the same as POLLERR/POLLHUP): end run() with TunLost."""
+        self._lost = True
+        self.stop()
+
+    def _icmp_allowed(self, reply: bytes) -> bool:
+        """The rate limit for an ICMP error to the reply's destination; counts a refusal."""
+        if self.limiter.allow(int.from_bytes(reply[16:20], "big"),
+                              time.monotonic_ns() // 1_000_000):
+            return True
+        self.icmp_rate_limited += 1
+        return False
 
     # -- the packet path -------------------------------------------------------------
     # Both handlers are closures over locals: attribute and global look-ups cost more
@@ -169,7 +220,9 @@ class PythonDatapath:
                     stop = min(pos + seg, end)
                     try:
                         sendto(view[pos:stop], addr)
-                    except OSError:
+                    except OSError as exc:
+                        if exc.errno == errno.EAGAIN:
+                            self.tx_socket_full += 1
                         self.tx_drop_send_error += 1
                         continue
                     self.tx_packets += 1
@@ -179,6 +232,8 @@ class PythonDatapath:
                 sendmsg([view[start:end]], [(SOL_UDP, UDP_SEGMENT, pack(seg))], 0, addr)
             except OSError as exc:
                 if exc.errno in (errno.EAGAIN, errno.ENOBUFS):
+                    if exc.errno == errno.EAGAIN:
+                        self.tx_socket_full += 1
                     self.tx_drop_send_error += count
                     return
                 # EIO/EINVAL/...: this path cannot segment; send one by one from now on.
@@ -194,16 +249,25 @@ class PythonDatapath:
         def on_readable() -> None:
             levels = self.routes.levels
             drained = False
+            first = True
             while not drained:  # a batch of reads, sent before the next is read
                 start = off = count = seg = 0
                 short = False
                 raddr = ("", 0)
                 for _ in batch:
                     try:
-                        n = readv(fd, [*head, view[off:off + mtu]]) - hlen
+                        got = readv(fd, [*head, view[off:off + mtu]])
                     except (BlockingIOError, InterruptedError):
                         drained = True
+                        if first and _hung_up(fd):  # woken for nothing: a hang-up?
+                            self._tun_lost()
+                            return
                         break
+                    except OSError:
+                        self._tun_lost()
+                        return
+                    first = False
+                    n = got - hlen
                     if n < 20 or buf[off] >> 4 != 4:
                         self.tx_drop_malformed += 1
                         continue
@@ -216,7 +280,7 @@ class PythonDatapath:
                     if addr is None:
                         self.tx_drop_no_route += 1
                         reply = net_unreachable(view[off:off + n])
-                        if reply is not None:
+                        if reply is not None and self._icmp_allowed(reply):
                             try:
                                 writev(fd, [*plain, reply])
                                 self.icmp_unreachable_sent += 1
@@ -225,6 +289,14 @@ class PythonDatapath:
                         continue
                     if not dec_ttl(buf, off):
                         self.tx_drop_ttl += 1
+                        reply = (time_exceeded(view[off:off + n], self.own_addr)
+                                 if self.own_mask else None)  # our subnet not set yet
+                        if reply is not None and self._icmp_allowed(reply):
+                            try:
+                                writev(fd, [*plain, reply])
+                                self.icmp_time_exceeded_sent += 1
+                            except OSError:
+                                pass
                         continue
                     if count and (
                             addr != raddr or n > seg or short or count >= GSO_MAX_SEGMENTS
@@ -263,7 +335,7 @@ class PythonDatapath:
         def check(pos: int, n: int, sender: str, strict: bool,
                   levels: list[tuple[int, dict[int, tuple[str, int]]]]) -> int:
             """Validate and TTL-patch the packet at buf[pos:pos+n] from `sender` (a peer,
-            when strict); its length, 0 if dropped."""
+            when strict) for our subnet; its length, 0 if dropped."""
             if n > mtu:
                 self.rx_drop_oversized += 1
                 return 0
@@ -284,10 +356,35 @@ class PythonDatapath:
                 else:
                     self.rx_drop_spoofed_source += 1
                     return 0
+            if from_bytes(buf[pos + 16:pos + 20], "big") & self.own_mask != self.own_net:
+                self.rx_drop_dst_outside += 1
+                return 0
             if not dec_ttl(buf, pos):
                 self.rx_drop_ttl += 1
+                ttl_answer(view[pos:pos + total], levels)
                 return 0
             return total
+
+        def ttl_answer(offender: memoryview,
+                       levels: list[tuple[int, dict[int, tuple[str, int]]]]) -> None:
+            """Time exceeded back to the peer that routes the offender's source."""
+            reply = time_exceeded(offender, self.own_addr)
+            if reply is None:
+                return
+            back = from_bytes(offender[12:16], "big")
+            for mask, table in levels:
+                addr = table.get(back & mask)
+                if addr is not None:
+                    break
+            else:
+                return
+            if not self._icmp_allowed(reply):
+                return
+            try:
+                self.sock.sendto(reply, addr)
+            except OSError:
+                return
+            self.icmp_time_exceeded_sent += 1
 
         def write(parts: list, count: int, nbytes: int) -> None:
             try:
@@ -434,6 +531,13 @@ class PythonDatapath:
                     break
 
         return on_readable
+
+
+def _hung_up(fd: int) -> bool:
+    """Does poll() report an error or hang-up on `fd` (as the C loop checks)?"""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return any(ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, ev in p.poll(0))
 
 
 def _probe_gso(sock: socket.socket) -> bool:

@@ -168,6 +168,7 @@ except OSError as e:
     assert e.errno == errno.EMFILE, e
     print("failed cleanly")
 os.close(spare.pop())
+os.close(spare.pop())  # room for both eventfds
 core.__init__(a.fileno(), u.fileno(), 8285, 1500)
 core.set_route(0x0A050200, 0xFFFFFF00, 0x7F000001)
 print("retried", core.offloads()["udp_gso"] in (True, False))

@@ -29,7 +29,8 @@ import pytest
 # The C datapath must be built (make setup, pip install): without it this import fails
 # the whole suite loudly, it never skips.
 from backends.udp.c_datapath import CDatapath
-from backends.udp.datapath import VNET_HDR, VNET_NONE
+from backends.udp.datapath import VNET_HDR, VNET_NONE, TunLost
+from backends.udp.packet import ICMP_BURST, icmp_bucket
 from backends.udp.python_datapath import PythonDatapath
 from backends.udp.selection import DATAPATHS, choose_datapath
 from tests.support.packets import (
@@ -40,6 +41,7 @@ from tests.support.packets import (
     addr,
     hopped,
     icmp_echo,
+    icmp_message,
     inet_checksum,
     ip_header_ok,
     ip_packet,
@@ -55,6 +57,7 @@ NET_B = ipaddress.IPv4Network("10.5.3.0/24")
 PEER_A = ipaddress.IPv4Address("127.0.0.2")
 PEER_B = ipaddress.IPv4Address("127.0.0.3")
 STRANGER = "127.0.0.4"
+OWN = ipaddress.IPv4Network("10.5.1.0/24")  # this host's subnet
 LOCAL = "10.5.1.10"  # a container on this host
 BUF = 1 << 20
 KINDS = {"python": PythonDatapath, "c": CDatapath}
@@ -109,6 +112,7 @@ class Rig:
     vnet: bool
     from_tun: Callable[[], None]
     from_udp: Callable[[], None]
+    tun_fd: int  # the datapath's end of the stand-in TUN
 
     def counters(self) -> dict[str, int]:
         return self.dp.counters()
@@ -169,7 +173,8 @@ def make_rig(kind: str) -> Iterator[Callable[..., Rig]]:
 
     def make(*, gso: bool = False, gro: bool = False, check_source: bool = True,
              mtu: int = MTU, routes: bool = True, vnet: bool = False,
-             coalesce: bool = True) -> Rig:
+             coalesce: bool = True, own: ipaddress.IPv4Network | None = OWN,
+             icmp_ratelimit_ms: int = 60_000) -> Rig:
         dp_end, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         for s in (dp_end, tun):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUF)
@@ -182,8 +187,13 @@ def make_rig(kind: str) -> Iterator[Callable[..., Rig]]:
         socks.extend((dp_end, tun, sock, peer_a, peer_b, stranger))
         os.set_blocking(dp_end.fileno(), False)
         sock.setblocking(False)
+        # The ICMP rate limit's bucket refills one error a minute here: a test sees its
+        # burst (6 per destination) and nothing more, however slowly it runs.
         dp = KINDS[kind](dp_end.fileno(), sock, port=port, mtu=mtu, check_source=check_source,
-                         gso=gso, gro=gro, vnet_hdr=vnet, coalesce=coalesce)
+                         gso=gso, gro=gro, vnet_hdr=vnet, coalesce=coalesce,
+                         icmp_ratelimit_ms=icmp_ratelimit_ms)
+        if own is not None:
+            dp.set_subnet(own)
         if routes:
             dp.set_route(NET_A, PEER_A)
             dp.set_route(NET_B, PEER_B)
@@ -192,7 +202,7 @@ def make_rig(kind: str) -> Iterator[Callable[..., Rig]]:
         else:
             from_tun, from_udp = dp._core.drain_tun, dp._core.drain_udp
         rig = Rig(kind, dp, tun, sock.getsockname(), port, peer_a, peer_b, stranger, vnet,
-                  from_tun, from_udp)
+                  from_tun, from_udp, dp_end.fileno())
         rigs.append(rig)
         return rig
 
@@ -339,7 +349,8 @@ def test_tun_to_udp_bad_packets_in_a_batch_do_not_disturb_others(make_rig, gso):
     c = rig.counters()
     assert (c["tx_packets"], c["tx_drop_no_route"], c["tx_drop_malformed"],
             c["tx_drop_ttl"]) == (3, 1, 1, 1)
-    assert len(rig.drain_tun()) == 1  # the ICMP answer
+    # The ICMP answers: net unreachable, time exceeded.
+    assert [parse_icmp(p).type for p in rig.drain_tun()] == [3, 11]
 
 
 @GSO
@@ -549,6 +560,162 @@ def test_udp_check_source_off_accepts_anyone(make_rig):
     c = rig.counters()
     assert (c["rx_packets"], c["rx_drop_spoofed_source"], c["rx_drop_unknown_source"]) == (
         2, 0, 0)
+
+
+# -- a router's rules: destinations, TTL, ICMP time exceeded, rate limits ----------------
+def test_udp_destination_outside_our_subnet_dropped(make_rig):
+    # A peer may send only to this host's subnet: not to another peer's subnet, not to
+    # the host's own network beyond it, whatever the source checks say.
+    for check_source in (True, False):
+        rig = make_rig(check_source=check_source)
+        ours = make_packet("10.5.2.5", LOCAL, 90)
+        rig.to_udp(rig.peer_a, make_packet("10.5.2.5", "10.5.3.9"), ours,
+                   make_packet("10.5.2.5", "192.168.100.1"),
+                   make_packet("10.5.2.5", "10.5.0.255"), make_packet("10.5.2.5", "10.5.1.255"))
+        assert rig.drain_tun() == [hopped(ours), hopped(make_packet("10.5.2.5", "10.5.1.255"))]
+        c = rig.counters()
+        assert (c["rx_drop_dst_outside"], c["rx_packets"]) == (3, 2)
+        assert c["rx_datagrams"] == c["rx_packets"] + rig.drops()
+
+
+def test_udp_without_our_subnet_nothing_is_delivered(make_rig):
+    rig = make_rig(own=None)
+    rig.to_udp(rig.peer_a, make_packet("10.5.2.5", LOCAL))
+    assert rig.drain_tun() == []
+    assert rig.counters()["rx_drop_dst_outside"] == 1
+    rig.dp.set_subnet(OWN)
+    rig.to_udp(rig.peer_a, make_packet("10.5.2.5", LOCAL))
+    assert len(rig.drain_tun()) == 1
+
+
+def test_our_subnet_can_change(make_rig):
+    rig = make_rig()
+    rig.dp.set_subnet(ipaddress.IPv4Network("10.5.7.0/24"))
+    rig.to_udp(rig.peer_a, make_packet("10.5.2.5", LOCAL), make_packet("10.5.2.5", "10.5.7.3"))
+    assert [p[19] for p in rig.drain_tun()] == [3]
+    with pytest.raises(ValueError):
+        rig.dp.set_subnet(ipaddress.IPv4Network("0.0.0.0/0"))
+
+
+def assert_time_exceeded(reply: bytes, offender: bytes, src: str = "10.5.1.0") -> None:
+    r = parse_icmp(reply)
+    assert (r.type, r.code) == (11, 0)
+    assert r.ip_ok and r.icmp_ok and r.proto == PROTO_ICMP and r.ttl == 64
+    assert r.src == addr(src)  # flannel0's address: our subnet's first
+    assert r.dst == offender[12:16]
+    assert r.rest == bytes(4)
+    ihl = (offender[0] & 0x0F) * 4
+    assert r.quote == offender[:ihl + 8]  # as it arrived, TTL and all
+
+
+@VNET
+def test_tun_ttl_expired_answers_time_exceeded_into_the_tun(make_rig, vnet):
+    rig = make_rig(vnet=vnet)
+    pkt = make_packet(LOCAL, "10.5.2.7", 120, ttl=1, proto=PROTO_TCP)
+    rig.to_tun(pkt)
+    (reply,) = rig.drain_tun()
+    assert_time_exceeded(reply, pkt)
+    assert nothing_on(rig.peer_a)
+    c = rig.counters()
+    assert (c["tx_drop_ttl"], c["icmp_time_exceeded_sent"], c["tx_packets"]) == (1, 1, 0)
+
+
+def test_tun_ttl_expired_echo_request_is_answered(make_rig):
+    # ping -t 1 through the overlay: an echo request is a query, not an error.
+    rig = make_rig()
+    echo = icmp_echo(LOCAL, "10.5.2.7", ttl=1, data=b"0123456789")
+    rig.to_tun(echo)
+    (reply,) = rig.drain_tun()
+    assert_time_exceeded(reply, echo)
+
+
+def test_udp_ttl_expired_answers_back_to_the_peer_that_routes_the_source(make_rig):
+    rig = make_rig()
+    pkt = make_packet("10.5.3.5", LOCAL, 200, ttl=1)  # from B's subnet, sent by B
+    rig.to_udp(rig.peer_b, pkt)
+    assert rig.drain_tun() == []
+    reply, src = recv(rig.peer_b)
+    assert src == rig.dp_addr
+    assert_time_exceeded(reply, pkt)
+    assert nothing_on(rig.peer_a)
+    c = rig.counters()
+    assert (c["rx_drop_ttl"], c["icmp_time_exceeded_sent"], c["rx_packets"]) == (1, 1, 0)
+
+
+def test_udp_ttl_expired_source_without_a_route_gets_no_answer(make_rig):
+    rig = make_rig(check_source=False)
+    rig.to_udp(rig.stranger, make_packet("10.7.0.5", LOCAL, ttl=1))
+    c = rig.counters()
+    assert (c["rx_drop_ttl"], c["icmp_time_exceeded_sent"]) == (1, 0)
+    assert nothing_on(rig.stranger) and nothing_on(rig.peer_a) and nothing_on(rig.peer_b)
+
+
+def test_no_time_exceeded_before_our_subnet_is_known(make_rig):
+    rig = make_rig(own=None)
+    rig.to_tun(make_packet(LOCAL, "10.5.2.7", ttl=1))
+    assert rig.drain_tun() == []
+    assert (rig.counters()["tx_drop_ttl"], rig.counters()["icmp_time_exceeded_sent"]) == (1, 0)
+
+
+@pytest.mark.parametrize("pkt", [
+    ip_packet(LOCAL, "10.5.2.7", icmp_message(3, 1, data=bytes(28)), proto=PROTO_ICMP, ttl=1),
+    ip_packet(LOCAL, "10.5.2.7", icmp_message(11, 0, data=bytes(28)), proto=PROTO_ICMP, ttl=1),
+    ip_packet(LOCAL, "10.5.2.7", icmp_message(40, 0, data=bytes(8)), proto=PROTO_ICMP, ttl=1),
+    ip_packet(LOCAL, "10.5.2.7", b"", proto=PROTO_ICMP, ttl=1),
+    make_packet(LOCAL, "10.5.2.7", 84, mf=True, frag=0x10, ttl=1),
+    make_packet("0.0.0.0", "10.5.2.7", 84, ttl=1),
+    make_packet(LOCAL, "224.0.0.5", 84, ttl=1),
+    make_packet(LOCAL, "255.255.255.255", 84, ttl=1),
+], ids=["icmp-unreachable", "icmp-time-exceeded", "icmp-unknown-type", "icmp-empty",
+        "fragment", "from-0.0.0.0", "to-multicast", "to-broadcast"])
+def test_tun_ttl_expired_no_answer(make_rig, pkt):
+    rig = make_rig()
+    rig.dp.set_route(ipaddress.IPv4Network("224.0.0.0/3"), PEER_A)  # routed, to reach TTL
+    rig.to_tun(pkt)
+    assert rig.drain_tun() == []
+    c = rig.counters()
+    assert (c["tx_drop_ttl"], c["icmp_time_exceeded_sent"]) == (1, 0)
+
+
+def _other_bucket(ip: str) -> str:
+    """A container address whose rate-limit bucket is not ip's."""
+    mine = icmp_bucket(int(ipaddress.IPv4Address(ip)))
+    return next(str(a) for a in OWN.hosts() if icmp_bucket(int(a)) != mine)
+
+
+def test_icmp_errors_are_rate_limited_per_destination(make_rig):
+    rig = make_rig()  # a bucket refills one error a minute: only the burst goes
+    rig.to_tun(*(make_packet(LOCAL, "10.5.2.7", 60, ttl=1, fill=i) for i in range(10)))
+    assert len(rig.drain_tun()) == ICMP_BURST
+    c = rig.counters()
+    assert (c["icmp_time_exceeded_sent"], c["icmp_rate_limited"], c["tx_drop_ttl"]) == (
+        ICMP_BURST, 10 - ICMP_BURST, 10)
+    # Net unreachable shares the budget of its destination...
+    rig.to_tun(make_packet(LOCAL, "10.9.0.1", 60))
+    assert rig.drain_tun() == []
+    # ...and another destination has its own.
+    other = _other_bucket(LOCAL)
+    rig.to_tun(make_packet(other, "10.5.2.7", 60, ttl=1), make_packet(other, "10.9.0.1", 60))
+    assert [parse_icmp(p).type for p in rig.drain_tun()] == [11, 3]
+    assert rig.counters()["icmp_rate_limited"] == 10 - ICMP_BURST + 1
+
+
+def test_icmp_rate_limit_refills_with_time(make_rig):
+    rig = make_rig(icmp_ratelimit_ms=200)
+    rig.to_tun(*(make_packet(LOCAL, "10.5.2.7", 60, ttl=1) for _ in range(ICMP_BURST + 1)))
+    assert len(rig.drain_tun()) == ICMP_BURST  # unless processing took over 200 ms
+    import time
+
+    time.sleep(0.25)  # one interval later there is a token again
+    rig.to_tun(make_packet(LOCAL, "10.5.2.7", 60, ttl=1))
+    assert len(rig.drain_tun()) == 1
+
+
+def test_icmp_rate_limit_off(make_rig):
+    rig = make_rig(icmp_ratelimit_ms=0)
+    rig.to_tun(*(make_packet(LOCAL, "10.5.2.7", 60, ttl=1) for _ in range(20)))
+    assert len(rig.drain_tun()) == 20
+    assert rig.counters()["icmp_rate_limited"] == 0
 
 
 def test_udp_check_source_off_with_no_routes(make_rig):
@@ -826,7 +993,7 @@ def test_route_churn_matches_a_reference(make_rig):
     """Random sets, moves and deletes in a small space (many collisions and re-uses of
     one slot, every length from /0 to /32), each followed by a probe of the same few
     addresses: the packet goes where the longest remaining match says, or gets no route."""
-    rig = make_rig(routes=False)
+    rig = make_rig(routes=False, icmp_ratelimit_ms=0)  # an ICMP answer for every no route
     rng = random.Random(3)
     peers = {0: rig.peer_a, 1: rig.peer_b}
     ips = {0: PEER_A, 1: PEER_B}
@@ -1053,9 +1220,13 @@ async def test_run_keeps_counters_consistent_under_random_datagrams(make_rig):
             last, c = c, rig.counters()
         assert c["rx_datagrams"] > n // 2
         assert c["rx_datagrams"] == c["rx_packets"] + rig.drops()
+        assert c["icmp_time_exceeded_sent"] > 0  # to peer A, for the TTLs of 0 and 1
         pkt = make_packet(LOCAL, "10.5.2.9")
         rig.tun.send(pkt)
-        assert_hop((await asyncio.to_thread(recv, rig.peer_a))[0], pkt)
+        got = (await asyncio.to_thread(recv, rig.peer_a))[0]
+        while got[9] == PROTO_ICMP:  # the time exceeded answers came first
+            got = (await asyncio.to_thread(recv, rig.peer_a))[0]
+        assert_hop(got, pkt)
     finally:
         rig.dp.stop()
         await asyncio.wait_for(task, 5)
@@ -1078,6 +1249,52 @@ async def test_routes_change_while_running(make_rig):
 
 def test_stop_before_run_is_harmless(make_rig):
     make_rig().dp.stop()
+
+
+async def test_a_tun_that_hangs_up_ends_run_with_tun_lost_and_a_new_one_carries_on(make_rig):
+    """A deleted flannel0 shows as POLLERR on its fd (reads fail with EBADFD); the
+    stand-in's shutdown() shows as POLLHUP and end of file. Either way run() ends with
+    TunLost (no spinning, no silent death), and after set_tun the datapath moves packets
+    through the new fd with its routes and subnet kept."""
+    rig = make_rig()
+    task = asyncio.create_task(rig.dp.run())
+    await asyncio.sleep(0.05)
+    dp_end = socket.socket(fileno=os.dup(rig.tun_fd))
+    dp_end.shutdown(socket.SHUT_RDWR)
+    dp_end.close()
+    with pytest.raises(TunLost):
+        await asyncio.wait_for(task, 5)
+    new_dp, new_tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        rig.dp.set_tun(new_dp.fileno())
+        rig.tun = new_tun
+        task = asyncio.create_task(rig.dp.run())
+        try:
+            pkt = make_packet(LOCAL, "10.5.2.7", 100)
+            new_tun.send(pkt)
+            assert_hop((await asyncio.to_thread(recv, rig.peer_a))[0], pkt)
+            back = make_packet("10.5.2.5", LOCAL, 80)
+            rig.peer_a.sendto(back, rig.dp_addr)
+            new_tun.settimeout(2)
+            assert await asyncio.to_thread(new_tun.recv, BUF) == hopped(back)
+        finally:
+            rig.dp.stop()
+            await asyncio.wait_for(task, 5)
+    finally:
+        new_dp.close()
+        new_tun.close()
+
+
+async def test_set_tun_refused_while_running(make_rig):
+    rig = make_rig()
+    task = asyncio.create_task(rig.dp.run())
+    await asyncio.sleep(0.05)
+    try:
+        with pytest.raises(RuntimeError):
+            rig.dp.set_tun(rig.tun.fileno())
+    finally:
+        rig.dp.stop()
+        await asyncio.wait_for(task, 5)
 
 
 # -- choose_datapath ----------------------------------------------------------------------

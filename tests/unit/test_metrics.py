@@ -232,7 +232,9 @@ def expose(fams: Iterable[object]) -> str:
 UDP_VALUES = {"tx_packets": 5, "rx_packets": 6, "tx_bytes": 500, "rx_bytes": 600,
               "rx_datagrams": 7, "rx_drop_spoofed_source": 2, "tx_drop_no_route": 3,
               "gso_sends": 1, "gro_receives": 1, "coalesced_writes": 1, "tso_reads": 1,
-              "icmp_unreachable_sent": 1, "offload_udp_gso": 1}
+              "icmp_unreachable_sent": 1, "offload_udp_gso": 1,
+              "icmp_time_exceeded_sent": 1, "icmp_rate_limited": 1, "tx_socket_full": 1,
+              "tun_lost": 1, "tun_recreated": 1}
 
 
 def test_udp_counters_are_exported_whatever_keys_the_datapath_reports() -> None:

@@ -1,4 +1,5 @@
-"""Unit tests for backends.udp.packet: checksum, header checks, TTL, ICMP net-unreachable.
+"""Unit tests for backends.udp.packet: checksum, header checks, TTL, ICMP net-unreachable
+and time exceeded, the ICMP rate limit.
 
 Packets are built and checked with tests/support/packets.py, whose checksum is its own:
 backends.udp.packet.checksum is tested here, not trusted to build the inputs."""
@@ -12,13 +13,18 @@ from typing import Any
 import pytest
 
 from backends.udp.packet import (
+    ICMP_BUCKETS,
+    ICMP_BURST,
+    IcmpLimiter,
     checksum,
     decrement_ttl,
+    icmp_bucket,
     is_first_fragment,
     net_unreachable,
+    time_exceeded,
     valid_header,
 )
-from tests.support.packets import inet_checksum, ip_packet, parse_icmp
+from tests.support.packets import icmp_message, inet_checksum, ip_packet, parse_icmp
 
 CLASSIC = bytes.fromhex("450000730000400040110000c0a80001c0a800c7")
 SRC = bytes([10, 5, 1, 2])
@@ -321,3 +327,89 @@ def test_net_unreachable_random_garbage_never_raises():
             assert valid_header(data, len(data))
             assert data[9] != 1
             assert parse_icmp(reply).ip_ok and parse_icmp(reply).icmp_ok
+
+
+# -- time_exceeded --------------------------------------------------------------------
+ME = bytes([10, 5, 1, 0])
+
+
+@pytest.mark.parametrize("offender", [
+    packet(b"PAYLOAD-BYTES"),
+    packet(icmp_message(8, 0, b"\x00\x01\x00\x01", b"ping"), proto=1),  # echo request
+    packet(icmp_message(0, 0, b"\x00\x01\x00\x01"), proto=1),  # echo reply
+    packet(frag=0x2000),  # first fragment
+])
+def test_time_exceeded_reply(offender):
+    reply = time_exceeded(offender, ME)
+    assert reply is not None
+    r = parse_icmp(reply)
+    assert (r.type, r.code) == (11, 0)
+    assert r.src == ME and r.dst == SRC and r.ttl == 64
+    assert r.ip_ok and r.icmp_ok and r.rest == bytes(4)
+    assert r.quote == bytes(offender[:28])
+
+
+@pytest.mark.parametrize("offender", [
+    packet(icmp_message(3, 3, data=bytes(28)), proto=1),  # ICMP errors are never answered
+    packet(icmp_message(4, 0, data=bytes(28)), proto=1),
+    packet(icmp_message(5, 1, data=bytes(28)), proto=1),
+    packet(icmp_message(11, 0, data=bytes(28)), proto=1),
+    packet(icmp_message(12, 0, data=bytes(28)), proto=1),
+    packet(icmp_message(19, 0), proto=1),  # a type the kernel does not know
+    packet(b"", proto=1),  # no ICMP header at all
+    packet(frag=0x0010),  # not the first fragment
+    packet(src=bytes(4)),
+    packet(src=bytes([224, 0, 0, 1])),
+    packet(dst=bytes([239, 1, 2, 3])),
+    packet(dst=bytes([255, 255, 255, 255])),
+    packet(version=6),
+    packet()[:-1],
+    b"",
+])
+def test_time_exceeded_refuses(offender):
+    assert time_exceeded(offender, ME) is None
+
+
+def test_time_exceeded_random_garbage_never_raises():
+    rng = random.Random(1812)
+    for _ in range(2_000):
+        data = rng.randbytes(rng.randint(0, 80))
+        reply = time_exceeded(data, ME)
+        if reply is not None:
+            assert valid_header(data, len(data))
+            assert parse_icmp(reply).ip_ok and parse_icmp(reply).icmp_ok
+
+
+# -- IcmpLimiter ------------------------------------------------------------------------
+def test_limiter_burst_then_one_per_interval():
+    lim = IcmpLimiter(1000)
+    dst = 0x0A050102
+    assert [lim.allow(dst, 0) for _ in range(ICMP_BURST + 2)] == [True] * ICMP_BURST + [False] * 2
+    assert not lim.allow(dst, 999)
+    assert lim.allow(dst, 1000)  # 1000 ms of tokens since the bucket ran dry...
+    assert not lim.allow(dst, 1500)
+    assert lim.allow(dst, 2000)  # ...and again a second later
+    # A long pause refills the burst, no more.
+    allowed = [lim.allow(dst, 60_000) for _ in range(ICMP_BURST + 1)]
+    assert allowed == [True] * ICMP_BURST + [False]
+
+
+def test_limiter_destinations_have_their_own_buckets():
+    lim = IcmpLimiter(1000)
+    a = 0x0A050102
+    b = next(x for x in range(a + 1, a + 1000) if icmp_bucket(x) != icmp_bucket(a))
+    for _ in range(ICMP_BURST):
+        assert lim.allow(a, 0)
+    assert not lim.allow(a, 0)
+    assert lim.allow(b, 0)
+
+
+def test_limiter_off():
+    lim = IcmpLimiter(0)
+    assert all(lim.allow(1, 0) for _ in range(1000))
+
+
+def test_icmp_bucket_spreads_a_subnet():
+    buckets = {icmp_bucket(0x0A050100 + i) for i in range(256)}
+    assert all(0 <= b < ICMP_BUCKETS for b in buckets)
+    assert len(buckets) > ICMP_BUCKETS // 2
