@@ -2,7 +2,7 @@
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
 PYTHON    ?= python3
-DEB_PKGS  := etcd-server etcd-client iproute2 iptables iputils-ping iperf3 tcpdump systemd docker.io busybox-static
+DEB_PKGS  := etcd-server etcd-client iproute2 iptables iputils-ping iperf3 tcpdump traceroute systemd docker.io busybox-static
 STAMP     := $(VENV)/.installed
 
 .PHONY: setup packages test unit lint demo bench bench-scale asan soak clean

@@ -19,8 +19,8 @@
  *    written while no packet thread exists: in Core_init, which refuses a second call, or
  *    in set_tun, which refuses to run while the thread does; start() refuses an
  *    uninitialised Core. The buffers, the send state of a held batch and the ICMP rate
- *    buckets belong to the packet thread while it runs; the test hooks drain_tun/drain_udp
- *    refuse to run then.
+ *    buckets belong to the packet thread while it runs; the test hooks (drain_tun,
+ *    drain_udp, step) refuse to run then.
  *
  * Neither direction waits for the other. A full socket buffer (sendmmsg: EAGAIN) holds
  * the batch being sent, stops reading the TUN (the TUN's queue then pushes back on the
@@ -1243,48 +1243,56 @@ static int from_udp(Core *c, int budget)
  * vCPUs, a thread per direction cost one more wake-up per round trip (RTT 0.27-0.30 ms
  * against 0.19-0.25 ms) and gave no more throughput. Each side gets a few batches per
  * wake-up, so a flood one way cannot starve the other; a held send batch takes the TUN
- * out of the poll set (nothing more is read from it) and asks for POLLOUT instead. */
+ * out of the poll set (nothing more is read from it) and asks for POLLOUT instead.
+ *
+ * One turn of the loop: poll the TUN, the socket (for POLLOUT too while a batch is held)
+ * and the stop eventfd for at most `wait` ms (< 0: until something happens, or the held
+ * batch's time is up), then handle what poll() reported. 0: go on; 1: stop was asked;
+ * 2: the TUN is gone. */
+static int loop_once(Core *c, int wait)
+{
+    int held = c->held;
+    struct pollfd fds[3] = {
+        {held ? -1 : c->tun, POLLIN, 0},
+        {c->udp, (short)(POLLIN | (held ? POLLOUT : 0)), 0},
+        {c->efd, POLLIN, 0},
+    };
+    if (held) {
+        int64_t left = c->held_until - now_ms();
+        int until = left > 0 ? (int)left : 0;
+        if (wait < 0 || wait > until)
+            wait = until;
+    }
+    if (poll(fds, 3, wait) < 0)
+        return errno == EINTR ? 0 : 1;
+    if (fds[2].revents)
+        return 1;
+    /* A TUN whose interface was deleted reports POLLERR (and reads EBADFD). */
+    if (fds[0].revents & (POLLERR | POLLHUP | POLLNVAL))
+        return 2;
+    if (held) {
+        int done = resume_send(c, (fds[1].revents & POLLOUT) != 0) == SENT;
+        if (done && c->carry)
+            from_tun(c, TUN_BUDGET); /* the carried packet goes before more reads */
+    }
+    if (fds[0].revents & POLLIN)
+        from_tun(c, TUN_BUDGET);
+    /* POLLERR on the socket too: recvmmsg reports (and clears) the error. */
+    if (fds[1].revents & (POLLIN | POLLERR))
+        from_udp(c, UDP_BUDGET);
+    return 0;
+}
+
 static void *loop(void *arg)
 {
     Core *c = arg;
-    for (;;) {
-        int held = c->held;
-        struct pollfd fds[3] = {
-            {held ? -1 : c->tun, POLLIN, 0},
-            {c->udp, (short)(POLLIN | (held ? POLLOUT : 0)), 0},
-            {c->efd, POLLIN, 0},
-        };
-        int wait = -1;
-        if (held) {
-            int64_t left = c->held_until - now_ms();
-            wait = left > 0 ? (int)left : 0;
-        }
-        int r = poll(fds, 3, wait);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            break;
-        }
-        if (fds[2].revents)
-            break;
-        if (fds[0].revents & (POLLERR | POLLHUP | POLLNVAL)) {
-            /* The device is gone (a TUN whose interface was deleted reports POLLERR and
-             * reads EBADFD): tell Python, which makes a new one, and end. */
-            atomic_store_explicit(&c->tun_lost, 1, memory_order_relaxed);
-            uint64_t one = 1;
-            (void)!write(c->done, &one, sizeof one);
-            break;
-        }
-        if (held) {
-            int done = resume_send(c, (fds[1].revents & POLLOUT) != 0) == SENT;
-            if (done && c->carry)
-                from_tun(c, TUN_BUDGET); /* the carried packet goes before more reads */
-        }
-        if (fds[0].revents & POLLIN)
-            from_tun(c, TUN_BUDGET);
-        /* POLLERR on the socket too: recvmmsg reports (and clears) the error. */
-        if (fds[1].revents & (POLLIN | POLLERR))
-            from_udp(c, UDP_BUDGET);
+    int r;
+    while ((r = loop_once(c, -1)) == 0)
+        ;
+    if (r == 2) { /* tell Python, which makes a new TUN, and end */
+        atomic_store_explicit(&c->tun_lost, 1, memory_order_relaxed);
+        uint64_t one = 1;
+        (void)!write(c->done, &one, sizeof one);
     }
     return NULL;
 }
@@ -1620,10 +1628,11 @@ static PyObject *Core_counters(Core *c, PyObject *unused)
 }
 
 /* Test hooks: what the packet thread does when poll() says the TUN (drain_tun) or the
- * socket (drain_udp) is readable, run once in the calling thread, so that the datapath
- * suite can drive the C datapath step by step as it drives the python one. They hold the
- * GIL (no other Python thread can run one at the same time) and refuse to run while the
- * packet thread does, as its buffers are then its own. */
+ * socket (drain_udp) is readable, run in the calling thread until that fd has nothing
+ * more (no budget; a held send batch is waited for here, up to its SEND_HOLD_MS), so that
+ * the datapath suite can drive the C datapath step by step as it drives the python one.
+ * They hold the GIL (no other Python thread can run one at the same time) and refuse to
+ * run while the packet thread does, as its buffers are then its own. */
 static PyObject *drain(Core *c, void (*step)(Core *))
 {
     if (need_ready(c) < 0)
@@ -1664,7 +1673,37 @@ static PyObject *Core_drain_udp(Core *c, PyObject *unused)
     return drain(c, drain_udp_all);
 }
 
+/* Test hook: one turn of the packet loop in this thread, waiting at most wait_ms (0: not
+ * at all), as the thread would; returns what the turn said (0 go on, 1 stop, 2 TUN gone). */
+static PyObject *Core_step(Core *c, PyObject *args)
+{
+    int wait;
+    if (!PyArg_ParseTuple(args, "i", &wait) || need_ready(c) < 0)
+        return NULL;
+    if (c->running) {
+        PyErr_SetString(PyExc_RuntimeError, "the packet thread is running");
+        return NULL;
+    }
+    if (wait < 0 || wait > 10000) {
+        PyErr_SetString(PyExc_ValueError, "wait_ms: 0..10000");
+        return NULL;
+    }
+    /* With the GIL held, like the drain hooks: no other hook (nor start) runs meanwhile. */
+    return PyLong_FromLong(loop_once(c, wait));
+}
+
+/* Test hook: is a send batch held (the socket buffer was full)? */
+static PyObject *Core_held(Core *c, PyObject *unused)
+{
+    (void)unused;
+    return PyBool_FromLong(c->held);
+}
+
 static PyMethodDef Core_methods[] = {
+    {"step", (PyCFunction)Core_step, METH_VARARGS,
+     "step(wait_ms): one turn of the packet loop, in this thread (test hook)"},
+    {"held", (PyCFunction)Core_held, METH_NOARGS,
+     "whether a send batch waits for room in the socket buffer (test hook)"},
     {"drain_tun", (PyCFunction)Core_drain_tun, METH_NOARGS,
      "read the TUN until EAGAIN and send, in this thread (test hook)"},
     {"drain_udp", (PyCFunction)Core_drain_udp, METH_NOARGS,

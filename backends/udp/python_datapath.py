@@ -333,7 +333,8 @@ class PythonDatapath:
         pack_vnet = VNET_HDR.pack
 
         def check(pos: int, n: int, sender: str, strict: bool,
-                  levels: list[tuple[int, dict[int, tuple[str, int]]]]) -> int:
+                  levels: list[tuple[int, dict[int, tuple[str, int]]]], own_net: int,
+                  own_mask: int) -> int:
             """Validate and TTL-patch the packet at buf[pos:pos+n] from `sender` (a peer,
             when strict) for our subnet; its length, 0 if dropped."""
             if n > mtu:
@@ -356,7 +357,7 @@ class PythonDatapath:
                 else:
                     self.rx_drop_spoofed_source += 1
                     return 0
-            if from_bytes(buf[pos + 16:pos + 20], "big") & self.own_mask != self.own_net:
+            if from_bytes(buf[pos + 16:pos + 20], "big") & own_mask != own_net:
                 self.rx_drop_dst_outside += 1
                 return 0
             if not dec_ttl(buf, pos):
@@ -484,6 +485,7 @@ class PythonDatapath:
             peers = self.peers
             levels = self.routes.levels
             strict = self.check_source
+            own_net, own_mask = self.own_net, self.own_mask
             while True:
                 # One receive batch (recvmmsg in the C datapath): up to RX_BATCH receives,
                 # then what they held goes to the TUN together.
@@ -511,7 +513,7 @@ class PythonDatapath:
                         self.rx_drop_unknown_source += datagrams
                         continue
                     if seg == n:
-                        total = check(base, n, src_ip, strict, levels)
+                        total = check(base, n, src_ip, strict, levels, own_net, own_mask)
                         if total:
                             if coalesce:
                                 pkts.append((base, total))
@@ -519,7 +521,8 @@ class PythonDatapath:
                                 write([*plain, view[base:base + total]], 1, total)
                         continue
                     for pos in range(base, base + n, seg):
-                        total = check(pos, min(seg, base + n - pos), src_ip, strict, levels)
+                        total = check(pos, min(seg, base + n - pos), src_ip, strict, levels,
+                                      own_net, own_mask)
                         if total:
                             pkts.append((pos, total))
                     if not coalesce:

@@ -1,4 +1,5 @@
-"""Packets for the tests: IPv4 with UDP, TCP or ICMP, built and taken apart with struct.
+"""Packets for the tests: IPv4 with UDP, TCP or ICMP, built and taken apart with struct;
+and the UDP datagrams of a capture file (tcpdump -w), read without tweed's help.
 
 Every test that needs a packet (the datapath suite, the C segmentation and coalescing
 hooks, the packet helpers, the udp lab and its flanneld-style relay) builds it here. The
@@ -241,3 +242,44 @@ def parse_icmp(reply: bytes) -> IcmpReply:
     icmp = reply[ip.ihl:]
     return IcmpReply(ip.ihl, ip.ttl, ip.proto, ip.src, ip.dst, ip_header_ok(reply), icmp[0],
                      icmp[1], inet_checksum(icmp) == 0, icmp[4:8], icmp[8:])
+
+
+# ---- captures ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Datagram:
+    """One UDP datagram of a capture: addresses as text, the UDP payload as captured."""
+
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    payload: bytes
+
+
+def pcap_datagrams(data: bytes) -> list[Datagram]:
+    """The IPv4 UDP datagrams of a classic pcap file (what `tcpdump -w` writes) on Ethernet
+    (link type 1), in capture order; other frames are skipped. Frames must be whole (no
+    snap length cut), or AssertionError."""
+    magic = data[:4]
+    order = {b"\xd4\xc3\xb2\xa1": "<", b"\xa1\xb2\xc3\xd4": ">",
+             b"\x4d\x3c\xb2\xa1": "<", b"\xa1\xb2\x3c\x4d": ">"}[magic]
+    linktype = struct.unpack_from(order + "I", data, 20)[0]
+    assert linktype == 1, f"link type {linktype}, not Ethernet"
+    out = []
+    at = 24
+    while at + 16 <= len(data):
+        _sec, _frac, incl, orig = struct.unpack_from(order + "IIII", data, at)
+        frame = data[at + 16:at + 16 + incl]
+        at += 16 + incl
+        assert incl == orig, "a frame cut by the snap length"
+        if len(frame) < 14 + 20 or frame[12:14] != b"\x08\x00":
+            continue
+        ip = parse_ip(frame[14:])
+        if ip.proto != PROTO_UDP or ip.frag or ip.mf:
+            continue
+        udp = frame[14 + ip.ihl:14 + ip.total]
+        sport, dport, length = struct.unpack_from("!HHH", udp)
+        out.append(Datagram(socket.inet_ntoa(ip.src), sport, socket.inet_ntoa(ip.dst), dport,
+                            udp[8:length]))
+    return out
