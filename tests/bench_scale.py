@@ -33,7 +33,6 @@ where etcd listens: `python -m tests.bench_scale seed|churn ...`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -192,11 +191,8 @@ async def churn(url: str, backend: str, n: int, rate: float, seconds: float) -> 
             await kv.put(key_of(subnet_of(i)).encode(),
                          lease_value(backend, i, present[i]).encode(), lease=lease, timeout=10)
         k += 1
-    print(json.dumps({"changes": k, "peers": present}), flush=True)
-    # The client's close has been seen to hang (grpc) after a long churn: the result is
-    # out already, and the process exits either way.
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(client.close(), 5)
+    await client.close()
+    print(json.dumps({"changes": k, "peers": present}))
 
 
 # -- the agent side -------------------------------------------------------------------
@@ -421,13 +417,17 @@ def churn_phase(res: Result, lab: Any, etcd: Any, host: Any, pid: int,
         # udp: TCP between the containers while the agent programs the churn's changes.
         thread = threading.Thread(target=lambda: during.append(pair()), daemon=True)
         thread.start()
-    while churn.poll() is None:
+    while True:
         res.churn_rss.append([round(time.monotonic() - t0, 1), proc_mem(pid)["VmRSS"]])
         try:
-            churn.wait(timeout=CHURN_SAMPLE)
+            # communicate, not wait: the child's result (every peer) outgrows a pipe's
+            # buffer at 10,000 peers, and it must be read while the child writes it.
+            out, _ = churn.communicate(timeout=CHURN_SAMPLE)
+            break
         except subprocess.TimeoutExpired:
-            pass
-    out, _ = churn.communicate(timeout=CHURN_SECONDS + 600)
+            if time.monotonic() - t0 > CHURN_SECONDS + 600:
+                churn.kill()
+                raise
     if thread is not None:
         thread.join(timeout=300)
         res.gbps_churn = during[0] if during else float("nan")
@@ -643,8 +643,6 @@ if __name__ == "__main__":
     elif len(sys.argv) > 1 and sys.argv[1] == "churn":
         asyncio.run(churn(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]),
                           float(sys.argv[6])))
-        sys.stdout.flush()
-        os._exit(0)  # not held by a grpc thread that a hung close left behind
     elif len(sys.argv) > 2 and sys.argv[1] == "table":
         print(table_from(json.loads(Path(sys.argv[2]).read_text())))
     else:
