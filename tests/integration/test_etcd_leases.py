@@ -39,10 +39,10 @@ def registry_for(url: str) -> EtcdRegistry:
 
 
 @contextlib.asynccontextmanager
-async def manager(url: str, n: int, config=None, **kw):
+async def manager(url: str, n: int, config=None, seed: int | None = None, **kw):
     reg = registry_for(url)
     m = LeaseManager(reg, config or parse_config(json.dumps(CONFIG)), attrs(n),
-                     rng=random.Random(n), backoff_cap=0.5, **kw)
+                     rng=random.Random(n if seed is None else seed), backoff_cap=0.5, **kw)
     try:
         yield m
     finally:
@@ -133,18 +133,54 @@ async def test_own_lease_deleted_is_reacquired(etcd):
     assert m.counters.reacquisitions == 1
 
 
-async def test_twenty_agents_at_once_get_twenty_subnets(etcd):
-    async def one(n):
-        async with manager(etcd.client_url, n) as m:
-            return await asyncio.wait_for(m.acquire(), 30)
+async def test_twenty_agents_at_once_race_and_get_twenty_subnets(etcd):
+    """The race is forced, not hoped for: every agent draws from the same seed, and each
+    one's first listing waits at a barrier until all twenty have listed, so all twenty
+    choose the same free subnet before any of them creates it. Exactly one create wins;
+    the nineteen others lose it (a compare on the key's version in etcd), list again and
+    retry until each holds a subnet of its own."""
+    n = 20
+    barrier = asyncio.Barrier(n)
+    managers: list[LeaseManager] = []
+    choices: list[ipaddress.IPv4Network] = []
 
-    # Same seed for all: they all pick the same first candidate and must race for it.
-    leases = await asyncio.gather(*(one(n) for n in range(1, 21)))
-    assert len({lease.subnet for lease in leases}) == 20
+    async def one(i):
+        async with manager(etcd.client_url, i, seed=0) as m:
+            managers.append(m)
+            real_list = m.registry.list_subnets
+            first = [True]
+
+            async def list_subnets():
+                snap = await real_list()
+                if first[0]:
+                    first[0] = False
+                    await barrier.wait()  # nobody creates before everyone has listed
+                return snap
+
+            real_create = m.registry.create_subnet
+
+            async def create_subnet(name, value, ttl):
+                if len(choices) < n:  # the first round: every agent creates once
+                    choices.append(ipaddress.IPv4Network(name.replace("-", "/")))
+                return await real_create(name, value, ttl)
+
+            m.registry.list_subnets = list_subnets
+            m.registry.create_subnet = create_subnet
+            return await asyncio.wait_for(m.acquire(), 60)
+
+    leases = await asyncio.gather(*(one(i) for i in range(1, n + 1)))
+    # The first round: all twenty went for one subnet, which one of them holds now.
+    assert len(choices) == n and len(set(choices)) == 1, choices
+    assert sum(lease.subnet == choices[0] for lease in leases) == 1
+    # Every loser counted its lost create and still got a subnet: the race was resolved.
+    lost = [m.counters.lost_races for m in managers]
+    assert sum(1 for x in lost if x >= 1) == n - 1, lost
+    assert all(m.counters.acquisitions == 1 for m in managers)
+    assert len({lease.subnet for lease in leases}) == n
     stored = etcd.get_prefix(f"{PREFIX}/subnets/")
-    assert len(stored) == 20
+    assert len(stored) == n
     assert {json.loads(v)["PublicIP"] for v in stored.values()} == {
-        f"192.168.100.{n}" for n in range(1, 21)
+        f"192.168.100.{i}" for i in range(1, n + 1)
     }
 
 
