@@ -7,8 +7,10 @@ of what an agent programmed against the leases in etcd.
   when traffic came back.
 - `cut_from_etcd`: a REJECT rule (TCP reset) in a host's own namespace towards etcd, removed
   on exit also when the test fails (and gone with the namespace anyway).
-- `mismatches`: the agent's kernel state (host-gw, vxlan) or datapath peer table (udp, from
-  its log) against the leases in etcd, as readable lines; empty when they agree.
+- `mismatches`: the agent's kernel state (host-gw, vxlan) or udp datapath peer table
+  against the leases in etcd, as readable lines; empty when they agree. The udp table is
+  not exposed by tweed (its /metrics counts peers, not which address each subnet goes to),
+  so it is read by probing the datapath itself: `udp_datapath_peers`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,23 +195,63 @@ def kernel_peers(host: Namespace, backend: str, network: str) -> dict[str, tuple
     return out
 
 
-_UDP_PEER = re.compile(r"udp: peer (\S+) at ([0-9.]+):\d+$")
-_UDP_GONE = re.compile(r"udp: removed peer (\S+)$")
+# Run in a host's namespace: one datagram into each subnet (through the kernel's route to
+# flannel0, so through tweed's udp datapath), and a packet socket on eth0 that sees what
+# leaves the host: a UDP datagram to port 8285 whose payload is our probe names the peer
+# the datapath chose for that subnet. A subnet the datapath has no route for sends nothing.
+_PROBE = r"""
+import json, socket, struct, sys, time
+subnets, port, window = json.loads(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+cap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))  # ETH_P_ALL
+cap.bind(("eth0", 0))
+cap.settimeout(0.05)
+tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+dest = {}
+for net in subnets:
+    base, length = net.split("/")
+    n = struct.unpack("!I", socket.inet_aton(base))[0]
+    addr = socket.inet_ntoa(struct.pack("!I", n + (1 << (32 - int(length))) - 3))
+    dest[socket.inet_aton(addr)] = net
+    try:
+        tx.sendto(b"tweed-probe", (addr, 9))
+    except OSError:
+        pass  # no route at all: the datapath is not reached either
+seen = {}
+end = time.monotonic() + window
+while time.monotonic() < end and len(seen) < len(subnets):
+    try:
+        frame, where = cap.recvfrom(65535)
+    except TimeoutError:
+        continue
+    if where[2] != socket.PACKET_OUTGOING:
+        continue
+    if len(frame) < 14 + 20 + 8 + 20 or frame[12:14] != b"\x08\x00" or frame[23] != 17:
+        continue
+    ihl = (frame[14] & 15) * 4
+    udp = 14 + ihl
+    if struct.unpack("!H", frame[udp + 2:udp + 4])[0] != port:
+        continue
+    inner = frame[udp + 8:]
+    net = dest.get(bytes(inner[16:20]))
+    if net is not None and b"tweed-probe" in inner:
+        seen[net] = socket.inet_ntoa(frame[30:34])
+print(json.dumps(seen))
+"""
 
 
-def udp_peers_from_log(log: str) -> dict[str, tuple[str, ...]]:
-    """The udp datapath's peer table, replayed from the backend's log lines (it logs every
-    set_route and del_route it hands the datapath at debug level: start the agent with
-    -v=1). A restart in the log starts afresh."""
-    peers: dict[str, tuple[str, ...]] = {}
-    for line in log.splitlines():
-        if "udp: flannel0 (index" in line:
-            peers = {}  # a new process: its datapath starts empty
-        elif m := _UDP_PEER.search(line):
-            peers[m.group(1)] = (m.group(2),)
-        elif m := _UDP_GONE.search(line):
-            peers.pop(m.group(1), None)
-    return peers
+def udp_datapath_peers(host: Namespace, subnets: Iterable[str], port: int = 8285,
+                       window: float = 0.6) -> dict[str, tuple[str, ...]]:
+    """The udp datapath's peer table for `subnets`, read from the datapath itself: for each
+    subnet, the underlay address its probe datagram was sent to (subnets the datapath has
+    no route for are left out). Probes leave from the host's own namespace. What is sent to
+    an address that answers no ARP never leaves eth0 to be seen: give such stand-in peers
+    a static neighbour entry (the soak does)."""
+    nets = sorted(set(subnets))
+    if not nets:
+        return {}
+    out = host.exec([sys.executable, "-c", _PROBE, json.dumps(nets), str(port), str(window)],
+                    timeout=30).stdout
+    return {net: (peer,) for net, peer in json.loads(out).items()}
 
 
 def expected_peers(etcd: Any, prefix: str, backend: str, own_ip: str
@@ -232,11 +274,20 @@ def expected_peers(etcd: Any, prefix: str, backend: str, own_ip: str
 
 
 def mismatches(host: Namespace, agent_log: str, etcd: Any, prefix: str, backend: str,
-               network: str) -> list[str]:
-    """Lines naming each difference between the agent's state and the leases in etcd."""
-    want = expected_peers(etcd, prefix, backend, host.address)  # type: ignore[attr-defined]
-    have = (udp_peers_from_log(agent_log) if backend == "udp"
-            else kernel_peers(host, backend, network))
+               network: str, probe: Iterable[str] = ()) -> list[str]:
+    """Lines naming each difference between the agent's state and the leases in etcd.
+
+    udp: the subnets in etcd and those in `probe` (subnets that were leased once: a stale
+    entry shows only if it is probed) are probed in the datapath. `agent_log` is no longer
+    read; it stays for the callers."""
+    own = host.address  # type: ignore[attr-defined]
+    want = expected_peers(etcd, prefix, backend, own)
+    if backend == "udp":
+        mine = {str(s) for s, lease in leases(etcd, prefix).items()
+                if lease.get("PublicIP") == own}
+        have = udp_datapath_peers(host, (set(want) | set(probe)) - mine)
+    else:
+        have = kernel_peers(host, backend, network)
     out = []
     for subnet in sorted(set(want) | set(have)):
         if want.get(subnet) != have.get(subnet):

@@ -2,9 +2,9 @@
 processes, real kernels in namespaces, and container traffic checked before, during and
 after each fault with a continuous ping whose every lost reply is counted.
 
-Covered elsewhere and not repeated here: an agent cut off from etcd catching up, 20/30
-agents at once, SIGTERM restarts (tests/lab/test_hostgw_lab.py); the own lease deleted and
-re-acquired, compaction at the LeaseManager level (tests/integration/test_etcd_leases.py).
+Covered elsewhere and not repeated here: 20/30 agents at once, SIGTERM restarts
+(tests/lab/test_hostgw_lab.py); a forced create race, the own lease deleted and re-acquired,
+compaction at the LeaseManager level (tests/integration/test_etcd_leases.py).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -108,6 +109,32 @@ def test_agent_started_before_etcd_waits_says_why_and_comes_up_by_itself(lab, tm
              what="containers reach each other")
     assert alive(a1, a2)
 
+    # Started again while etcd is not running (a host rebooting its agent during an etcd
+    # outage): it waits as above, and leaves the data path of its last run alone meanwhile,
+    # so not one reply is lost before, during or after.
+    subnet = a1.subnet
+    stream = PingStream(c2, c1.ip, tmp_path, interval=0.1)
+    try:
+        assert a1.stop() == 0
+        etcd.stop()
+        mark = len(a1.log())
+        a1.start()
+        wait_for(lambda: (r := not_ready()) and "cannot reach etcd" in r, timeout=30,
+                 what="/readyz names the etcd outage after the restart")
+        more = attempts()
+        wait_for(lambda: attempts() >= more + 2, timeout=30, what="it keeps trying")
+        assert ping(c1, c2.ip, 1)
+        etcd.start()
+        wait_for(lambda: readyz(h1, int(HEALTH)) == (200, "ready"), timeout=60,
+                 what="ready again once etcd is back")
+        assert "recovered after" in since(a1, mark)
+        time.sleep(1)
+    finally:
+        res = stream.stop()
+    assert res.lost == [], res.summary()
+    assert a1.subnet == subnet
+    assert alive(a1, a2)
+
 
 # -- 2. etcd stopped for 30 s while containers ping each other -----------------------------
 UDP_PREFIX = "/tweed-udp/network"
@@ -165,6 +192,52 @@ def test_etcd_stopped_for_30s_loses_no_ping_and_agents_reconnect(lab, tmp_path):
         assert res.transmitted >= 30 / 0.2, (name, res.summary())
         assert res.lost == [], (name, res.summary())
     assert alive(*agents)
+
+
+# -- 2b. one host cut off from etcd while the others go on -------------------------------
+def test_one_host_cut_off_loses_no_ping_and_catches_up_when_back(lab, tmp_path):
+    """A firewall rule in host 1 cuts it from etcd while a host joins and a lease goes:
+    its containers' traffic never stops, /readyz stays 200, nothing is applied while it
+    is cut off, and everything is once it is back, from the resumed watch (no re-list)."""
+    etcd = lab.start_etcd()
+    put_config(etcd)
+    h1, a1, c1 = bring_up(lab, etcd, tmp_path, 1, "--healthz-port", HEALTH)
+    _h2, a2, c2 = bring_up(lab, etcd, tmp_path, 2)
+    gone = "10.5.200.0/24"
+    etcd.put(key(gone), '{"PublicIP":"192.168.100.9","PublicIPv6":null,'
+                        '"BackendType":"host-gw"}')
+    wait_for(lambda: "via 192.168.100.9" in routes(h1, gone), timeout=30,
+             what="route to the stand-in")
+    wait_for(lambda: ping(c1, c2.ip, 1) and ping(c2, c1.ip, 1), timeout=30,
+             what="containers ping")
+    relists = metrics(h1, int(HEALTH))["tweed_watch_relists_total"]
+
+    streams = [PingStream(c1, c2.ip, tmp_path), PingStream(c2, c1.ip, tmp_path)]
+    try:
+        mark = len(a1.log())
+        with cut_from_etcd(h1, UNDERLAY_GW, etcd.port):
+            wait_for(lambda: "retrying with backoff" in since(a1, mark), timeout=30,
+                     what="agent notices the cut")
+            _h3, a3, c3 = bring_up(lab, etcd, tmp_path, 3)
+            etcd.delete(key(gone))
+            wait_for(lambda: ping(c2, c3.ip, 1), timeout=30, what="host 3 up for host 2")
+            # Cut off, host 1 applied nothing of this, and says it is still ready.
+            assert routes(h1, a3.subnet) == "" and "via 192.168.100.9" in routes(h1, gone)
+            assert readyz(h1, int(HEALTH)) == (200, "ready")
+        wait_for(lambda: "recovered after" in since(a1, mark), timeout=60,
+                 what="agent reconnects")
+        wait_for(lambda: routes(h1, gone) == "" and "via 192.168.100.3" in routes(h1, a3.subnet),
+                 timeout=30, what="changes made during the cut applied")
+        wait_for(lambda: ping(c1, c3.ip, 1) and ping(c3, c1.ip, 1), timeout=30,
+                 what="host that joined during the cut is reachable")
+        time.sleep(1)
+    finally:
+        results = [s.stop() for s in streams]
+    for res in results:
+        assert res.lost == [], res.summary()
+        assert len(res.replies) >= 20, res.summary()
+    assert metrics(h1, int(HEALTH))["tweed_watch_relists_total"] == relists
+    assert alive(a1, a2, a3)
 
 
 # -- 3. a three-member etcd cluster loses its leader, then a follower ---------------------
@@ -291,10 +364,39 @@ def kernel_routes(host) -> str:
 
 
 # -- 5. SIGKILL and restart -----------------------------------------------------------------
-def _monitor(host, tmp_path, name: str, cmd: list[str]) -> tuple[subprocess.Popen, object]:
+# Marker changes that prove a monitor is subscribed: neither names the overlay network nor
+# a flannel device, so the deletion check below ignores them, and tweed ignores them too.
+MARK_ROUTE = "198.18.77.0/24"
+MARK_DEV = "tweedmark0"
+
+
+def _monitor(host, tmp_path, name: str, cmd: list[str]) -> tuple[subprocess.Popen, Path]:
+    """Start `cmd` (ip/bridge monitor) in the host and return only once it has printed a
+    change made after it started: a monitor that was not listening yet would report no
+    deletion at all, and an empty list of deletions would pass by accident."""
     path = tmp_path / f"{host.ns}-{name}.txt"
     with open(path, "wb") as out:
         proc = host.popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    if name == "fdb":
+        if host.exec(["ip", "link", "show", MARK_DEV], check=False).returncode != 0:
+            host.exec(["ip", "link", "add", MARK_DEV, "type", "vxlan", "id", "4242",
+                       "dstport", "4799"])
+        entry = ["00:00:00:00:00:00", "dev", MARK_DEV, "dst", "192.0.2.77"]
+        change = [["bridge", "fdb", "append", *entry], ["bridge", "fdb", "del", *entry]]
+        seen = f"dev {MARK_DEV} dst 192.0.2.77"
+    else:
+        change = [["ip", "route", "add", "blackhole", MARK_ROUTE],
+                  ["ip", "route", "del", "blackhole", MARK_ROUTE]]
+        seen = f"blackhole {MARK_ROUTE}"
+
+    def printed() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"{cmd} exited: {path.read_text(errors='replace')}")
+        for c in change:  # made again each time until the monitor prints it
+            host.exec(c)
+        return seen in path.read_text(errors="replace")
+
+    wait_for(printed, timeout=15, step=0.2, what=f"{name} monitor on {host.ns} subscribed")
     return proc, path
 
 
@@ -303,8 +405,7 @@ def test_sigkill_and_restart_keeps_subnet_mac_and_peer_routes(lab, tmp_path, bac
     etcd = lab.start_etcd()
     put_config(etcd, backend=backend)
     h1, a1, c1 = bring_up(lab, etcd, tmp_path, 1)
-    # -v=1: udp logs each peer it hands the datapath at debug level; mismatches() reads them.
-    h2, a2, c2 = bring_up(lab, etcd, tmp_path, 2, "-v=1")
+    h2, a2, c2 = bring_up(lab, etcd, tmp_path, 2)
     wait_for(lambda: ping(c1, c2.ip, 1) and ping(c2, c1.ip, 1), timeout=30,
              what="containers ping")
     subnet, lease = a1.subnet, etcd.get(key(a1.subnet))
@@ -318,7 +419,6 @@ def test_sigkill_and_restart_keeps_subnet_mac_and_peer_routes(lab, tmp_path, bac
     for h in watched:
         monitors.append(_monitor(h, tmp_path, "ip", ["ip", "-o", "monitor", "route", "neigh"]))
         monitors.append(_monitor(h, tmp_path, "fdb", ["bridge", "monitor", "fdb"]))
-    time.sleep(1)  # let the monitors subscribe
     stream = PingStream(c1, c2.ip, tmp_path, interval=0.05)
     try:
         time.sleep(1)
@@ -331,7 +431,10 @@ def test_sigkill_and_restart_keeps_subnet_mac_and_peer_routes(lab, tmp_path, bac
         time.sleep(2 * 2 + 1)  # two resync periods: nothing may be deleted by them either
     finally:
         res = stream.stop()
+        # Listening to the end: a monitor that died early would have seen no deletion.
+        listening = [p.poll() is None for p, _ in monitors]
         stop_processes([p for p, _ in monitors])
+    assert all(listening), [path.read_text(errors="replace") for _, path in monitors]
 
     assert a1.subnet == subnet
     assert etcd.get(key(subnet)) == lease  # same lease value: same VtepMAC for vxlan

@@ -7,10 +7,10 @@ import json
 import re
 import struct
 import subprocess
-import time
 
 import pytest
 
+from backends.routed import REMOVAL_GRACE
 from tests.lab.agents import Agent, bring_up, ping, put_config, routes, subnet_key, wait_for
 
 pytestmark = pytest.mark.lab
@@ -87,9 +87,13 @@ def test_vxlan_carries_traffic_on_udp_8472_with_vni_1(lab, tmp_path):
 
     # Capture on host 2's underlay interface while pinging across.
     pcap = tmp_path / "vxlan.pcap"
-    cap = h2.popen(["tcpdump", "-i", "eth0", "-U", "-w", str(pcap), "-c", "4", "udp"],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1)  # let tcpdump open the interface
+    said = tmp_path / "tcpdump.txt"
+    with open(said, "wb") as err:
+        cap = h2.popen(["tcpdump", "-i", "eth0", "-U", "-w", str(pcap), "-c", "4", "udp"],
+                       stdout=subprocess.DEVNULL, stderr=err)
+    # tcpdump says "listening on eth0" once its capture is open.
+    wait_for(lambda: "listening on" in said.read_text(errors="replace"), timeout=10,
+             what="tcpdump capturing", detail=lambda: said.read_text(errors="replace"))
     before = link_json(h1, "flannel.1")["stats64"]["tx"]["packets"]
     assert ping(c1, c2.ip) and ping(c2, c1.ip)
     cap.wait(timeout=20)
@@ -106,7 +110,8 @@ def test_vxlan_carries_traffic_on_udp_8472_with_vni_1(lab, tmp_path):
     iperf = subprocess.Popen(["ip", "netns", "exec", c2.ns, "iperf3", "-s", "-1"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lab.procs.append(iperf)
-    time.sleep(0.5)
+    wait_for(lambda: ":5201 " in c2.exec(["ss", "-Hltn"]).stdout, timeout=10,
+             what="iperf3 server listening")
     res = c1.exec(["iperf3", "-c", c2.ip, "-t", "2", "-J"], timeout=60)
     result = json.loads(res.stdout)
     assert result["end"]["sum_received"]["bytes"] > 1_000_000
@@ -187,10 +192,11 @@ def test_vtep_mac_is_stable_and_entries_follow_the_leases(lab, tmp_path):
              and f"{new} dst 192.168.100.9" in fdb(h1) and old not in fdb(h1),
              timeout=1, what="neigh/fdb follow the new MAC")
 
-    # The lease goes: route, neighbour and FDB entry all go within 1 s.
+    # The lease goes: route, neighbour and FDB entry all go within 1 s of the grace in
+    # which a lease that comes back keeps them (REMOVAL_GRACE).
     etcd.delete(subnet_key(peer))
     wait_for(lambda: routes(h1, peer) == "" and "10.5.210.0 " not in neigh(h1)
-             and new not in fdb(h1), timeout=1, what="entries removed")
+             and new not in fdb(h1), timeout=REMOVAL_GRACE + 1, what="entries removed")
 
     # Entries deleted by hand come back within the resync period (2 s here).
     mac2, gw2 = vtep_mac(etcd, a2.subnet), a2.subnet.split("/")[0]
