@@ -166,11 +166,18 @@ def network_families(network: Network) -> Iterator[Metric]:
         ops.add_metric([kind, op, result], value)
     yield ops
     resyncs = CounterMetricFamily("tweed_kernel_resyncs", "full re-reads of the kernel "
-                                  "state by reason (period, event, lost) and result",
-                                  labels=["reason", "result"])
+                                  "state by reason (period, event, lost, retry, device) "
+                                  "and result", labels=["reason", "result"])
     for (reason, result), value in sorted(kernel.resyncs.items()):
         resyncs.add_metric([reason, result], value)
     yield resyncs
+    remade = CounterMetricFamily("tweed_devices_recreated", "devices of tweed's own made "
+                                 "again after they were deleted, by device and result (ok, "
+                                 "failed)", labels=["device", "result"])
+    for device in sorted(kernel.makers):
+        for result in ("ok", "failed"):
+            remade.add_metric([device, result], kernel.recreated.get((device, result), 0))
+    yield remade
     events = CounterMetricFamily("tweed_kernel_events", "kernel notifications read, by what "
                                  "they meant (drift: a resync follows; ignored: echoes of "
                                  "tweed's own writes, entries of others)", labels=["result"])

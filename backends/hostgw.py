@@ -5,7 +5,10 @@ host must share one L2 segment. In the kernel: per peer lease with BackendType "
 `route <peer subnet> via <peer PublicIP> dev <iface>` in the main table. The desired table
 is diffed against the kernel after every event batch, soon after a kernel notification
 shows one of our routes deleted or changed (so a route deleted by hand comes back within
-a fraction of a second), and every `resync` seconds as a backstop. Our lease says only
+a fraction of a second), and every `resync` seconds as a backstop. The kernel flushes
+every route through the interface when it goes down, without a route notification: the
+link's own notification wakes a sync, refused while the link is down and retried until it
+is up (KernelSync), so the routes are back as soon as it is. Our lease says only
 `"BackendType":"host-gw"`.
 """
 

@@ -15,6 +15,12 @@ external interface instead. Our lease carries `{"VNI":<n>,"VtepMAC":"<mac>"}`.
 
 Unlike flanneld, the device's MAC (the VtepMAC) is kept in a state file next to the subnet
 file, so it survives restarts and peers never hold stale neighbour/FDB entries for us.
+
+A deleted flannel.<VNI> is made again (KernelSync calls `_remake`: the same VNI, VtepMAC,
+address and MTU, up) and every route, neighbour and FDB entry on it is programmed again.
+The external interface going down and up leaves the entries on flannel.<VNI> in place (the
+kernel flushes only routes through the interface itself: DirectRouting's, put back like
+host-gw's once it is up).
 """
 
 from __future__ import annotations
@@ -173,6 +179,7 @@ class VxlanNetwork(RoutedNetwork):
         )
         self.mtu = (opts.mtu or ext.mtu) - OVERHEAD
         self.dev_index = 0
+        self.kernel.keep_device(self.dev_name, self._remake)
 
     def spec(self) -> VxlanSpec:
         return VxlanSpec(self.dev_name, self.opts.vni, self.ext.iface_addr, self.ext.index,
@@ -187,6 +194,14 @@ class VxlanNetwork(RoutedNetwork):
         self.dev_index = dev.index
         log.info("vxlan device %s (index %d, VNI %d, VtepMAC %s, MTU %d, address %s)",
                  self.dev_name, dev.index, self.opts.vni, self.mac, self.mtu, address)
+
+    async def _remake(self) -> None:
+        """The device was deleted: make it again as for our lease (KernelSync calls this
+        under its lock); every entry is on the new device, so the tables are rebuilt."""
+        if self.lease is None:
+            return  # not set up yet: setup() makes it
+        await self._prepare(self.lease)
+        self.tables.stale = True
 
     def _usable(self, subnet: ipaddress.IPv4Network, attrs: LeaseAttrs) -> bool:
         if peer_mac(attrs) is None:

@@ -1,7 +1,9 @@
 """FakeNetlink: the `Netlink` protocol in memory, for tests without root.
 
 Keeps routes, neighbours, FDB entries and vxlan devices, records every call, and fails on
-demand (`fail(op, item)` returns an error text or None).
+demand (`fail(op, item)` returns an error text or None; `link_error` makes device calls
+raise an exception that, like pyroute2's NetlinkError, is no OSError). `delete_link` does
+what `ip link del` does to a vxlan device and the entries on it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from backends.kernel.types import (
 )
 
 
+class FakeNetlinkError(Exception):
+    """What pyroute2's NetlinkError is: an Exception with an errno, and no OSError."""
+
+
 class FakeNetlink:
     """In-memory stand-in for Netlink: keeps routes, neighbours and FDB entries, records
     calls, fails on demand (`fail(what, op, item)` returns an error text or None)."""
@@ -34,6 +40,8 @@ class FakeNetlink:
         self.vxlan: dict[str, VxlanDevice] = {}
         self.calls: list[tuple[str, object]] = []
         self.fail: Callable[[str, object], str | None] = lambda op, item: None
+        #: When set, ensure_vxlan raises FakeNetlinkError with this text.
+        self.link_error: str | None = None
 
     async def links(self) -> list[Link]:
         return list(self._links)
@@ -65,9 +73,20 @@ class FakeNetlink:
         self.calls.append(("configure_link", (name, address, mtu, txqlen)))
         return 200
 
+    def delete_link(self, name: str) -> int:
+        """`ip link del name`: the vxlan device goes, and every entry on it; its index."""
+        index = self.vxlan.pop(name).index
+        self.table = {k: r for k, r in self.table.items() if r.oif != index}
+        self.neigh = {n for n in self.neigh if n.index != index}
+        self.fdb = {f for f in self.fdb if f.index != index}
+        return index
+
     async def ensure_vxlan(
         self, spec: VxlanSpec, mac: str, mtu: int, address: ipaddress.IPv4Interface
     ) -> VxlanDevice:
+        if self.link_error is not None:
+            self.calls.append(("ensure_vxlan_failed", spec))
+            raise FakeNetlinkError(self.link_error)
         old = self.vxlan.get(spec.name)
         index = old.index if old is not None and old.spec == spec else 100 + len(self.calls)
         dev = VxlanDevice(spec, index, mac, mtu, True, (address,))

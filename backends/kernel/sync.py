@@ -5,10 +5,20 @@ between real dumps while the monitor runs) and returns the ChangeSet that makes 
 desired tables (and leaves those tables in `desired`); while `trusted` says the kernel is
 as the last plan left it, the plan may diff only what its tables changed since. KernelSync runs one
 plan/apply at a time: after each event batch; soon after a kernel notification says an
-entry of ours was deleted or changed (a KernelMonitor, debounced so that a burst is one
-sync); at once after notifications were lost (ENOBUFS); and, as a backstop, every `resync`
-seconds. It logs each change it makes, logs each refused change once per distinct error,
-counts them, and says whether the last sync left the kernel as desired.
+entry of ours was deleted or changed, or one of our devices changed (a KernelMonitor,
+debounced so that a burst is one sync); at once after notifications were lost (ENOBUFS);
+again with backoff after a sync that failed (a link that was down refuses routes until it
+is up); when a plan asked to run again at a given time (`sync_at`); and, as a backstop,
+every `resync` seconds. It logs each change it makes, logs each refused change once per
+distinct error (one line for all the entries refused with the same error), counts them,
+and says whether the last sync left the kernel as desired. No exception of a resync ends
+it: each is one line and a count, and a retry follows.
+
+A device of the backend's own (vxlan's flannel.<VNI>) that is deleted is made again
+through the function the backend registered (`keep_device`), under the sync lock, and
+everything on it is programmed again by a full resync; a device deleted again soon after
+it was made is made again only after a growing delay, so that tweed never fights whatever
+deletes it. Other devices (the external interface) cannot be made: logged once, not fought.
 
 For metrics it also counts kernel operations by kind and result, resyncs by reason and
 outcome, notifications by what they meant, lost notifications, and the delay from a batch
@@ -19,11 +29,13 @@ kernel as desired.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from agent.backoff import Backoff
 from agent.histogram import Histogram
 from backends.kernel.monitor import Desired, KernelEvent, drifted
 from backends.kernel.types import ChangeSet, Entry, KernelError, Neigh, Netlink, Route
@@ -40,11 +52,21 @@ DELAY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 MAX_PENDING = 1024
 KINDS = ("route", "neigh", "fdb")
 OPS = ("replace", "delete")
-#: Why a resync ran: the backstop period, a notification of drift, lost notifications.
-REASONS = ("period", "event", "lost")
+#: Why a resync ran: the backstop period, a notification of drift, lost notifications, a
+#: retry after a failed sync, a device of ours made again.
+REASONS = ("period", "event", "lost", "retry", "device")
 #: Seconds from the first notification of a burst to the sync that answers it: long enough
 #: for `ip -batch` or a flushed device to arrive as one burst, short against the 1 s goal.
 DEBOUNCE = 0.1
+#: Retries after a failed sync: 1 s doubling to RETRY_CAP (or the resync period if shorter),
+#: +-20%. A change the kernel refuses for good costs a full re-read every 30 s, not a loop.
+RETRY_FIRST, RETRY_CAP = 1.0, 30.0
+#: A device deleted again within REMAKE_CALM seconds of being made (or whose making failed)
+#: is made again after 1 s doubling to REMAKE_CAP: something else wants it gone, and a
+#: fight would cost both sides a loop. One that lived longer is made again at once.
+REMAKE_FIRST, REMAKE_CAP, REMAKE_CALM = 1.0, 60.0, 30.0
+#: Distinct refusals remembered so that each is logged once until a sync succeeds.
+MAX_REPORTED = 10000
 
 
 class Monitor(Protocol):
@@ -129,6 +151,22 @@ class KernelSync:
         self._pending: list[float] = []
         self._lock = asyncio.Lock()
         self._ok = False
+        #: Devices the backend can make again when deleted: name -> the function that does
+        #: (it raises when it cannot, and leaves its tables to be rebuilt by a full plan).
+        self.makers: dict[str, Callable[[], Awaitable[None]]] = {}
+        #: Devices made again after a deletion, by (name, result): "ok" or "failed".
+        self.recreated: dict[tuple[str, str], int] = {}
+        self._remake: dict[str, int] = {}  # deleted devices to make again: name -> old index
+        self._remake_at: float | None = None
+        self.remake_backoff = Backoff(REMAKE_FIRST, REMAKE_CAP)
+        self._made_at: dict[str, float] = {}
+        self._remake_failed: str | None = None
+        #: When to retry after a failed sync (on `clock`), and how long to wait next time.
+        self._retry_at: float | None = None
+        self.retry_backoff = Backoff(RETRY_FIRST, min(RETRY_CAP, max(resync, RETRY_FIRST)))
+        self._failure: str | None = None  # the last resync failure logged
+        #: A plan asked for another sync at this time (held removals falling due).
+        self._due: float | None = None
         #: Set for the duration of each plan: the view's cache holds exactly what the kernel
         #: held when the last plan's changes were all applied, and nothing was invalidated
         #: since; a plan may then diff only the entries its desired tables changed since.
@@ -172,6 +210,7 @@ class KernelSync:
             except BaseException:
                 self.view.invalidate()
                 self._settle(pending, False)
+                self._failed()
                 raise
             finally:
                 self.trusted = False
@@ -179,12 +218,14 @@ class KernelSync:
                 self._ok = True
                 self._clean(gen)
                 self._settle(pending, True)
+                self._succeeded()
                 return False
             try:
                 errors = await self.netlink.apply(cs)
             except BaseException:
                 self.view.invalidate()  # some of it may have been applied
                 self._settle(pending, False)
+                self._failed()
                 raise
             self.view.applied(cs, errors)
             self._written = cs
@@ -206,8 +247,39 @@ class KernelSync:
             self._ok = not errors
             if self._ok:
                 self._clean(gen)
+                self._succeeded()
+            else:
+                self._failed()
             self._settle(pending, self._ok)
             return True
+
+    def _failed(self) -> None:
+        """A sync failed: run() tries again after a backoff, whatever woke it before, so
+        that a change refused while a link was down is made once the link is up even if
+        no notification says so."""
+        if self._retry_at is None:
+            self._retry_at = self.clock() + self.retry_backoff.next_delay()
+            self._wake.set()  # run() waits with the new deadline
+
+    def _succeeded(self) -> None:
+        self.retry_backoff.reset()
+        self._retry_at = None
+        self._reported.clear()  # a refusal that comes back later is news again
+        if self._failure is not None:
+            log.info("kernel sync works again")
+            self._failure = None
+
+    def sync_at(self, when: float) -> None:
+        """Run a sync at `when` (on `clock`) at the latest: a plan that holds a change back
+        until then (a removed peer's entries, in case its lease comes back) asks for it."""
+        if self._due is None or when < self._due:
+            self._due = when
+            self._wake.set()
+
+    def keep_device(self, name: str, make: Callable[[], Awaitable[None]]) -> None:
+        """`make` makes device `name` (one of `desired.links`) again when it is deleted;
+        it raises when it cannot, and runs under the sync lock (no plan runs meanwhile)."""
+        self.makers[name] = make
 
     def _clean(self, gen: int) -> None:
         # The kernel is as planned; trusted by the next plan unless a notification of drift
@@ -216,12 +288,24 @@ class KernelSync:
             self._clean_generation = gen
 
     def _report(self, errors: list[KernelError]) -> None:
+        """One ERROR line per distinct error among the refusals not logged since the last
+        sync that succeeded: a link that is down refuses every route through it, and
+        5,000 peers must not be 5,000 lines."""
+        fresh: dict[str, list[str]] = {}
         for e in errors:
             self.errors += 1
-            text = describe(e.item)
+            text = f"{e.op} {describe(e.item)}"
             if (text, e.error) not in self._reported:
+                if len(self._reported) >= MAX_REPORTED:
+                    self._reported.clear()
                 self._reported.add((text, e.error))
-                log.error("cannot %s %s: %s", e.op, text, e.error)
+                fresh.setdefault(e.error, []).append(text)
+        for error, texts in fresh.items():
+            more = (f" (and {len(texts) - 1} more with the same error)"
+                    if len(texts) > 1 else "")
+            log.error("cannot %s: %s%s", texts[0], error, more)
+            for text in texts[1:]:
+                log.debug("cannot %s: %s", text, error)
 
     def watch(self, factory: MonitorFactory) -> None:
         """Repair from kernel notifications: `run` starts a monitor made by `factory`."""
@@ -235,12 +319,8 @@ class KernelSync:
             if want is None:
                 break
             if ev.link is not None and ev.op == "del" and ev.link[0] in want.links:
-                index, name = ev.link
                 self.view.invalidate()  # its entries went with it
-                if index not in self._gone:
-                    self._gone.add(index)
-                    log.warning("device %s (index %d) was deleted; its entries cannot be "
-                                "programmed until it exists again", name, index)
+                self._deleted(ev.link[0], want.links[ev.link[0]])
                 continue
             if drifted(ev, want) and not self._echo(ev):
                 drift += 1
@@ -253,6 +333,58 @@ class KernelSync:
             if self._why is None:
                 self._why = "event"
             self._wake.set()
+
+    def _deleted(self, index: int, name: str) -> None:
+        """A device of `desired.links` was deleted: made again if the backend can (now,
+        or after a delay when it keeps being deleted), otherwise logged once."""
+        if index in self._gone:
+            return
+        self._gone.add(index)
+        self._ok = False  # the entries on it are gone: not as desired until made again
+        if name not in self.makers:
+            log.warning("device %s (index %d) was deleted; its entries cannot be "
+                        "programmed until it exists again", name, index)
+            return
+        now = self.clock()
+        made = self._made_at.get(name)
+        if made is None or now - made >= REMAKE_CALM:
+            self.remake_backoff.reset()
+            delay = 0.0
+            when = "now"
+        else:
+            delay = self.remake_backoff.next_delay()
+            when = (f"in {delay:.1f} s (it was deleted {now - made:.1f} s after it was "
+                    "made: is something else deleting it?)")
+        self._remake[name] = index
+        self._remake_at = now + delay
+        log.warning("device %s (index %d) was deleted; making it again %s", name, index, when)
+        self._wake.set()
+
+    async def _remake_devices(self) -> bool:
+        """Make the deleted devices again; True when all exist again. A failure is logged
+        once per distinct error, counted, and tried again after a growing delay."""
+        async with self._lock:
+            for name, old in sorted(self._remake.items()):
+                try:
+                    await self.makers[name]()
+                except Exception as exc:  # noqa: BLE001 - netlink errors come in many types
+                    self.recreated[(name, "failed")] = self.recreated.get((name, "failed"), 0) + 1
+                    delay = self.remake_backoff.next_delay()
+                    self._remake_at = self.clock() + delay
+                    text = f"{exc}"
+                    if text != self._remake_failed:
+                        self._remake_failed = text
+                        log.error("cannot make device %s again: %s; trying again with "
+                                  "backoff (next in %.1f s)", name, text, delay)
+                    return False
+                del self._remake[name]
+                self._gone.discard(old)
+                self._made_at[name] = self.clock()
+                self.recreated[(name, "ok")] = self.recreated.get((name, "ok"), 0) + 1
+                self._remake_failed = None
+        self._remake_at = None
+        self.view.invalidate()  # a new device: nothing known of it yet
+        return True
 
     def _echo(self, ev: KernelEvent) -> bool:
         """Whether `ev` reports what the last apply wrote: an echo read only after a later
@@ -296,48 +428,106 @@ class KernelSync:
 
     async def run(self) -> None:
         """Resync forever: soon after a notification shows drift, at once after lost
-        notifications, and every `resync` seconds; a kernel state changed behind our back
-        is put right."""
+        notifications, with backoff after a failed sync, when a plan asked for it, and
+        every `resync` seconds; a deleted device of ours is made again first. A kernel
+        state changed behind our back is put right, and no exception but cancellation
+        ends this."""
         monitor = self._start_monitor()
         # Only notifications make a cached read trustworthy: without them, read each time.
         self.view.enabled = monitor is not None
+        period_due = self.clock() + self.resync
         try:
             while True:
-                reason = "period"
-                try:
-                    async with asyncio.timeout(self.resync):
-                        await self._wake.wait()
-                    reason = self._why or "event"
-                    if reason == "event":
-                        await asyncio.sleep(self.debounce)  # the rest of the burst
-                    reason = self._why or reason
-                except TimeoutError:
-                    pass
-                self._wake.clear()
-                self._why = None
+                reason = await self._next(period_due)
+                if reason is None:
+                    continue  # woken only to wait for a new deadline
+                if reason == "due":
+                    await self._guarded("sync", self.sync)
+                    continue
+                if reason == "device" and not await self._remake_devices():
+                    continue  # logged; tried again after a delay
                 want = self.desired
-                if (reason == "event" and want is not None
+                if (reason in ("event", "retry") and want is not None
                         and self._gone.intersection(want.links)):
                     continue  # our device is gone: nothing can be put right (logged)
                 self.view.invalidate()  # every resync is a real read of the kernel
                 await self._resync(reason)
+                period_due = self.clock() + self.resync
         finally:
             self.view.enabled = False
             self.view.invalidate()
             if monitor is not None:
                 monitor.close()
 
-    async def _resync(self, reason: str) -> None:
+    async def _next(self, period_due: float) -> str | None:
+        """Wait for the next thing to do and say what it is: a resync's reason, "due" (a
+        plan's own deadline) or None (only a deadline changed)."""
+        due = min(t for t in (period_due, self._retry_at, self._due,
+                              self._remake_at if self._remake else None) if t is not None)
         try:
-            changed = await self.sync()
-        except OSError as exc:
+            async with asyncio.timeout(max(0.0, due - self.clock())):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
+        if self._why == "event":
+            await asyncio.sleep(self.debounce)  # the rest of the burst
+        self._wake.clear()
+        why, self._why = self._why, None
+        now = self.clock()
+        if self._remake and self._remake_at is not None and now >= self._remake_at:
+            return "device"  # before anything else: the rest is on it
+        if why is not None:
+            return why
+        if self._retry_at is not None and now >= self._retry_at:
+            self._retry_at = None  # a failure of this retry sets the next one
+            return "retry"
+        if self._due is not None and now >= self._due:
+            self._due = None
+            return "due"
+        if now >= period_due:
+            return "period"
+        return None
+
+    async def _guarded(self, what: str, fn: Callable[[], Awaitable[bool]]) -> bool | None:
+        """`fn()`, with any exception but cancellation one line (once per distinct error
+        until a sync succeeds) and None; pyroute2's NetlinkError is no OSError, and no
+        error of the kernel may end the agent. A retry follows (`_failed`)."""
+        try:
+            return await fn()
+        except Exception as exc:  # noqa: BLE001 - see above
+            self._failed()
+            if isinstance(exc, OSError) and exc.errno == errno.ENODEV:
+                self._suspect_devices()
+            text = f"{type(exc).__name__}: {exc}"
+            if text != self._failure:
+                self._failure = text
+                log.error("%s failed: %s; retrying with backoff", what, text)
+            return None
+
+    def _suspect_devices(self) -> None:
+        """A read found no such device, perhaps ours with its deletion among lost
+        notifications: the backend's makers are idempotent, so run them."""
+        want = self.desired
+        if want is None:
+            return
+        for index, name in want.links.items():
+            if name in self.makers and name not in self._remake:
+                self._remake[name] = index
+                self._gone.add(index)
+                # Growing delays: an ENODEV that making the device does not cure must not
+                # become a loop.
+                self._remake_at = self.clock() + self.remake_backoff.next_delay()
+
+    async def _resync(self, reason: str) -> None:
+        changed = await self._guarded(f"resync ({reason})", self.sync)
+        if changed is None:
             self.resyncs[(reason, "failed")] += 1
-            log.error("resync failed: %s", exc)
             return
         if changed:
             self.repairs += 1
             log.info("resync (%s) repaired the kernel state", {
                 "period": "periodic", "event": "after a kernel notification",
-                "lost": "after lost notifications"}[reason])
+                "lost": "after lost notifications", "retry": "retrying a failed sync",
+                "device": "after making a deleted device again"}[reason])
         result = "clean" if not changed else "repaired" if self._ok else "failed"
         self.resyncs[(reason, result)] += 1

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from backends.routed import REMOVAL_GRACE
 from tests.lab.agents import Agent, bring_up, ping, put_config, routes, subnet_key, wait_for
 from tests.lab.fault_tools import readyz
 
@@ -51,7 +52,7 @@ def test_hosts_carry_container_traffic_over_host_gw(lab, tmp_path):
     assert etcd.get(subnet_key(a3.subnet)) is not None
     etcd.delete(subnet_key(a3.subnet))
     wait_for(lambda: routes(h1, a3.subnet) == "" and routes(h2, a3.subnet) == "",
-             timeout=2, what="routes to host 3 removed")
+             timeout=REMOVAL_GRACE + 2, what="routes to host 3 removed (after the grace)")
     assert ping(c1, c2.ip)
 
 

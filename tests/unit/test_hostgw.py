@@ -19,6 +19,13 @@ from backends.hostgw import HostGwBackend, HostGwNetwork
 from backends.kernel.fake import FakeNetlink
 from backends.kernel.types import Route
 
+
+@pytest.fixture(autouse=True)
+def _no_removal_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Removals at once, as these tests expect; the grace has tests of its own
+    (tests/unit/test_heal.py)."""
+    monkeypatch.setattr("backends.routed.REMOVAL_GRACE", 0.0)
+
 CONFIG = parse_config('{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}')
 IP = ipaddress.IPv4Address
 EXT = ExternalInterface("eth0", 2, 1500, IP("192.168.100.1"), IP("192.168.100.1"))

@@ -29,6 +29,13 @@ from backends.kernel.types import Fdb, Neigh, Route
 from backends.routed import RoutedNetwork
 from backends.vxlan import VxlanBackend, desired_state
 
+
+@pytest.fixture(autouse=True)
+def _no_removal_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Removals at once, as these tests expect; the grace has tests of its own
+    (tests/unit/test_heal.py)."""
+    monkeypatch.setattr("backends.routed.REMOVAL_GRACE", 0.0)
+
 IP = ipaddress.IPv4Address
 NET = ipaddress.IPv4Network
 SEGMENT = NET("192.168.100.0/24")

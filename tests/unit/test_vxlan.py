@@ -30,6 +30,13 @@ from backends.vxlan import (
     random_mac,
 )
 
+
+@pytest.fixture(autouse=True)
+def _no_removal_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Removals at once, as these tests expect; the grace has tests of its own
+    (tests/unit/test_heal.py)."""
+    monkeypatch.setattr("backends.routed.REMOVAL_GRACE", 0.0)
+
 IP = ipaddress.IPv4Address
 SEGMENT = ipaddress.IPv4Network("192.168.100.0/24")
 EXT = ExternalInterface("eth0", 2, 1500, IP("192.168.100.1"), IP("192.168.100.1"), SEGMENT)
