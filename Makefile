@@ -93,7 +93,8 @@ asan: setup
 	cd $(ASAN_DIR) && LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 	  ASAN_OPTIONS=detect_leaks=0 TWEED_EXPECT_FASTPATH=$(CURDIR)/$(ASAN_DIR)/backends/udp \
 	  $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_datapath.py \
-	  tests/unit/test_c_datapath.py tests/unit/test_c_segmentation.py tests/lab/test_udp_lab.py
+	  tests/unit/test_c_datapath.py tests/unit/test_c_segmentation.py tests/unit/test_udp_network.py \
+	  tests/lab/test_udp_lab.py tests/lab/test_udp_heal_lab.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

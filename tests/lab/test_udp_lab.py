@@ -1,21 +1,28 @@
 """udp end to end: real tweed processes carrying container traffic through flannel0 and
-UDP port 8285, a flanneld-style stand-in peer built from docs/interop.md#udp, drops counted."""
+UDP port 8285, a flanneld-style stand-in peer built from docs/interop.md#udp, drops counted,
+one packet per datagram seen by a capture on the underlay, traceroute through the overlay."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import re
+import select
+import signal
 import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.lab import fault_tools
 from tests.lab.agents import bring_up as lab_bring_up
 from tests.lab.agents import ping, put_config, routes, subnet_key, wait_for
-from tests.support.packets import ip_packet, udp_packet
+from tests.support.packets import Datagram, ip_packet, pcap_datagrams, udp_packet
 
 pytestmark = pytest.mark.lab
 
@@ -56,6 +63,31 @@ def send_from(ns_obj, src_ip: str, dst: tuple[str, int], datagrams: list[bytes])
                    input=pickle.dumps(datagrams), check=True, timeout=60)
 
 
+@contextlib.contextmanager
+def capture(host, path: Path, bpf: str = "udp port 8285") -> Iterator[list[Datagram]]:
+    """tcpdump on the host's eth0 (the underlay) into `path`, started and proven listening
+    (its "listening on" line) before the body runs, stopped by PID after; the list it
+    yields holds the captured UDP datagrams once the block has ended."""
+    # -Z root: it would otherwise drop to the tcpdump user, who cannot write into tmp_path;
+    # --immediate-mode: else the last second of packets waits in a ring block that is
+    # never handed over when tcpdump is interrupted.
+    proc = host.popen(["tcpdump", "-i", "eth0", "-nn", "--immediate-mode", "-U", "-Z", "root",
+                       "-w", str(path), bpf],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    got: list[Datagram] = []
+    try:
+        assert proc.stderr is not None
+        ready, _, _ = select.select([proc.stderr], [], [], 20)
+        line = proc.stderr.readline() if ready else ""
+        assert "listening on" in line, f"tcpdump did not start: {line!r}"
+        yield got
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=20)
+    got.extend(pcap_datagrams(path.read_bytes()))
+
+
 def two_hosts(lab, tmp_path, dp: str) -> tuple:
     """Two hosts running tweed (udp, datapath `dp`) whose containers reach each other:
     (host, agent, container) of each."""
@@ -92,6 +124,22 @@ def test_udp_carries_container_traffic_both_ways(lab, tmp_path, dp1, dp2, option
 
     wait_for(lambda: ping(c1, c2.ip, count=1), timeout=10, what="first ping")
     assert ping(c1, c2.ip) and ping(c2, c1.ip)
+
+    # One packet per datagram, seen on the underlay by a capture of its own (not tweed's
+    # counters): 20 pings of 84-byte packets are 20 datagrams each way between the hosts'
+    # port 8285, each carrying one whole IPv4 packet of 84 bytes.
+    count = 20
+    with capture(h2, tmp_path / "underlay.pcap") as wire:
+        res = c1.exec(["ping", "-c", str(count), "-i", "0.05", "-W", "2", c2.ip], check=False)
+    assert f"{count} received" in res.stdout, res.stdout
+    request = [d for d in wire if (d.src, d.dst) == ("192.168.100.1", "192.168.100.2")]
+    reply = [d for d in wire if (d.src, d.dst) == ("192.168.100.2", "192.168.100.1")]
+    assert (len(request), len(reply)) == (count, count), wire
+    for d in request + reply:
+        assert (d.sport, d.dport) == (8285, 8285)
+        assert len(d.payload) == 84 and d.payload[0] == 0x45  # the datagram is the packet
+        assert struct.unpack_from("!H", d.payload, 2)[0] == 84 and d.payload[9] == 1
+    assert {d.payload[20] for d in request} == {8} and {d.payload[20] for d in reply} == {0}
     before = metrics(h1)
     assert before['tweed_udp_packets_total{direction="tx"}'] >= 3
     assert before['tweed_udp_packets_total{direction="rx"}'] >= 3
@@ -111,8 +159,8 @@ def test_udp_carries_container_traffic_both_ways(lab, tmp_path, dp1, dp2, option
     assert result["end"]["sum_received"]["bytes"] > 1_000_000
     assert ping(c1, c2.ip)
 
-    # The UDP datagrams on the wire carry one raw IPv4 packet each (checked from host 2's
-    # counters: every datagram became exactly one packet, none was dropped).
+    # Host 2's counters agree with the capture above: every datagram it received became
+    # exactly one packet, none was dropped.
     m = metrics(h2)
     assert m["tweed_udp_rx_datagrams_total"] == m['tweed_udp_packets_total{direction="rx"}']
     # Each offload that is on was used, each that is off was not: the bulk data goes from
@@ -152,7 +200,7 @@ def test_no_route_gets_icmp_net_unreachable(lab, tmp_path, dp):
 
 
 def test_non_peer_and_spoofed_datagrams_are_dropped_and_counted(lab, tmp_path, dp):
-    h1, a1, c1, h2, _a2, c2 = two_hosts(lab, tmp_path, dp)
+    h1, a1, c1, h2, a2, c2 = two_hosts(lab, tmp_path, dp)
     # Host 3 is not a peer: it has no lease.
     h3 = lab.add_host(3)
     send_from(h3, "192.168.100.3", ("192.168.100.1", 8285),
@@ -162,6 +210,13 @@ def test_non_peer_and_spoofed_datagrams_are_dropped_and_counted(lab, tmp_path, d
     send_from(h2, "192.168.100.2", ("192.168.100.1", 8285),
               [ip_packet("10.5.250.7", c1.ip)] * 3)
     wait_for(lambda: drops(h1, "spoofed_source") == 3, timeout=10, what="spoof counted")
+    # Host 2, from its own subnet, to host 1's own address and to a third host's subnet:
+    # host 1 routes only to its containers.
+    net2 = a2.subnet.split("/")[0].rsplit(".", 1)[0]
+    send_from(h2, "192.168.100.2", ("192.168.100.1", 8285),
+              [ip_packet(f"{net2}.7", "192.168.100.1")] * 2
+              + [ip_packet(f"{net2}.7", "10.5.77.1")] * 2)
+    wait_for(lambda: drops(h1, "dst_outside") == 4, timeout=10, what="outside counted")
     assert ping(c1, c2.ip)
     assert a1.proc.poll() is None
 
@@ -338,3 +393,88 @@ def test_strangers_and_spoofers_under_load_never_reach_a_container(lab, tmp_path
     assert 1000 < drops(h1, "unknown_source") <= len(stranger)
     assert 1000 < drops(h1, "spoofed_source") <= len(spoofed)
     assert a1.proc.poll() is None
+
+
+def test_traceroute_shows_each_tweed_as_a_hop(lab, tmp_path, dp):
+    """tweed answers a TTL that runs out as a router: a real traceroute from a container on
+    host 1 to one on host 2 shows docker0 on host 1, host 1's flannel0 (tweed's send side),
+    host 2's flannel0 (tweed's receive side, then host 2's kernel forwarding to docker0),
+    then the container; `ping -t` sees each tweed's time exceeded too."""
+    h1, a1, c1, h2, a2, c2 = two_hosts(lab, tmp_path, dp)
+    flannel1 = a1.subnet.split("/")[0]
+    flannel2 = a2.subnet.split("/")[0]
+    docker1 = str(h1.docker0.ip)
+    # One probe per hop, one at a time (-N 1): each tweed answers c1 well within its
+    # rate limit (a burst of 6 per destination).
+    out = c1.exec(["traceroute", "-n", "-q", "1", "-N", "1", "-w", "2", "-m", "8", c2.ip],
+                  timeout=60).stdout
+    hops = [m.group(1) for m in re.finditer(r"^\s*\d+\s+(\S+)", out, re.M)]
+    assert hops == [docker1, flannel1, flannel2, flannel2, c2.ip], out
+    # ping -t: TTL 2 runs out in tweed on host 1 (the kernel took one), 3 in tweed on host 2.
+    for ttl, hop in ((2, flannel1), (3, flannel2)):
+        res = c1.exec(["ping", "-c", "1", "-t", str(ttl), "-W", "2", c2.ip], check=False)
+        assert f"From {hop} icmp_seq=1 Time to live exceeded" in res.stdout, res.stdout
+    assert metrics(h1)["tweed_udp_icmp_time_exceeded_sent_total"] >= 2
+    assert metrics(h2)["tweed_udp_icmp_time_exceeded_sent_total"] >= 2
+    assert ping(c1, c2.ip)
+
+
+HELD_SEND = r"""
+import ipaddress, socket, time
+from backends.udp.c_datapath import CDatapath
+from backends.udp.datapath import COUNTERS
+from tests.support.packets import hopped, sized_packet
+
+tun_dp, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+for s in (tun_dp, tun):
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+sock.bind(("0.0.0.0", 8285))
+peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+peer.bind(("127.0.0.1", 0))
+dp = CDatapath(tun_dp.fileno(), sock, port=8285, mtu=1400, gso=False, gro=False)
+dp.set_subnet(ipaddress.IPv4Network("10.5.1.0/24"))
+# 10.99.0.2 never answers ARP: what is sent to it waits in the neighbour queue, charged
+# to the socket, until the small send buffer is full.
+dp.set_route(ipaddress.IPv4Network("10.5.2.0/24"), ipaddress.IPv4Address("10.99.0.2"))
+dp.set_route(ipaddress.IPv4Network("10.5.3.0/24"), ipaddress.IPv4Address("127.0.0.1"))
+core = dp._core
+counters = lambda: dict(zip(COUNTERS, core.counters()))
+for i in range(300):
+    tun.send(sized_packet("10.5.1.10", "10.5.2.7", 1000, fill=i % 256))
+core.step(0)
+c = counters()
+assert core.held() and c["tx_socket_full"] == 1, c
+# The other direction moves while the batch is held: a peer's packet reaches the TUN.
+back = sized_packet("10.5.3.5", "10.5.1.10", 200)
+peer.sendto(back, ("127.0.0.1", 8285))
+core.step(50)
+tun.settimeout(1)
+assert tun.recv(4096) == hopped(back)
+assert core.held(), "still held: the neighbour never answers"
+assert counters()["rx_packets"] == 1
+# The held batch is dropped once its 60 ms are up; reading the TUN resumes.
+time.sleep(0.1)
+core.step(0)
+c = counters()
+assert c["tx_drop_send_error"] > 0, c
+assert c["tx_packets"] + c["tx_drop_send_error"] <= 300
+print("ok", c["tx_packets"], c["tx_drop_send_error"])
+"""
+
+
+def test_c_a_full_socket_buffer_holds_only_the_send_side(lab):
+    """The C packet loop, a turn at a time (its step hook) in a namespace of its own: when
+    the UDP send buffer is full, the batch being sent is held and the TUN is no longer
+    read, while datagrams from a peer still reach the TUN at once; the held batch is
+    dropped after its time (60 ms). (Before, the one thread waited in poll() for up to 3 x
+    20 ms and nothing moved either way.)"""
+    ns = lab.add_netns("held")
+    for cmd in (["ip", "link", "set", "lo", "up"],
+                ["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+                ["ip", "addr", "add", "10.99.0.1/24", "dev", "v0"],
+                ["ip", "link", "set", "v0", "up"], ["ip", "link", "set", "v1", "up"]):
+        ns.exec(cmd)
+    out = ns.exec([sys.executable, "-c", HELD_SEND], timeout=60).stdout
+    assert out.startswith("ok"), out
