@@ -6,6 +6,14 @@ caller owns retries and backoff, so an outage is reported once per state change 
 caller instead of once per attempt here. The watch is our own loop over the Watch stub so
 that we decide the resume revision (the last event seen + 1) and see compaction.
 
+Members: each address in --etcd-endpoints gets its own channel, and all calls go to one
+member at a time (a random one at start). Every call and watch carries etcd's
+require-leader metadata, so a member cut off from the quorum says "no leader" instead of
+holding a silent watch; a member that says so, cannot be reached or does not answer in
+time is left for the next one. A call refused before the member did anything with it
+(no leader, no connection) is sent again at once through the next member; the caller's
+retry of anything else, and the watch resumed from its last revision, go there too.
+
 Security: `https://` endpoints speak TLS (the scheme decides, as in flanneld); the
 certificate files are checked when the registry is made, so an unusable one is a startup
 error naming its flag. A handshake that fails later (etcd rejects our certificate, or we
@@ -19,6 +27,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import random
 import socket
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -53,6 +62,11 @@ GRPC_RECONNECT_OPTIONS = (
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
 
+#: etcd's require-leader metadata (clientv3's WithRequireLeader): a member that has no
+#: leader refuses the call with "no leader", and ends a watch it holds after three election
+#: timeouts without one, instead of serving stale reads and silent watches.
+REQUIRE_LEADER = (("hasleader", "true"),)
+
 #: Keys per range request when listing the leases (a lease is ~100-150 bytes of value).
 LIST_PAGE_SIZE = 1000
 
@@ -62,45 +76,71 @@ class EtcdSetupError(ValueError):
 
 
 def parse_endpoints(urls: tuple[str, ...]) -> tuple[list[str], bool, str | None]:
-    """Turn `http(s)://host:port` URLs into `ip:port` targets, TLS flag and TLS name.
+    """Turn `http(s)://host:port` URLs into grpc targets, TLS flag and TLS name.
 
-    grpc's `ipv4:` target wants addresses, so names are resolved here, once. grpc verifies
-    one name per channel: the first name seen, else the first address (left to grpc, it
-    would check every server against the whole address list, which no certificate holds,
-    so several https:// IP endpoints never worked).
+    One target per member address: `ipv4:10.0.0.1:2379` or `ipv6:[fd00::1]:2379` (grpc's
+    own resolver for a bracketed IPv6 literal gives "Address family for hostname not
+    supported"). Names are resolved here, once, to their IPv4 addresses (their IPv6 ones
+    if they have none). grpc verifies one name per channel: the first name seen, else the
+    first address (left to grpc, it would check every server against the whole address
+    list, which no certificate holds, so several https:// IP endpoints never worked).
     """
+    if not urls:
+        # etcd3aio would fall back to localhost:2379 without a word.
+        raise EtcdSetupError("--etcd-endpoints is empty: give at least one etcd client URL, "
+                             "e.g. --etcd-endpoints=http://127.0.0.1:2379")
     targets: list[str] = []
     schemes = set()
     server_name: str | None = None
     first_host: str | None = None
     for url in urls:
-        parts = urlsplit(url if "://" in url else f"http://{url}")
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise EtcdSetupError(f"--etcd-endpoints: {url!r} is not http(s)://host:port")
-        schemes.add(parts.scheme)
         try:
+            parts = urlsplit(url if "://" in url else f"http://{url}")
+            host = parts.hostname
             port = parts.port or 2379
         except ValueError:
-            raise EtcdSetupError(f"--etcd-endpoints: {url!r} has a bad port") from None
-        host = parts.hostname
+            hint = (" (an IPv6 address goes in brackets: http://[fd00::1]:2379)"
+                    if url.count(":") > 2 else "")
+            raise EtcdSetupError(f"--etcd-endpoints: {url!r} is not http(s)://host:port"
+                                 f"{hint}") from None
+        if parts.scheme not in ("http", "https") or not host:
+            raise EtcdSetupError(f"--etcd-endpoints: {url!r} is not http(s)://host:port")
+        schemes.add(parts.scheme)
         first_host = first_host or host
         try:
-            ipaddress.IPv4Address(host)
-            addrs = [host]
+            addrs: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [
+                ipaddress.ip_address(host)]
         except ValueError:
             if server_name is None:
                 server_name = host
-            try:
-                infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
-            except OSError as exc:
-                raise EtcdSetupError(f"--etcd-endpoints: cannot resolve {host!r}: {exc}") from None
-            addrs = sorted({str(info[4][0]) for info in infos})  # AF_INET: (host, port)
-        targets.extend(f"{a}:{port}" for a in addrs)
+            addrs = _resolve(host, port)
+        for addr in addrs:
+            target = (f"ipv4:{addr}:{port}" if addr.version == 4 else f"ipv6:[{addr}]:{port}")
+            if target not in targets:
+                targets.append(target)
     if len(schemes) > 1:
         raise EtcdSetupError("--etcd-endpoints: mixes http and https endpoints")
     if server_name is None:
         server_name = first_host
     return targets, schemes == {"https"}, server_name
+
+
+def _resolve(host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The IPv4 addresses of `host`, else its IPv6 ones; EtcdSetupError if it has none."""
+    try:
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise EtcdSetupError(f"--etcd-endpoints: cannot resolve {host!r}: {exc}") from None
+    # info[4][0] is the address; an IPv6 one may carry a %scope, which grpc cannot take.
+    found = {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos}
+    v4: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = sorted(
+        (a for a in found if a.version == 4), key=int)
+    return v4 or sorted(found, key=int)
+
+
+def member_label(target: str) -> str:
+    """`ipv4:10.0.0.1:2379` -> `10.0.0.1:2379`, `ipv6:[fd00::1]:2379` -> `[fd00::1]:2379`."""
+    return target.split(":", 1)[1]
 
 
 def check_tls_files(settings: EtcdSettings) -> None:
@@ -172,19 +212,36 @@ class EtcdRegistry:
                         "--etcd-keyfile are not used; write https:// to talk TLS to etcd")
         self._tls = tls
         self._server_name = server_name
-        self._client = Etcd3Client(
-            targets, rpc_max_attempts=1, tls_server_name=server_name, ca_cert=ca,
-            cert_key=cert_key, cert_chain=cert_chain,
-        )
-        # etcd3aio takes no channel options; its list is read when the channel is made.
-        self._client._manager.grpc_options.extend(GRPC_RECONNECT_OPTIONS)
+        self._members: list[_Member] = []
+        for target in targets:
+            client = Etcd3Client(
+                ["unused"], rpc_max_attempts=1, tls_server_name=server_name, ca_cert=ca,
+                cert_key=cert_key, cert_chain=cert_chain,
+            )
+            # etcd3aio builds an `ipv4:` target from its endpoint list; ours is one member's
+            # address, IPv6 included. It takes no channel options either: both are read
+            # when the channel is made.
+            client._manager.target = target
+            client._manager.grpc_options.extend(GRPC_RECONNECT_OPTIONS)
+            self._members.append(_Member(target, client))
+        # Agents given the same list spread over the members, as etcd's v2 client did.
+        self._current = random.randrange(len(self._members))
+        self._token: str | None = None
+        # Whether a call worked since the last switch (a switch away from a member that
+        # worked is news; cycling through members that all fail is the caller's outage).
+        self._current_ok = False
+        self._switched = False
+        # Watched key -> the member of its last stream, to say when a watch moved.
+        self._watch_member: dict[bytes, int] = {}
+        #: why -> how many times tweed moved to another member, for
+        #: tweed_etcd_member_switches_total.
+        self.member_switches: dict[str, int] = {}
         self._settings = settings
         #: Keys per range request of list_subnets.
         self.page_size = page_size
         prefix = settings.prefix.rstrip("/")
         self._config_key = f"{prefix}/config".encode()
         self._subnets = f"{prefix}/subnets/".encode()
-        self._connected = False
         self._auth_lock = asyncio.Lock()
         # Counts logins: a call refused for its token marks the login stale only if it was
         # made with the current one, so concurrent refusals cause a single new login.
@@ -199,30 +256,58 @@ class EtcdRegistry:
         return self._login
 
     # -- plumbing ------------------------------------------------------------------
+    @property
+    def member(self) -> str:
+        """The member (`address:port`) that calls and new watches go to."""
+        return self._members[self._current].label
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        token = (("token", self._token),) if self._token else ()
+        return token + REQUIRE_LEADER
+
+    def _set_metadata(self, client: Etcd3Client) -> None:
+        """Token (if any) and require-leader on every call of `client`'s services."""
+        meta = self._metadata()
+        for svc in (client.auth, client.cluster, client.kv, client.lease, client.maintenance,
+                    client.watch):
+            if svc is not None:
+                svc._metadata = meta
+
+    def _set_token(self, token: str | None) -> None:
+        self._token = token
+        for m in self._members:
+            if m.connected:
+                self._set_metadata(m.client)
+
     async def _ensure(self) -> Etcd3Client:
-        if not self._connected:
-            await self._client.connect()
-            self._connected = True
+        m = self._members[self._current]
+        if not m.connected:
+            await m.client.connect()
+            m.connected = True
+            self._set_metadata(m.client)
+            if len(self._members) > 1 and not self._switched:
+                log.info("etcd: talking to member %s (of %d in --etcd-endpoints)", m.label,
+                         len(self._members))
         # Not only after connecting: a first login that failed (etcd away, wrong password)
         # must be tried again, or every later call would go without a token.
         if self._settings.username and not self._logged_in:
-            await self._authenticate()
-        return self._client
+            await self._authenticate(m.client)
+        return m.client
 
-    async def _authenticate(self) -> None:
+    async def _authenticate(self, client: Etcd3Client) -> None:
         """Log in, unless another call did so while this one waited for the lock."""
         async with self._auth_lock:
             if self._logged_in:
                 return
-            assert self._client.auth is not None
+            assert client.auth is not None
             # Without this the stale token rides along on the Authenticate call itself and
             # etcd refuses it with "invalid auth token": after the first expiry tweed could
             # never log in again.
-            self._client.set_token(None)
+            self._set_token(None)
             self._logged_in = False
             user = self._settings.username
             try:
-                resp = await self._client.auth.authenticate(
+                resp = await client.auth.authenticate(
                     user, self._settings.password, timeout=RPC_TIMEOUT
                 )
             except (EtcdError, grpc.aio.AioRpcError) as exc:
@@ -238,9 +323,40 @@ class EtcdRegistry:
                         f"etcd login as {user!r} refused: wrong --etcd-username or "
                         f"--etcd-password ({detail})") from None
                 raise
-            self._client.set_token(resp.token)
+            # A token is good on every member: etcd hands it out through its raft log.
+            self._set_token(resp.token)
             self._logged_in = True
             self._login += 1
+
+    def _worked(self) -> None:
+        """A call through the current member worked."""
+        if self._switched and not self._current_ok:
+            log.info("etcd: now talking to member %s", self.member)
+        self._current_ok = True
+
+    def _leave(self, index: int, what: str, detail: str) -> None:
+        """A call through member `index` failed in a way another member may not: move on.
+
+        Only if that member is still the current one (concurrent calls fail together) and
+        there is another. Logged when leaving a member that worked; cycling through
+        members that all fail is an outage, which the caller logs once.
+        """
+        if index != self._current or len(self._members) < 2:
+            return
+        old = self._members[index].label
+        self._current = (index + 1) % len(self._members)
+        self._switched = True
+        why = "no_leader" if "no leader" in detail else "unreachable"
+        self.member_switches[why] = self.member_switches.get(why, 0) + 1
+        level = logging.WARNING if self._current_ok else logging.DEBUG
+        self._current_ok = False
+        if why == "no_leader":
+            reason = ("it has no leader: cut off from the other members, or the cluster "
+                      "lost its quorum")
+        else:
+            reason = detail
+        log.log(level, "etcd member %s: %s failed (%s); switching to member %s", old, what,
+                reason, self.member)
 
     def _count(self, what: str, result: str) -> None:
         key = (what.replace(" ", "_"), result)
@@ -264,23 +380,42 @@ class EtcdRegistry:
         return result
 
     async def _rpc(self, what: str, fn: Callable[[Etcd3Client], Awaitable[T]]) -> T:
-        for attempt in (1, 2):
+        relogged = False
+        hops = 0
+        first: str | None = None  # the first member's failure, reported if all fail
+        while True:
             login = self._login
+            index = self._current
             try:
                 client = await self._ensure()
-                return await fn(client)
+                result = await fn(client)
             except RegistryUnavailable:
                 raise
-            except (EtcdUnauthenticatedError, grpc.aio.AioRpcError, EtcdError) as exc:
-                detail = _detail(exc)
-                if self._settings.username and _token_refused(detail) and attempt == 1:
+            except (EtcdUnauthenticatedError, grpc.aio.AioRpcError, EtcdError,
+                    TimeoutError) as exc:
+                if isinstance(exc, TimeoutError):
+                    detail = f"no answer in {RPC_TIMEOUT:g} s"
+                else:
+                    detail = _detail(exc)
+                if self._settings.username and _token_refused(detail) and not relogged:
                     # Tokens expire (etcd's default TTL is 5 minutes): log in again, once.
+                    relogged = True
                     self._token_stale(login)
                     continue
-                raise RegistryUnavailable(f"etcd {what}: {self._explain(detail)}") from None
-            except TimeoutError:
-                raise RegistryUnavailable(f"etcd {what}: no answer in {RPC_TIMEOUT:g} s") from None
-        raise AssertionError("unreachable")
+                if _member_trouble(exc):
+                    self._leave(index, f"etcd {what}", detail)
+                    if _not_sent(detail) and hops < len(self._members) - 1:
+                        # Refused before etcd did anything (no leader, no connection):
+                        # safe to send again at once, through the next member.
+                        first = first or detail
+                        hops += 1
+                        continue
+                also = f" (and {hops} other members)" if hops else ""
+                raise RegistryUnavailable(
+                    f"etcd {what}: {self._explain(first or detail)}{also}") from None
+            if index == self._current:
+                self._worked()
+            return result
 
     def _token_stale(self, login: int) -> None:
         """etcd refused the token of login number `login`: log in again if still current."""
@@ -497,9 +632,12 @@ class EtcdRegistry:
     ) -> AsyncGenerator[list[Event], None]:
         client = await self._call("watch", lambda c: _noop(c), count=False)
         login = self._login  # the token this watch is created with
+        index = self._current
+        member = self._members[index].label
         assert client._channel is not None
         stub = WatchStub(client._channel)
         stop = asyncio.Event()
+        resume = start_revision  # where a watch through another member would start
 
         async def requests() -> AsyncIterator[Any]:
             yield WatchRequest(
@@ -510,8 +648,10 @@ class EtcdRegistry:
             )
             await stop.wait()
 
-        metadata = client.kv._metadata if client.kv is not None else ()
-        stream = stub.Watch(requests(), metadata=metadata or None)
+        # With require-leader, a member that loses its leader (cut off from the quorum)
+        # ends the stream with "no leader" instead of keeping it open and silent.
+        stream = stub.Watch(requests(), metadata=self._metadata())
+        what = "watch of " + ("the leases" if key == self._subnets else "the config")
         try:
             async for resp in stream:
                 if resp.compact_revision > 0:
@@ -525,6 +665,13 @@ class EtcdRegistry:
                 if resp.created:
                     self._count("watch_subnets" if key == self._subnets else "watch_config",
                                 "ok")
+                    before = self._watch_member.get(key)
+                    self._watch_member[key] = index
+                    if before is not None and before != index:
+                        log.info("etcd: %s resumed from revision %d through member %s",
+                                 what, start_revision, member)
+                    if index == self._current:
+                        self._worked()
                 if not resp.events:
                     if resp.created:
                         yield []  # tells the caller the stream is up again
@@ -534,21 +681,26 @@ class EtcdRegistry:
                     kind = "delete" if ev.type == 1 else "put"
                     name = self._name(ev.kv.key) if key == self._subnets else ev.kv.key.decode()
                     batch.append(Event(kind, name, ev.kv.value, ev.kv.lease, ev.kv.mod_revision))
+                resume = batch[-1].revision + 1
                 yield batch
+            self._leave(index, f"{what} (resuming from revision {resume})", "stream ended")
             raise RegistryUnavailable("etcd watch stream ended")
         except grpc.aio.AioRpcError as exc:
             detail = _detail(exc)
             if self._settings.username and _token_refused(detail):
                 self._token_stale(login)  # the next call (the caller's retry) logs in again
+            elif _member_trouble(exc):
+                self._leave(index, f"{what} (resuming from revision {resume})", detail)
             raise RegistryUnavailable(f"etcd watch: {self._explain(detail)}") from None
         finally:
             stop.set()
             stream.cancel()
 
     async def close(self) -> None:
-        if self._connected:
-            await self._client.close()
-            self._connected = False
+        for m in self._members:
+            if m.connected:
+                m.connected = False
+                await m.client.close()
 
 
 async def _noop(client: Etcd3Client) -> Etcd3Client:
@@ -568,6 +720,41 @@ class _RevisionCompacted(Exception):
 
 class _StaleToken(Exception):
     """etcd refused to create a watch with our token: log in and try again."""
+
+
+class _Member:
+    """One etcd member address and the client (one grpc channel) that talks to it."""
+
+    def __init__(self, target: str, client: Etcd3Client) -> None:
+        self.target = target
+        self.label = member_label(target)
+        self.client = client
+        self.connected = False  # the channel is made on first use
+
+
+def _grpc_code(exc: BaseException) -> grpc.StatusCode | None:
+    """The grpc status of a failed call, also when etcd3aio wrapped it in its own error."""
+    while exc is not None:
+        if isinstance(exc, grpc.aio.AioRpcError):
+            return exc.code()
+        exc = exc.__cause__  # type: ignore[assignment]
+    return None
+
+
+def _member_trouble(exc: BaseException) -> bool:
+    """Whether another member might answer where this one did not: unavailable (no
+    leader, no connection, etcd's own request timeout) or no answer in time."""
+    if isinstance(exc, TimeoutError):
+        return True
+    return _grpc_code(exc) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def _not_sent(detail: str) -> bool:
+    """The call failed before the member did anything with it, so sending it again cannot
+    apply it twice: refused for want of a leader, or no connection to the member."""
+    text = detail.lower()
+    return ("no leader" in text or "failed to connect" in text
+            or "connection refused" in text)
 
 
 def _detail(exc: BaseException) -> str:

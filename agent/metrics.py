@@ -75,7 +75,7 @@ class AgentCollector(Collector):
             failures.add_metric([step], value)
         yield failures
         if d.registry is not None:
-            yield from etcd_families(d.registry.requests)
+            yield from etcd_families(d.registry.requests, d.registry.member_switches)
         if d.manager is not None:
             yield from manager_families(d.manager, d.config, d.network)
         if d.network is not None:
@@ -84,13 +84,21 @@ class AgentCollector(Collector):
             yield from iptables_families(d.iptables.counters(), d.iptables.ok())
 
 
-def etcd_families(requests: Mapping[tuple[str, str], int]) -> Iterator[Metric]:
-    """etcd requests by operation and result."""
+def etcd_families(requests: Mapping[tuple[str, str], int],
+                  member_switches: Mapping[str, int] | None = None) -> Iterator[Metric]:
+    """etcd requests by operation and result; moves to another etcd member by reason."""
     fam = CounterMetricFamily("tweed_etcd_requests", "etcd requests by operation and result",
                               labels=["operation", "result"])
     keys = {(op, r) for op in ETCD_OPERATIONS for r in ("ok", "error")} | set(requests)
     for op, result in sorted(keys):
         fam.add_metric([op, result], requests.get((op, result), 0))
+    yield fam
+    switches = member_switches or {}
+    fam = CounterMetricFamily("tweed_etcd_member_switches", "times etcd calls moved to the "
+                              "next member of --etcd-endpoints, by reason",
+                              labels=["reason"])
+    for reason in sorted({"no_leader", "unreachable"} | set(switches)):
+        fam.add_metric([reason], switches.get(reason, 0))
     yield fam
 
 

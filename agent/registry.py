@@ -66,6 +66,9 @@ class Registry(Protocol):
 
     #: (operation, "ok" | "error") -> count, for tweed_etcd_requests_total.
     requests: dict[tuple[str, str], int]
+    #: why ("no_leader" | "unreachable") -> how often calls moved to another etcd member,
+    #: for tweed_etcd_member_switches_total (a store of one member never moves).
+    member_switches: dict[str, int]
 
     async def get_config(self) -> tuple[bytes | None, int]:
         """The config value (None if absent) and the store revision."""
@@ -139,6 +142,7 @@ class MemoryRegistry:
         self.available = True  # set False to simulate an outage
         #: (operation, "ok" | "error") -> count, as EtcdRegistry keeps for metrics.
         self.requests: dict[tuple[str, str], int] = {}
+        self.member_switches: dict[str, int] = {}  # one member: never moves
 
     # -- helpers for tests ---------------------------------------------------------
     def _check(self, op: str | None = None) -> None:

@@ -1,10 +1,10 @@
 """EtcdServer: one real etcd (Debian's etcd-server, /usr/bin/etcd) for one test.
 
 Owns the etcd process, its temp data dir and its log. It runs on 127.0.0.1 in the root
-namespace, or inside a lab namespace on a lab address (`ip netns exec NS etcd ...`; ip execs,
-so the Popen PID is etcd itself). Ports are free ones, kept across `restart()`; the data dir
-too, until `close()` removes it. The `etcdctl` helpers (class `Etcdctl`, usable alone for
-any endpoint, e.g. a proxy) act as "another client" in tests.
+namespace, or inside a lab namespace on a lab address, IPv4 or IPv6 (`ip netns exec NS
+etcd ...`; ip execs, so the Popen PID is etcd itself). Ports are free ones, kept across
+`restart()`; the data dir too, until `close()` removes it. The `etcdctl` helpers (class
+`Etcdctl`, usable alone for any endpoint, e.g. a proxy) act as "another client" in tests.
 With `tls=ServerTls(...)` etcd serves its clients over https (and, given a trusted CA,
 demands a client certificate from it); `Etcdctl` then speaks TLS with `ClientTls` files and
 logs in with `user` ("name:password") once auth is enabled.
@@ -35,14 +35,15 @@ ETCDCTL = "/usr/bin/etcdctl"
 _FREE_PORTS = """
 import socket, sys
 host, want = sys.argv[1], [int(p) for p in sys.argv[2:]]
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
 held, out = [], []
 for p in want:
-    s = socket.socket()
+    s = socket.socket(family)
     try:
         s.bind((host, p))
     except OSError:
         s.close()
-        s = socket.socket()
+        s = socket.socket(family)
         s.bind((host, 0))
     held.append(s)
     out.append(s.getsockname()[1])
@@ -55,9 +56,10 @@ def free_ports(host: str = "127.0.0.1", netns: str | None = None,
     """Distinct ports free on `host` (in `netns` if given); 0 in `prefer` means any."""
     if netns is None:
         held: list[socket.socket] = []
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
             for port in prefer:
-                s = socket.socket()
+                s = socket.socket(family)
                 held.append(s)
                 try:
                     s.bind((host, port))
@@ -220,7 +222,7 @@ class EtcdServer(Etcdctl):
             peer_port = peer_port or auto[1]
         self.port: int = port
         self.peer_port: int = peer_port
-        super().__init__(f"{self.scheme}://{host}:{port}", netns, ctl_tls)
+        super().__init__(self.client_url, netns, ctl_tls)
         self.dir = Path(tempfile.mkdtemp(prefix="tweed-etcd-"))
         self.data_dir = self.dir / "data"
         self.log_path = self.dir / "etcd.log"
@@ -235,12 +237,17 @@ class EtcdServer(Etcdctl):
         return "https" if self.server_tls is not None else "http"
 
     @property
+    def url_host(self) -> str:
+        """The host as it goes in a URL: an IPv6 address in brackets."""
+        return f"[{self.host}]" if ":" in self.host else self.host
+
+    @property
     def client_url(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.url_host}:{self.port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://{self.host}:{self.peer_port}"
+        return f"http://{self.url_host}:{self.peer_port}"
 
     @property
     def pid(self) -> int | None:
