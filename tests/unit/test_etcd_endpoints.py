@@ -15,13 +15,14 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from etcd3aio import Etcd3Client
+from etcd3aio import Etcd3Client, EtcdError
 
 from agent.daemon import Daemon
 from agent.etcd_registry import (
     REQUIRE_LEADER,
     EtcdRegistry,
     EtcdSetupError,
+    _member_trouble,
     parse_endpoints,
 )
 from agent.metrics import etcd_families
@@ -229,3 +230,24 @@ def test_member_switches_are_exported_by_reason_from_zero() -> None:
                for s in families["tweed_etcd_member_switches"].samples
                if s.name.endswith("_total")}
     assert samples == {"no_leader": 2, "unreachable": 0}
+
+
+@pytest.mark.parametrize(("code", "details", "moves"), [
+    (grpc.StatusCode.UNAVAILABLE, "etcdserver: no leader", True),
+    (grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses", True),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", True),
+    # A watch refused for want of a leader, as grpc sometimes reports it.
+    (grpc.StatusCode.INTERNAL, "Internal error from Core", True),
+    (grpc.StatusCode.PERMISSION_DENIED, "etcdserver: permission denied", False),
+    (grpc.StatusCode.OUT_OF_RANGE, "etcdserver: mvcc: required revision has been compacted",
+     False),
+    (grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: user name is empty", False),
+])
+def test_which_failures_move_to_the_next_member(
+    code: grpc.StatusCode, details: str, moves: bool
+) -> None:
+    exc = rpc_error(code, details)
+    assert _member_trouble(exc) is moves
+    wrapped = EtcdError("KV.Range failed")  # as etcd3aio raises it
+    wrapped.__cause__ = exc
+    assert _member_trouble(wrapped) is moves
