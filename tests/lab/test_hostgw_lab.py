@@ -78,15 +78,28 @@ def test_sigterm_leaves_lease_and_routes_and_restart_keeps_the_subnet(lab, tmp_p
     assert a1.stop(signal.SIGINT, timeout=2) == 0
 
 
-def test_unknown_backend_is_a_clear_startup_error(lab, tmp_path):
+def test_unknown_backend_is_waited_out_like_any_invalid_config(lab, tmp_path):
+    """A Backend.Type tweed lacks is an invalid config: one line naming it, /readyz says
+    why, no subnet.env; the agent comes up once the config is fixed."""
     etcd = lab.start_etcd()
     put_config(etcd, backend="wireguard")
     host = lab.add_host(1)
-    agent = Agent(host, etcd.client_url, tmp_path).start()
-    status = agent.proc.wait(timeout=30)
-    assert status == 1
-    assert "Backend.Type 'wireguard' is not available" in agent.log()
-    assert "host-gw" in agent.log()
+    agent = Agent(host, etcd.client_url, tmp_path, "--healthz-port", "9100").start()
+    want = "Backend.Type 'wireguard' is not available"
+
+    def waiting() -> tuple[int, str] | None:
+        answer = readyz(host, 9100)
+        return answer if want in answer[1] else None
+
+    status, body = wait_for(waiting, timeout=30, what="/readyz naming the backend type")
+    assert status == 503 and "host-gw" in body, body
+    assert agent.proc.poll() is None and not agent.subnet_file.exists()
+    lines = [line for line in agent.log().splitlines() if want in line]
+    assert len(lines) == 1 and " ERROR " in lines[0], lines
+    put_config(etcd)
+    agent.wait_env()
+    assert "Traceback" not in agent.log()
+    assert agent.stop() == 0
 
 
 def test_bad_flag_exits_2_with_one_line(lab, tmp_path):
