@@ -58,6 +58,10 @@ REASONS = ("period", "event", "lost", "retry", "device")
 #: Seconds from the first notification of a burst to the sync that answers it: long enough
 #: for `ip -batch` or a flushed device to arrive as one burst, short against the 1 s goal.
 DEBOUNCE = 0.1
+#: Seconds between two INFO lines of kernel changes: under churn every batch is a small
+#: sync of its own (100 lease changes a second made 100 lines a second), so the changes of
+#: the syncs in between are added up into the next line (each sync's own line is DEBUG).
+LOG_EVERY = 10.0
 #: Retries after a failed sync: 1 s doubling to RETRY_CAP (or the resync period if shorter),
 #: +-20%. A change the kernel refuses for good costs a full re-read every 30 s, not a loop.
 RETRY_FIRST, RETRY_CAP = 1.0, 30.0
@@ -112,6 +116,7 @@ class KernelSync:
     def __init__(
         self, netlink: Netlink, plan: Callable[[], Awaitable[ChangeSet]], resync: float,
         clock: Callable[[], float] = time.monotonic, debounce: float = DEBOUNCE,
+        log_every: float = LOG_EVERY,
     ) -> None:
         self.netlink = netlink
         #: What the plan reads the kernel through: cached between real dumps while the
@@ -121,6 +126,13 @@ class KernelSync:
         self.resync = resync
         self.clock = clock
         self.debounce = debounce
+        self.log_every = log_every
+        # Changes made but not yet in an INFO line, the syncs that made them, when the last
+        # line was logged, and the timer that logs the rest.
+        self._unlogged: dict[tuple[str, str], int] = {}
+        self._unlogged_syncs = 0
+        self._logged_at: float | None = None
+        self._flush: asyncio.TimerHandle | None = None
         #: The tables the last plan wanted; notifications are judged against them.
         self.desired: Desired | None = None
         #: Set by the daemon (`watch`); None: only the periodic backstop repairs drift.
@@ -242,7 +254,7 @@ class KernelSync:
                             log.debug("%s %s", "removed" if op == "delete" else "set",
                                       describe(item))
             if any(done.values()):
-                log.info("%s", summary(done))
+                self._log_changes(done)
             self._report(errors)
             self._ok = not errors
             if self._ok:
@@ -252,6 +264,37 @@ class KernelSync:
                 self._failed()
             self._settle(pending, self._ok)
             return True
+
+    def _log_changes(self, done: dict[tuple[str, str], int]) -> None:
+        """One INFO line of changes at most every `log_every` seconds; the changes of the
+        syncs in between go into the next one (at the latest when the period ends)."""
+        for key, n in done.items():
+            if n:
+                self._unlogged[key] = self._unlogged.get(key, 0) + n
+        self._unlogged_syncs += 1
+        now = self.clock()
+        if self._logged_at is None or now - self._logged_at >= self.log_every:
+            self.flush_log()
+            return
+        log.debug("%s", summary(done))
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(
+                self._logged_at + self.log_every - now, self.flush_log)
+
+    def flush_log(self) -> None:
+        """Log the changes not logged yet, as one INFO line."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        if not self._unlogged:
+            return
+        text = summary(self._unlogged)
+        if self._unlogged_syncs > 1:
+            text += f" (in {self._unlogged_syncs} syncs)"
+        log.info("%s", text)
+        self._unlogged.clear()
+        self._unlogged_syncs = 0
+        self._logged_at = self.clock()
 
     def _failed(self) -> None:
         """A sync failed: run() tries again after a backoff, whatever woke it before, so

@@ -12,6 +12,7 @@ import pytest
 from backends.kernel.fake import FakeNetlink
 from backends.kernel.sync import KernelSync, describe, summary
 from backends.kernel.types import ChangeSet, Fdb, Neigh, Route
+from tests.support.wait import until
 
 IP = ipaddress.IPv4Address
 NET = ipaddress.IPv4Network
@@ -65,7 +66,7 @@ async def test_sync_applies_in_order_logs_each_change_and_counts(
     async def plan() -> ChangeSet:
         return cs
 
-    sync = KernelSync(fake, plan, 10.0)
+    sync = KernelSync(fake, plan, 10.0, log_every=0.0)
     with caplog.at_level(logging.DEBUG, logger="backends.kernel.sync"):
         assert await sync.sync() is True
     assert [item for _, item in fake.calls] == [
@@ -98,7 +99,7 @@ async def test_refused_change_logged_once_per_error_and_counted(
     async def plan() -> ChangeSet:
         return ChangeSet(neigh_replace=[NEIGH], route_replace=[ROUTE_GW])
 
-    sync = KernelSync(fake, plan, 10.0)
+    sync = KernelSync(fake, plan, 10.0, log_every=0.0)
     with caplog.at_level(logging.INFO, logger="backends.kernel.sync"):
         await sync.sync()
         await sync.sync()
@@ -123,7 +124,7 @@ async def test_a_start_logs_one_info_line_not_one_per_entry(
     async def plan() -> ChangeSet:
         return cs
 
-    sync = KernelSync(fake, plan, 10.0)
+    sync = KernelSync(fake, plan, 10.0, log_every=0.0)
     with caplog.at_level(logging.INFO, logger="backends.kernel.sync"):
         await sync.sync()
     assert caplog.messages == ["kernel: set 5000 routes; removed 0"]
@@ -141,7 +142,7 @@ async def test_refused_in_the_middle_logged_once_and_retried_by_a_later_sync(
     async def plan() -> ChangeSet:  # what the backends do: diff against the kernel
         return ChangeSet(neigh_replace=[n for n in neigh if n not in fake.neigh])
 
-    sync = KernelSync(fake, plan, 10.0)
+    sync = KernelSync(fake, plan, 10.0, log_every=0.0)
     with caplog.at_level(logging.INFO, logger="backends.kernel.sync"):
         assert await sync.sync() is True
         assert fake.neigh == set(neigh) - {bad}  # the others around it applied
@@ -157,3 +158,27 @@ async def test_refused_in_the_middle_logged_once_and_retried_by_a_later_sync(
         "kernel: set 1 neighbour; removed 0",
     ]
     assert sync.errors == 2 and sync.ready() is True
+
+
+async def test_changes_under_churn_are_one_info_line_per_period(caplog) -> None:
+    """100 one-route syncs within a period are one INFO line now and one with the rest
+    when the period ends (each sync's own line is DEBUG), not 100 lines."""
+    fake = FakeNetlink()
+    routes = [Route(ipaddress.IPv4Network(f"10.5.{i}.0/24"), IP("192.168.100.2"), 2)
+              for i in range(100)]
+    want: list[Route] = []
+
+    async def plan() -> ChangeSet:
+        return ChangeSet(route_replace=[r for r in want if r.dst not in fake.table])
+
+    now = [0.0]
+    sync = KernelSync(fake, plan, 10.0, clock=lambda: now[0], log_every=0.2)
+    with caplog.at_level(logging.INFO, logger="backends.kernel.sync"):
+        for r in routes:
+            want.append(r)
+            assert await sync.sync() is True
+            now[0] += 0.001
+        assert caplog.messages == ["kernel: set 1 route; removed 0"]
+        await until(lambda: len(caplog.messages) == 2, 5.0)
+    assert caplog.messages[1] == "kernel: set 99 routes; removed 0 (in 99 syncs)"
+    assert len(fake.table) == 100
