@@ -256,6 +256,7 @@ class RoutedNetwork:
                                      lambda n: n.ip, lambda n: True)
                 fdiff = diff_entries(t.fdb, await view.fdb_entries(neigh_dev),
                                      lambda f: f.mac, lambda f: True)
+            view.adopt(t.routes, t.neigh, t.fdb)
         else:
             self.kernel.plans["changed"] += 1
             rdiff, ndiff, fdiff = diffs

@@ -18,7 +18,7 @@ real dump and nothing is kept: without notifications there is nothing to trust a
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import TypeAlias, TypeVar
 
 from backends.kernel.types import ChangeSet, Fdb, KernelError, Neigh, Netlink, Route
@@ -154,6 +154,31 @@ class KernelView:
         if self.enabled and gen == self._generation:
             self._fdb[index] = _index(got, lambda f: f.mac)
         return list(got)
+
+    def adopt(
+        self,
+        routes: Mapping[ipaddress.IPv4Network, Route],
+        neigh: Mapping[ipaddress.IPv4Address, Neigh],
+        fdb: Mapping[str, Fdb],
+    ) -> None:
+        """Keep the desired entries themselves where a dump found their equals: after a
+        full read the cache would otherwise hold a second copy of every entry (3 MB at
+        5,000 vxlan peers, a step in RSS at each backstop resync)."""
+        for table in self._routes.values():
+            for dst, slot in table.items():
+                want = routes.get(dst)
+                if want is not None and slot == want and slot is not want:
+                    table[dst] = want
+        for ntable in self._neigh.values():
+            for ip, n in ntable.items():
+                nwant = neigh.get(ip)
+                if nwant is not None and n == nwant and n is not nwant:
+                    ntable[ip] = nwant
+        for ftable in self._fdb.values():
+            for mac, fslot in ftable.items():
+                fwant = fdb.get(mac)
+                if fwant is not None and fslot == fwant and fslot is not fwant:
+                    ftable[mac] = fwant
 
     def applied(self, cs: ChangeSet, errors: Sequence[KernelError]) -> None:
         """`cs` went to the kernel and `errors` came back: keep the cache equal to what the

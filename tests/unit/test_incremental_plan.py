@@ -223,3 +223,23 @@ async def test_batches_while_trusted_are_planned_from_their_keys(tmp_path: Path)
     vx.kernel.view.invalidate()
     await vx.apply([event("added", 10, 3, 1, "vxlan")])
     assert vx.kernel.plans["full"] == full + 1
+
+
+async def test_a_full_read_keeps_one_copy_of_each_entry(tmp_path: Path) -> None:
+    """After a backstop's dump the cache holds the desired entries themselves, not equal
+    copies parsed from the kernel (a second copy of everything, per backstop)."""
+    fake = FakeNetlink()
+    vx = await network(fake, tmp_path, "vxlan", False)
+    vx.kernel.view.enabled = True
+    await vx.apply([event("added", n, 2 + n % 3, n % 6, "vxlan") for n in range(2, 8)])
+    # The fake returns its own objects; make them equal copies, as a dump parses anew.
+    fake.table = {k: Route(r.dst, r.gateway, r.oif, r.onlink) for k, r in fake.table.items()}
+    fake.neigh = {Neigh(n.ip, n.mac, n.index) for n in fake.neigh}
+    fake.fdb = {Fdb(f.mac, f.dst, f.index) for f in fake.fdb}
+    vx.kernel.view.invalidate()
+    assert await vx.sync() is False
+    view, t, dev = vx.kernel.view, vx.tables, vx.dev_index
+    assert t.routes and all(view.cached_routes(dev, d) == [r] and view.cached_routes(dev, d)[0] is r
+                            for d, r in t.routes.items())
+    assert all(view.cached_neighbours(dev, ip)[0] is n for ip, n in t.neigh.items())
+    assert all(view.cached_fdb(dev, mac)[0] is f for mac, f in t.fdb.items())
