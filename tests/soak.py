@@ -10,12 +10,19 @@ A command, not a test (pytest collects only test_*.py). For SOAK_MINUTES (defaul
 - stand-in peers: every second a lease is put or deleted in etcd (between 4 and 12 of
   them alive), as hosts joining and leaving;
 - etcd restarted every minute. Just before each restart the churn pauses and each agent's
-  state is compared with the leases in etcd (it has 15 s to converge).
+  state is compared with the leases in etcd (it has 15 s to converge);
+- kernel faults (SOAK_LINK_FAULTS=1, the default; 0 leaves them out): 20 s into each
+  minute one host's eth0 goes down for 2 s and up again, 40 s into it one host's overlay
+  device (flannel0, flannel.1; none with host-gw, which gets a second link flap) is
+  deleted. Replies lost from the fault until 2 s after the link came up (or after the
+  deletion) are the issue's allowance and are reported apart, with how long traffic took
+  to come back; a reply lost outside those windows fails the run.
 At the end: lost pings, iperf3 totals, route mismatches against etcd (kernel routes for
-host-gw/vxlan; for udp the Network route and the datapath's peer table, which the backend
-logs entry by entry), and each agent's memory (VmRSS) at start, peak and end. Exit status
-1 if a ping was lost, a mismatch remained, or an agent exited. Everything is removed at the
-end, also on failure or Ctrl-C; the logs are kept (their folder is printed) when it fails.
+host-gw/vxlan; for udp the Network route and the datapath's peer table, probed in the
+datapath itself: fault_tools.udp_datapath_peers), and each agent's memory (VmRSS) at
+start, peak and end. Exit status 1 if a ping was lost outside the fault windows, a
+mismatch remained, or an agent exited. Everything is removed at the end, also on failure
+or Ctrl-C; the logs are kept (their folder is printed) when it fails.
 """
 
 from __future__ import annotations
@@ -34,12 +41,17 @@ from pathlib import Path
 from typing import Any
 
 from tests.lab.agents import PREFIX, Agent, bring_up, ping, put_config, subnet_key, wait_for
-from tests.lab.fault_tools import PingStream, mismatches, rss_kib
-from tests.support.netns import Container, Host, Lab
+from tests.lab.fault_tools import PingResult, PingStream, mismatches, rss_kib
+from tests.support.netns import Container, Host, Lab, ip_batch
+from tests.support.wait import poll
 
 NETWORK = "10.5.0.0/16"
 HEALTH = "9100"
 STANDINS = 32  # stand-in k: 10.5.(200+k).0/24 at 192.168.100.(100+k)
+PING_INTERVAL = 0.1
+#: The issue's bound: traffic is back within 2 s of the link coming up (or the deletion).
+HEAL_BOUND = 2.0
+DEVICE = {"udp": "flannel0", "vxlan": "flannel.1"}
 
 
 def say(text: str) -> None:
@@ -114,8 +126,10 @@ class Iperf:
 def agent_mismatches(backend: str, etcd: Any, hosts: list[Host], agents: list[Agent]
                      ) -> list[str]:
     out: list[str] = []
+    # udp: every subnet a stand-in ever had is probed, so a stale datapath entry shows.
+    probe = [f"10.5.{200 + k}.0/24" for k in range(STANDINS)] + [a.subnet for a in agents]
     for host, agent in zip(hosts, agents, strict=True):
-        out += mismatches(host, agent.log(), etcd, PREFIX, backend, NETWORK)
+        out += mismatches(host, agent.log(), etcd, PREFIX, backend, NETWORK, probe=probe)
         if backend == "udp":
             route = host.exec(["ip", "route", "show", NETWORK]).stdout
             if "dev flannel0" not in route:
@@ -135,10 +149,95 @@ def converge(backend: str, etcd: Any, hosts: list[Host], agents: list[Agent],
         time.sleep(0.2)
 
 
+class Fault:
+    """One kernel fault: what and where, when it began, and the end of its allowance
+    (wall clock, as ping -D stamps its replies)."""
+
+    def __init__(self, what: str, host: Host, began: float, allowed_until: float) -> None:
+        self.what, self.host, self.began, self.allowed_until = what, host, began, allowed_until
+        self.lost = 0
+        self.back_after = 0.0  # from the link up (or the deletion) to the first reply after
+        self.detail = ""
+
+    def covers(self, t: float) -> bool:
+        return self.began - PING_INTERVAL <= t <= self.allowed_until
+
+
+def standin_neighbours(host: Host) -> None:
+    """The stand-ins' addresses answer no ARP: static neighbours let what the udp datapath
+    sends them leave eth0, where its probe sees it (udp_datapath_peers). The frames go to
+    MACs nobody has, on the lab's own bridge. A link going down flushes them."""
+    ip_batch(host.ns, [f"neigh replace 192.168.100.{100 + k} lladdr 02:00:00:00:03:{k:02x}"
+                       " dev eth0 nud permanent" for k in range(STANDINS)])
+
+
+def flap_link(host: Host) -> Fault:
+    """eth0 down for 2 s, then up (the issue's `ip link set eth0 down; sleep 2; up`)."""
+    began = time.time()
+    host.exec(["ip", "link", "set", "eth0", "down"])
+    time.sleep(2)
+    host.exec(["ip", "link", "set", "eth0", "up"])
+    up = time.time()
+    standin_neighbours(host)  # the test's own entries, not tweed's to restore
+    return Fault("eth0 down 2 s", host, began, up + HEAL_BOUND)
+
+
+def ifindex(host: Host, device: str) -> int | None:
+    res = host.exec(["ip", "-j", "link", "show", device], check=False)
+    return json.loads(res.stdout)[0]["ifindex"] if res.returncode == 0 else None
+
+
+def delete_device(host: Host, device: str) -> Fault:
+    """`ip link del` the overlay device; the fault says whether (and when) tweed made a new
+    one, so a deletion that did not happen or was never healed shows."""
+    old = ifindex(host, device)
+    began = time.time()
+    host.exec(["ip", "link", "del", device])
+    fault = Fault(f"{device} deleted", host, began, began + HEAL_BOUND)
+    new = poll(lambda: (i := ifindex(host, device)) is not None and i != old and i, 10)
+    fault.detail = (f"made again as index {new} after {time.time() - began:.2f} s" if new
+                    else "not made again within 10 s")
+    return fault
+
+
+def sent_at(res: PingResult, seq: int, started: float) -> float:
+    """When ping sent `seq`: between the replies around it (ping -D stamps replies only)."""
+    before = max((s for s in res.replies if s < seq), default=None)
+    after = min((s for s in res.replies if s > seq), default=None)
+    if before is not None and after is not None:
+        t0, t1 = res.replies[before], res.replies[after]
+        return t0 + (seq - before) * (t1 - t0) / (after - before)
+    if before is not None:
+        return res.replies[before] + (seq - before) * PING_INTERVAL
+    return started + (seq - 1) * PING_INTERVAL
+
+
+def account(results: list[PingResult], starts: list[float], faults: list[Fault]
+            ) -> list[tuple[int, int, float]]:
+    """Charge each lost reply to the fault whose allowance covers it; return the others as
+    (stream, seq, sent). Sets each fault's lost count and how long traffic took to come
+    back (its last covered loss to the next reply, measured from the link up/deletion)."""
+    unexcused = []
+    for n, (res, start) in enumerate(zip(results, starts, strict=True)):
+        for seq in res.lost:
+            t = sent_at(res, seq, start)
+            fault = next((f for f in faults if f.covers(t)), None)
+            if fault is None:
+                unexcused.append((n, seq, t))
+                continue
+            fault.lost += 1
+            nxt = min((r for s, r in res.replies.items() if s > seq), default=None)
+            if nxt is not None:
+                fault.back_after = max(fault.back_after,
+                                       nxt - (fault.allowed_until - HEAL_BOUND))
+    return unexcused
+
+
 def main() -> int:
     minutes = float(os.environ.get("SOAK_MINUTES", "10"))
     backend = os.environ.get("SOAK_BACKEND", "udp")
     rate = os.environ.get("SOAK_IPERF_RATE", "100M")
+    link_faults = os.environ.get("SOAK_LINK_FAULTS", "1") != "0"
     rng = random.Random(int(os.environ.get("SOAK_SEED", "7")))
     # SIGTERM ends the run like Ctrl-C: through the finally below, which removes the lab.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -146,16 +245,18 @@ def main() -> int:
     lab = Lab()
     ok = False
     try:
-        say(f"soak: {minutes:g} min, backend {backend}, logs in {workdir}")
+        say(f"soak: {minutes:g} min, backend {backend}, kernel faults "
+            f"{'on' if link_faults else 'off'}, logs in {workdir}")
         etcd = lab.start_etcd()
         put_config(etcd, backend=backend, network=NETWORK)
         hosts, agents, containers = [], [], []
         for i in (1, 2, 3):
-            h, a, c = bring_up(lab, etcd, workdir, i, "--healthz-port", HEALTH, "-v=1",
-                              resync="5")  # -v=1: udp's per-peer lines (mismatches)
+            h, a, c = bring_up(lab, etcd, workdir, i, "--healthz-port", HEALTH, resync="5")
             hosts.append(h)
             agents.append(a)
             containers.append(c)
+        for h in hosts:
+            standin_neighbours(h)
         for c, other in zip(containers, containers[1:] + containers[:1], strict=True):
             wait_for(lambda c=c, other=other: ping(c, other.ip, 1), timeout=30,
                      what=f"{c.ns} -> {other.ns}")
@@ -163,8 +264,9 @@ def main() -> int:
         mode = f"(datapath {found.group(1)})" if found else ""
         say(f"3 hosts up: {', '.join(a.subnet for a in agents)} {mode}")
 
-        pings = [PingStream(c, other.ip, workdir, interval=0.1)
+        pings = [PingStream(c, other.ip, workdir, interval=PING_INTERVAL)
                  for c, other in zip(containers, containers[1:] + containers[:1], strict=True)]
+        ping_starts = [p.started for p in pings]
         started = time.monotonic()
         end = started + minutes * 60
         iperf = Iperf(containers[0], containers[1], workdir, rate)
@@ -178,6 +280,8 @@ def main() -> int:
         changes = failed_changes = restarts = 0
         checks: list[tuple[int, float]] = []  # (mismatches left, seconds to converge)
         next_restart = started + 60
+        faults: list[Fault] = []
+        slot = 1  # faults at 20 s slots: 20 s flap, 40 s deletion, 60 s the etcd restart's
         next_rss = started + 10
         tick = time.monotonic()
         while time.monotonic() < end:
@@ -214,6 +318,14 @@ def main() -> int:
                 say(f"etcd restarted ({restarts}); {changes} lease changes so far, "
                     f"state matched etcd after {took:.1f} s")
                 next_restart += 60
+            if link_faults and now >= started + 20 * slot and end - now > 20:
+                host = rng.choice(hosts)
+                if len(faults) % 2 == 1 and backend in DEVICE:
+                    faults.append(delete_device(host, DEVICE[backend]))
+                else:
+                    faults.append(flap_link(host))
+                say(f"{faults[-1].what} on {host.ns}")
+                slot += 2 if slot % 3 == 2 else 1  # every third slot is the restart's
             iperf.poll(end - time.monotonic())
             if any(a.proc.poll() is not None for a in agents):
                 say("an agent exited")
@@ -234,11 +346,21 @@ def main() -> int:
         say(f"soak done: {(time.monotonic() - started) / 60:.1f} min, backend {backend} {mode}")
         print(f"etcd restarts: {restarts}; stand-in lease changes: {changes} "
               f"({failed_changes} refused while etcd restarted)")
-        lost_total = 0
-        for c, p, res in zip(containers, pings, results, strict=True):
-            lost_total += len(res.lost)
-            print(f"ping {c.ip} -> {p.dest}: {res.transmitted} sent, "
-                  f"{len(res.lost)} lost{' ' + str(res.lost[:10]) if res.lost else ''}")
+        unexcused = account(results, ping_starts, faults)
+        lost_total = len(unexcused)
+        for n, (c, p, res) in enumerate(zip(containers, pings, results, strict=True)):
+            outside = [seq for m, seq, _ in unexcused if m == n]
+            print(f"ping {c.ip} -> {p.dest}: {res.transmitted} sent, {len(res.lost)} lost, "
+                  f"{len(outside)} of them outside the kernel faults' allowance"
+                  f"{' ' + str(outside[:10]) if outside else ''}")
+        if faults:
+            worst = max(f.back_after for f in faults)
+            print(f"kernel faults: {len(faults)} ({sum(f.lost for f in faults)} replies lost "
+                  f"within their allowance); traffic back at most {worst:.2f} s after the "
+                  f"link came up or the device went (bound {HEAL_BOUND:.0f} s)")
+            for f in faults:
+                print(f"  {f.what} on {f.host.ns}: {f.lost} lost, back after "
+                      f"{f.back_after:.2f} s{'; ' + f.detail if f.detail else ''}")
         print(f"iperf3 {containers[0].ip} -> {containers[1].ip} at {rate}: {iperf.summary()}")
         worst = max((t for _, t in checks), default=0.0)
         print(f"route mismatches against etcd: {sum(n for n, _ in checks)} at the "
