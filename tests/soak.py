@@ -372,6 +372,10 @@ def main() -> int:
             print(f"memory {a.host.ns} (VmRSS): start {s / 1024:.1f} MiB, peak "
                   f"{max(p, e) / 1024:.1f} MiB, end {e / 1024:.1f} MiB")
         print(f"agents exited: {exited or 'none'}; ERROR lines/tracebacks in logs: {errors}")
+        shown = [f"  {a.host.ns}: {line.strip()[:200]}" for a in agents
+                 for line in a.log().splitlines() if " ERROR " in line or "Traceback" in line]
+        for line in shown[:8]:
+            print(line)
         ok = lost_total == 0 and not final and not exited and sum(n for n, _ in checks) == 0
         return 0 if ok else 1
     finally:
