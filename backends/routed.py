@@ -182,9 +182,12 @@ class RoutedNetwork:
                 continue
             if self.leaving.pop(subnet, None) is not None:
                 same = self.peers.get(subnet) == attrs and ev.kind is PeerEventKind.ADDED
-                log.info("the lease of %s came back %s; its entries %s", subnet,
-                         "unchanged" if same else "changed",
-                         "stayed in place" if same else "follow it")
+                # INFO only for what the grace is for (a lease deleted and written again as
+                # it was); a subnet leased anew at once is ordinary churn.
+                log.log(logging.INFO if same else logging.DEBUG,
+                        "the lease of %s came back %s; its entries %s", subnet,
+                        "unchanged" if same else "changed",
+                        "stayed in place" if same else "follow it")
             old = self.peers.pop(subnet, None)
             if old is not None:
                 self._drop(subnet, old)
