@@ -32,14 +32,15 @@ import asyncio
 import errno
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
 
 from agent.backoff import Backoff
 from agent.histogram import Histogram
 from backends.kernel.monitor import Desired, KernelEvent, drifted
 from backends.kernel.types import ChangeSet, Entry, KernelError, Neigh, Netlink, Route
 from backends.kernel.view import KernelView
+from backends.log_tally import LogTally
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ _NOUNS = {"route": ("route", "routes"), "neigh": ("neighbour", "neighbours"),
           "fdb": ("fdb entry", "fdb entries")}
 
 
-def summary(done: dict[tuple[str, str], int]) -> str:
+def summary(done: Mapping[Any, int]) -> str:
     """The one INFO line of a sync, from (kind, op) -> changes made: "kernel: set 5000
     routes, 5000 neighbours, 5000 fdb entries; removed 0"."""
     def part(op: str) -> str:
@@ -97,6 +98,11 @@ def summary(done: dict[tuple[str, str], int]) -> str:
         return ", ".join(f"{n} {noun}" for n, noun in counts) or "0"
 
     return f"kernel: set {part('replace')}; removed {part('delete')}"
+
+
+def _changes_line(counts: Mapping[Any, int], syncs: int) -> str:
+    line = summary(counts)
+    return line if syncs == 1 else f"{line} (in {syncs} syncs)"
 
 
 def describe(item: Entry) -> str:
@@ -127,12 +133,8 @@ class KernelSync:
         self.clock = clock
         self.debounce = debounce
         self.log_every = log_every
-        # Changes made but not yet in an INFO line, the syncs that made them, when the last
-        # line was logged, and the timer that logs the rest.
-        self._unlogged: dict[tuple[str, str], int] = {}
-        self._unlogged_syncs = 0
-        self._logged_at: float | None = None
-        self._flush: asyncio.TimerHandle | None = None
+        #: The changes made, one INFO line at most every `log_every` seconds.
+        self.changes_log = LogTally(log, _changes_line, log_every, clock)
         #: The tables the last plan wanted; notifications are judged against them.
         self.desired: Desired | None = None
         #: Set by the daemon (`watch`); None: only the periodic backstop repairs drift.
@@ -254,7 +256,7 @@ class KernelSync:
                             log.debug("%s %s", "removed" if op == "delete" else "set",
                                       describe(item))
             if any(done.values()):
-                self._log_changes(done)
+                self.changes_log.add(done)
             self._report(errors)
             self._ok = not errors
             if self._ok:
@@ -264,37 +266,6 @@ class KernelSync:
                 self._failed()
             self._settle(pending, self._ok)
             return True
-
-    def _log_changes(self, done: dict[tuple[str, str], int]) -> None:
-        """One INFO line of changes at most every `log_every` seconds; the changes of the
-        syncs in between go into the next one (at the latest when the period ends)."""
-        for key, n in done.items():
-            if n:
-                self._unlogged[key] = self._unlogged.get(key, 0) + n
-        self._unlogged_syncs += 1
-        now = self.clock()
-        if self._logged_at is None or now - self._logged_at >= self.log_every:
-            self.flush_log()
-            return
-        log.debug("%s", summary(done))
-        if self._flush is None:
-            self._flush = asyncio.get_running_loop().call_later(
-                self._logged_at + self.log_every - now, self.flush_log)
-
-    def flush_log(self) -> None:
-        """Log the changes not logged yet, as one INFO line."""
-        if self._flush is not None:
-            self._flush.cancel()
-            self._flush = None
-        if not self._unlogged:
-            return
-        text = summary(self._unlogged)
-        if self._unlogged_syncs > 1:
-            text += f" (in {self._unlogged_syncs} syncs)"
-        log.info("%s", text)
-        self._unlogged.clear()
-        self._unlogged_syncs = 0
-        self._logged_at = self.clock()
 
     def _failed(self) -> None:
         """A sync failed: run() tries again after a backoff, whatever woke it before, so

@@ -40,6 +40,8 @@ import ipaddress
 import logging
 import os
 import socket
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,8 +52,9 @@ from backends.base import BackendContext, BackendError
 from backends.external_iface import ExternalInterface
 from backends.kernel.diff import diff_routes
 from backends.kernel.monitor import Desired
-from backends.kernel.sync import KernelSync
+from backends.kernel.sync import LOG_EVERY, KernelSync
 from backends.kernel.types import ChangeSet, Netlink, Route
+from backends.log_tally import LogTally
 from backends.options import opt_bool, opt_int, opt_str
 from backends.udp.datapath import Datapath, TunLost
 from backends.udp.selection import choose_datapath
@@ -162,6 +165,9 @@ class UdpNetwork:
         self.tun_index = 0
         self.peers: dict[ipaddress.IPv4Network, ipaddress.IPv4Address] = {}
         self.kernel = KernelSync(netlink, self._plan, resync)
+        #: Peers set and removed, one INFO line at most every LOG_EVERY seconds (under
+        #: churn each batch is one change).
+        self.peers_log = LogTally(log, self._peers_line, LOG_EVERY, time.monotonic)
         self.tun_lost = 0  # times the TUN reported an error (flannel0 deleted)
         self.tun_recreated = 0  # times flannel0 was made again and handed over
 
@@ -214,6 +220,11 @@ class UdpNetwork:
         diff = diff_routes(desired, actual, owned)
         return ChangeSet(route_replace=list(diff.replace), route_delete=list(diff.delete))
 
+    def _peers_line(self, counts: Mapping[Any, int], batches: int) -> str:
+        line = (f"udp: set {counts.get('set', 0)} peers, removed {counts.get('removed', 0)};"
+                f" {len(self.peers)} known")
+        return line if batches == 1 else f"{line} (in {batches} batches)"
+
     async def apply(self, events: list[PeerEvent]) -> None:
         dp = self.datapath
         assert dp is not None
@@ -233,8 +244,7 @@ class UdpNetwork:
                 added += 1
                 log.debug("udp: peer %s at %s:%d", subnet, peer, self.opts.port)
         if added or removed:  # per peer at DEBUG: thousands at a large start
-            log.info("udp: set %d peers, removed %d; %d known", added, removed,
-                     len(self.peers))
+            self.peers_log.add({"set": added, "removed": removed})
         await self.sync()
 
     async def sync(self) -> bool:
