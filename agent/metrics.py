@@ -11,6 +11,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
@@ -37,6 +38,16 @@ ETCD_OPERATIONS = ("get_config", "list_subnets", "grant_lease", "revoke_lease",
 def _counter(name: str, help_: str, value: float) -> CounterMetricFamily:
     fam = CounterMetricFamily(name, help_)
     fam.add_metric([], value)
+    return fam
+
+
+def _counters(name: str, help_: str, labels: list[str],
+              values: Mapping[Any, float]) -> CounterMetricFamily:
+    """A counter family with one series per key of `values`, in key order; a key is the
+    label value, or a tuple of them for several labels."""
+    fam = CounterMetricFamily(name, help_, labels=labels)
+    for key, value in sorted(values.items()):
+        fam.add_metric(list(key) if isinstance(key, tuple) else [key], value)
     return fam
 
 
@@ -68,12 +79,8 @@ class AgentCollector(Collector):
             yield fam
         yield _gauge("tweed_event_loop_lag_seconds",
                      "how late the event loop ran the last heartbeat timer", d.heartbeat.lag)
-        failures = CounterMetricFamily("tweed_failures", "failures the running agent "
-                                       "retries, by step (subnet_file, backend_setup, "
-                                       "kernel)", labels=["step"])
-        for step, value in d.failures.items():
-            failures.add_metric([step], value)
-        yield failures
+        yield _counters("tweed_failures", "failures the running agent retries, by step "
+                        "(subnet_file, backend_setup, kernel)", ["step"], d.failures)
         if d.registry is not None:
             yield from etcd_families(d.registry.requests, d.registry.member_switches)
         if d.manager is not None:
@@ -167,18 +174,12 @@ def network_families(network: Network) -> Iterator[Metric]:
     yield _gauge("tweed_backend_programmed", "1 when the backend's last sync left the kernel "
                  "as desired", 1.0 if network.ready() else 0.0)
     kernel = network.kernel
-    ops = CounterMetricFamily("tweed_kernel_operations", "kernel changes made by the "
-                              "sync, by kind (route, neigh, fdb), operation and result",
-                              labels=["kind", "op", "result"])
-    for (kind, op, result), value in sorted(kernel.ops.items()):
-        ops.add_metric([kind, op, result], value)
-    yield ops
-    resyncs = CounterMetricFamily("tweed_kernel_resyncs", "full re-reads of the kernel "
-                                  "state by reason (period, event, lost, retry, device) "
-                                  "and result", labels=["reason", "result"])
-    for (reason, result), value in sorted(kernel.resyncs.items()):
-        resyncs.add_metric([reason, result], value)
-    yield resyncs
+    yield _counters("tweed_kernel_operations", "kernel changes made by the sync, by kind "
+                    "(route, neigh, fdb), operation and result", ["kind", "op", "result"],
+                    kernel.ops)
+    yield _counters("tweed_kernel_resyncs", "full re-reads of the kernel state by reason "
+                    "(period, event, lost, retry, device) and result", ["reason", "result"],
+                    kernel.resyncs)
     remade = CounterMetricFamily("tweed_devices_recreated", "devices of tweed's own made "
                                  "again after they were deleted, by device and result (ok, "
                                  "failed)", labels=["device", "result"])
@@ -186,28 +187,21 @@ def network_families(network: Network) -> Iterator[Metric]:
         for result in ("ok", "failed"):
             remade.add_metric([device, result], kernel.recreated.get((device, result), 0))
     yield remade
-    events = CounterMetricFamily("tweed_kernel_events", "kernel notifications read, by what "
-                                 "they meant (drift: a resync follows; ignored: echoes of "
-                                 "tweed's own writes, entries of others)", labels=["result"])
-    for result, value in sorted(kernel.events.items()):
-        events.add_metric([result], value)
-    yield events
+    yield _counters("tweed_kernel_events", "kernel notifications read, by what they meant "
+                    "(drift: a resync follows; ignored: echoes of tweed's own writes, entries "
+                    "of others)", ["result"], kernel.events)
     yield _counter("tweed_kernel_events_lost", "times the kernel dropped notifications "
                    "(ENOBUFS) and a full re-read followed", kernel.lost)
-    reads = CounterMetricFamily("tweed_kernel_reads", "reads of the kernel's routes, "
-                                "neighbours and FDB entries by a plan, by kind and source "
-                                "(dump: asked of the kernel; cache: known from the last "
-                                "dump and the changes applied since)", labels=["kind", "source"])
-    for kind in sorted(kernel.view.dumps):
-        reads.add_metric([kind, "dump"], kernel.view.dumps[kind])
-        reads.add_metric([kind, "cache"], kernel.view.cached[kind])
-    yield reads
-    plans = CounterMetricFamily("tweed_kernel_plans", "plans of kernel changes by scope "
-                                "(changed: only the entries a batch changed; full: every "
-                                "entry; host-gw and vxlan)", labels=["scope"])
-    for scope, value in sorted(kernel.plans.items()):
-        plans.add_metric([scope], value)
-    yield plans
+    view = kernel.view
+    reads = {**{(k, "dump"): n for k, n in view.dumps.items()},
+             **{(k, "cache"): n for k, n in view.cached.items()}}
+    yield _counters("tweed_kernel_reads", "reads of the kernel's routes, neighbours and FDB "
+                    "entries by a plan, by kind and source (dump: asked of the kernel; cache: "
+                    "known from the last dump and the changes applied since)",
+                    ["kind", "source"], reads)
+    yield _counters("tweed_kernel_plans", "plans of kernel changes by scope (changed: only "
+                    "the entries a batch changed; full: every entry; host-gw and vxlan)",
+                    ["scope"], kernel.plans)
     h = kernel.delay
     yield HistogramMetricFamily(
         "tweed_event_to_kernel_seconds", "from a batch of lease events reaching tweed to "
