@@ -194,6 +194,17 @@ class PythonDatapath:
         self.icmp_rate_limited += 1
         return False
 
+    def _icmp_to_tun(self, fd: int, plain: list[bytes], reply: bytes | None) -> bool:
+        """Write an ICMP error (after the TUN's `plain` header) if there is one and the
+        rate limit lets it go; whether it was written."""
+        if reply is None or not self._icmp_allowed(reply):
+            return False
+        try:
+            os.writev(fd, [*plain, reply])
+        except OSError:
+            return False
+        return True
+
     # -- the packet path -------------------------------------------------------------
     # Both handlers are closures over locals: attribute and global look-ups cost more
     # than the work itself at this rate. The system calls dominate (about 9 us of the
@@ -205,7 +216,7 @@ class PythonDatapath:
         mtu = self.mtu
         buf = bytearray(TUN_BATCH * mtu)  # one batch of reads, each at most the MTU
         view = memoryview(buf)
-        readv, writev, fd = os.readv, os.writev, self.tun_fd
+        readv, fd = os.readv, self.tun_fd
         head = [bytearray(VNET_HDR.size)] if self.vnet_hdr else []
         hlen = VNET_HDR.size if self.vnet_hdr else 0
         plain = [VNET_NONE] if self.vnet_hdr else []
@@ -279,24 +290,15 @@ class PythonDatapath:
                             break
                     if addr is None:
                         self.tx_drop_no_route += 1
-                        reply = net_unreachable(view[off:off + n])
-                        if reply is not None and self._icmp_allowed(reply):
-                            try:
-                                writev(fd, [*plain, reply])
-                                self.icmp_unreachable_sent += 1
-                            except OSError:
-                                pass
+                        if self._icmp_to_tun(fd, plain, net_unreachable(view[off:off + n])):
+                            self.icmp_unreachable_sent += 1
                         continue
                     if not dec_ttl(buf, off):
                         self.tx_drop_ttl += 1
                         reply = (time_exceeded(view[off:off + n], self.own_addr)
                                  if self.own_mask else None)  # our subnet not set yet
-                        if reply is not None and self._icmp_allowed(reply):
-                            try:
-                                writev(fd, [*plain, reply])
-                                self.icmp_time_exceeded_sent += 1
-                            except OSError:
-                                pass
+                        if self._icmp_to_tun(fd, plain, reply):
+                            self.icmp_time_exceeded_sent += 1
                         continue
                     if count and (
                             addr != raddr or n > seg or short or count >= GSO_MAX_SEGMENTS
