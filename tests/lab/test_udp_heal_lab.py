@@ -34,14 +34,21 @@ def flannel0(host) -> dict | None:
     return links[0] if links else None
 
 
-@pytest.mark.parametrize("dp", ["python", "c"])
-def test_deleted_flannel0_is_made_again_and_traffic_comes_back(lab, tmp_path, dp):
+def two_udp_hosts(lab, tmp_path, dp: str):
+    """Two udp hosts on `dp`'s datapath with a container each, the overlay up: host 1, its
+    agent, its container, host 2's container."""
     etcd = lab.start_etcd()
     put_config(etcd, backend="udp")
     env = {"TWEED_DATAPATH": dp}
     h1, a1, c1 = bring_up(lab, etcd, tmp_path, 1, "--healthz-port", str(METRICS_PORT), env=env)
     _h2, _a2, c2 = bring_up(lab, etcd, tmp_path, 2, "--healthz-port", str(METRICS_PORT), env=env)
     wait_for(lambda: ping(c1, c2.ip, count=1), timeout=10, what="overlay up")
+    return h1, a1, c1, c2
+
+
+@pytest.mark.parametrize("dp", ["python", "c"])
+def test_deleted_flannel0_is_made_again_and_traffic_comes_back(lab, tmp_path, dp):
+    h1, a1, c1, c2 = two_udp_hosts(lab, tmp_path, dp)
     before = flannel0(h1)
     assert before is not None
     assert metric(h1, "tweed_udp_tun_recreated_total") == 0
@@ -83,12 +90,7 @@ def test_deleted_flannel0_is_made_again_and_traffic_comes_back(lab, tmp_path, dp
 
 @pytest.mark.parametrize("dp", ["python", "c"])
 def test_eth0_down_and_up_traffic_back_within_2s(lab, tmp_path, dp):
-    etcd = lab.start_etcd()
-    put_config(etcd, backend="udp")
-    env = {"TWEED_DATAPATH": dp}
-    h1, a1, c1 = bring_up(lab, etcd, tmp_path, 1, "--healthz-port", str(METRICS_PORT), env=env)
-    _h2, _a2, c2 = bring_up(lab, etcd, tmp_path, 2, "--healthz-port", str(METRICS_PORT), env=env)
-    wait_for(lambda: ping(c1, c2.ip, count=1), timeout=10, what="overlay up")
+    h1, a1, c1, c2 = two_udp_hosts(lab, tmp_path, dp)
     stream = fault_tools.PingStream(c1, c2.ip, tmp_path, interval=INTERVAL)
     try:
         rx = 'tweed_udp_packets_total{direction="rx"}'
