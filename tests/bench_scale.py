@@ -15,7 +15,8 @@ gateway on the underlay, udp ones only a PublicIP); then one tweed starts and we
   before that: how many the agent had not yet received when the churn ended is shown
   too), and the time until the kernel equals etcd afterwards (SCALE_CATCHUP_TIMEOUT, 180);
   the agent's RSS every 5 s of the churn, and how much it grew from the second quarter
-  to the last (SCALE_CHURN_SECONDS=600 makes it the 10-minute memory run);
+  to the last (SCALE_CHURN_SECONDS=600 makes it the 10-minute memory run;
+  SCALE_AGENT_ARGS adds flags to the tweed under test, e.g. "--resync-period 60");
 - for udp, TCP throughput container to container (iperf3, as tests/bench.py) with N peers
   known, before the churn and while it runs (the agent programming the datapath), vs in a
   lab with a single peer.
@@ -65,6 +66,9 @@ CHURN_SECONDS = float(os.environ.get("SCALE_CHURN_SECONDS", "60"))
 CHURN_RATE = float(os.environ.get("SCALE_CHURN_RATE", "100"))
 START_TIMEOUT = float(os.environ.get("SCALE_START_TIMEOUT", "600"))
 CATCHUP_TIMEOUT = float(os.environ.get("SCALE_CATCHUP_TIMEOUT", "180"))
+# Extra flags for the tweed under test, e.g. "--resync-period 60" for a memory run that
+# crosses many backstop re-reads.
+AGENT_ARGS = env_list("SCALE_AGENT_ARGS", "")
 CHURN_SAMPLE = 5.0  # seconds between RSS samples during the churn
 
 
@@ -358,7 +362,7 @@ def run_one(backend: str, n: int, full: bool) -> Result:
                                       etcd.client_url, backend, str(n)], timeout=600)
             res.seed_s = time.monotonic() - t0
             host = lab.add_host(1)
-            agent = Agent(host, etcd.client_url, Path(tmp))
+            agent = Agent(host, etcd.client_url, Path(tmp), *AGENT_ARGS)
             t0 = time.monotonic()
             agent.start()
             assert agent.proc is not None
