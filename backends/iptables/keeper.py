@@ -1,12 +1,16 @@
 """iptables for --ip-masq and --iptables-forward-rules: the command adapter and the keeper.
 
-`Iptables` runs the `iptables`, `iptables-save` and `iptables-restore` commands (whatever
-backend they are: nft here) as asyncio subprocesses; that is all the I/O. `IptablesKeeper`
-brings the chains planned by `backends.iptables.plan` into place once the subnet is known,
-re-checks them every `--iptables-resync` seconds, repairs what changed (one log line per
-repair, none on a quiet check), follows a new subnet, and counts checks, repairs and
-errors. When iptables is missing or fails it says so once and the agent goes on without it.
-The rules stay in place when tweed stops, like the routes: a restart changes nothing.
+`Iptables` runs the `iptables`, `iptables-save` and `iptables-restore` commands, or their
+`ip6tables` twins for IPv6 (whatever backend they are: nft here, both through the same
+Debian alternatives), as asyncio subprocesses; that is all the I/O. `IptablesKeeper` brings
+the chains planned by `backends.iptables.plan` into place once the subnet is known, for each
+family it is given (the IPv4 Network and subnet with iptables, the IPv6 ones with
+ip6tables, as flanneld does in dual stack), re-checks them every `--iptables-resync` seconds,
+repairs what changed (one log line per repair, none on a quiet check), follows a new subnet,
+and counts checks, repairs and errors per family. When one family's commands are missing or
+fail it says so once and the agent goes on without those rules; the other family is kept
+all the same. The rules stay in place when tweed stops, like the routes: a restart changes
+nothing.
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ import os
 import subprocess
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from backends.iptables.plan import (
     KINDS,
     ChainPlan,
+    Kind,
+    Net,
     ParseError,
     TablePlan,
     desired_chains,
@@ -57,18 +64,26 @@ class IptablesError(RuntimeError):
 
 
 class Iptables:
-    """The iptables commands, run in the agent's network namespace."""
+    """The iptables commands of one family, run in the agent's network namespace:
+    `iptables`, `iptables-save`, `iptables-restore` for family 4, the `ip6tables` ones for
+    family 6 (unless named here)."""
 
     def __init__(
         self,
-        iptables: str = "iptables",
-        save: str = "iptables-save",
-        restore: str = "iptables-restore",
+        iptables: str | None = None,
+        save: str | None = None,
+        restore: str | None = None,
         timeout: float = 30.0,
+        *,
+        family: int = 4,
     ) -> None:
-        self.iptables = iptables
-        self.save_cmd = save
-        self.restore_cmd = restore
+        if family not in (4, 6):
+            raise ValueError(f"family {family}: 4 or 6")
+        base = "iptables" if family == 4 else "ip6tables"
+        self.family = family
+        self.iptables = iptables or base
+        self.save_cmd = save or f"{base}-save"
+        self.restore_cmd = restore or f"{base}-restore"
         self.timeout = timeout
 
     async def _run(self, argv: Sequence[str], stdin: str | None = None) -> str:
@@ -112,7 +127,7 @@ class Iptables:
         return out.decode(errors="replace")
 
     async def version(self) -> str:
-        """`iptables --version`, e.g. "iptables v1.8.9 (nf_tables)"."""
+        """`iptables --version`, e.g. "iptables v1.8.9 (nf_tables)" (ip6tables alike)."""
         return (await self._run([self.iptables, "--version"])).strip()
 
     async def save(self, table: str) -> str:
@@ -126,127 +141,240 @@ class Iptables:
         await self._run([self.restore_cmd, "-w", "--noflush"], stdin=payload)
 
 
-class IptablesKeeper:
-    """Keeps our chains as planned: set up, re-checked every `resync` seconds, repaired."""
+#: The `family` label of each family's counters, by IP version.
+FAMILY_NAMES = {4: "ipv4", 6: "ipv6"}
 
-    def __init__(
-        self,
-        runner: Iptables,
-        network: ipaddress.IPv4Network,
-        subnet: ipaddress.IPv4Network,
-        *,
-        ip_masq: bool,
-        forward_rules: bool,
-        random_fully_disable: bool = False,
-        resync: float = 5.0,
-    ) -> None:
-        self.runner = runner
-        self.network = network
-        self.subnet = subnet
-        self.ip_masq = ip_masq
-        self.forward_rules = forward_rules
-        self.random_fully_disable = random_fully_disable
-        self.resync = resync
-        self.random_fully: bool | None = None  # probed once iptables answers
-        self.checks = 0
-        self.errors = 0
-        self.repairs = dict.fromkeys(KINDS, 0)
-        # The subnet whose rules have been in place once: repairs are counted from then on.
-        self._installed_for: ipaddress.IPv4Network | None = None
-        self._failing: str | None = None
-        self._wake = asyncio.Event()
-        self._lock = asyncio.Lock()
+
+@dataclass
+class _Family:
+    """One family the keeper looks after: its commands, Network and subnet, its own state
+    (a failing ip6tables must not hide a healthy iptables) and its counters."""
+
+    runner: Iptables
+    network: Net
+    subnet: Net
+    random_fully: bool | None = None  # probed once the commands answer
+    checks: int = 0
+    errors: int = 0
+    repairs: dict[Kind, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    # The subnet whose rules have been in place once: repairs are counted from then on.
+    installed_for: Net | None = None
+    failing: str | None = None
+
+    @property
+    def version(self) -> int:
+        return self.network.version
+
+    @property
+    def tool(self) -> str:
+        """The command's name for log lines: iptables or ip6tables."""
+        return "iptables" if self.version == 4 else "ip6tables"
+
+    def ok(self) -> bool:
+        return self.installed_for == self.subnet and self.failing is None
 
     def counters(self) -> dict[str, int]:
-        """checks: syncs run; errors: syncs that failed (iptables missing, refused, bad
-        output); repairs: changes made to a set-up state, also by kind as repairs_<kind>.
-        Setting up (at start, after a subnet change) is not counted as repairs."""
         out = {"checks": self.checks, "errors": self.errors,
                "repairs": sum(self.repairs.values())}
         out.update({f"repairs_{k}": v for k, v in self.repairs.items()})
         return out
 
-    def ok(self) -> bool:
-        """True when the last check found (or left) everything as planned."""
-        return self._installed_for == self.subnet and self._failing is None
 
-    def set_subnet(self, subnet: ipaddress.IPv4Network) -> None:
-        """Our lease changed: plan for the new subnet and sync now (the old subnet's rule
-        is removed as stale)."""
-        if subnet != self.subnet:
-            self.subnet = subnet
+class IptablesKeeper:
+    """Keeps our chains as planned, per family: set up, re-checked every `resync` seconds,
+    repaired.
+
+    `runner`, `network` and `subnet` are the IPv4 family (network and subnet None: no IPv4
+    rules, an IPv6-only config); `runner6`, `network6` and `subnet6` the IPv6 one (left out:
+    no ip6tables rules, today's IPv4-only agent). Each family lives in its own tables:
+    iptables' for IPv4, ip6tables' for IPv6.
+    """
+
+    def __init__(
+        self,
+        runner: Iptables | None,
+        network: ipaddress.IPv4Network | None,
+        subnet: ipaddress.IPv4Network | None,
+        *,
+        ip_masq: bool,
+        forward_rules: bool,
+        random_fully_disable: bool = False,
+        resync: float = 5.0,
+        runner6: Iptables | None = None,
+        network6: ipaddress.IPv6Network | None = None,
+        subnet6: ipaddress.IPv6Network | None = None,
+    ) -> None:
+        self.families: dict[int, _Family] = {}
+        for version, run, net, sub in ((4, runner, network, subnet),
+                                       (6, runner6, network6, subnet6)):
+            if net is None and sub is None:
+                continue
+            if run is None or net is None or sub is None:
+                raise ValueError(f"IPv{version} rules need the commands, the Network and "
+                                 "the subnet together")
+            if net.version != version or sub.version != version:
+                raise ValueError(f"IPv{version} rules handed network {net}, subnet {sub}")
+            if run.family != version:
+                raise ValueError(f"IPv{version} rules handed the IPv{run.family} commands")
+            self.families[version] = _Family(run, net, sub)
+        if not self.families:
+            raise ValueError("no family to keep rules for")
+        self.ip_masq = ip_masq
+        self.forward_rules = forward_rules
+        self.random_fully_disable = random_fully_disable
+        self.resync = resync
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    # The IPv4 family's view, as before dual stack (None without an IPv4 family).
+    @property
+    def runner(self) -> Iptables | None:
+        f = self.families.get(4)
+        return f.runner if f else None
+
+    @property
+    def network(self) -> ipaddress.IPv4Network | None:
+        f = self.families.get(4)
+        return f.network if f and isinstance(f.network, ipaddress.IPv4Network) else None
+
+    @property
+    def subnet(self) -> ipaddress.IPv4Network | None:
+        f = self.families.get(4)
+        return f.subnet if f and isinstance(f.subnet, ipaddress.IPv4Network) else None
+
+    @property
+    def random_fully(self) -> bool | None:
+        return next(iter(self.families.values())).random_fully
+
+    def counters(self) -> dict[str, int]:
+        """checks: syncs run; errors: syncs that failed (iptables missing, refused, bad
+        output); repairs: changes made to a set-up state, also by kind as repairs_<kind>.
+        Setting up (at start, after a subnet change) is not counted as repairs. Summed over
+        the families (with IPv4 alone, IPv4's own); `counters_by_family` splits them."""
+        out: dict[str, int] = {}
+        for family in self.families.values():
+            for key, value in family.counters().items():
+                out[key] = out.get(key, 0) + value
+        return out
+
+    def counters_by_family(self) -> dict[str, dict[str, int]]:
+        """The same counters for each family kept, keyed "ipv4"/"ipv6" (the `family` label)."""
+        return {FAMILY_NAMES[v]: f.counters() for v, f in sorted(self.families.items())}
+
+    def ok(self) -> bool:
+        """True when the last check found (or left) everything as planned, in every family."""
+        return all(f.ok() for f in self.families.values())
+
+    def ok_by_family(self) -> dict[str, bool]:
+        return {FAMILY_NAMES[v]: f.ok() for v, f in sorted(self.families.items())}
+
+    def set_subnet(self, subnet: ipaddress.IPv4Network | ipaddress.IPv6Network | None) -> None:
+        """Our lease changed: plan for the new subnet of its family and sync now (the old
+        subnet's rule is removed as stale). None (a lease without that part) changes nothing.
+        ValueError for a family the keeper was not given."""
+        if subnet is None:
+            return
+        family = self.families.get(subnet.version)
+        if family is None:
+            raise ValueError(f"no IPv{subnet.version} rules kept, so no subnet {subnet}")
+        if subnet != family.subnet:
+            family.subnet = subnet
             self._wake.set()
 
-    def chains(self) -> list[ChainPlan]:
+    def chains(self, version: int = 4) -> list[ChainPlan]:
+        """The chains planned for one family (IPv4 unless told)."""
+        return self._chains(self.families[version])
+
+    def _chains(self, family: _Family) -> list[ChainPlan]:
         return desired_chains(
-            self.network, self.subnet, ip_masq=self.ip_masq, forward_rules=self.forward_rules,
-            random_fully=bool(self.random_fully) and not self.random_fully_disable,
+            family.network, family.subnet, ip_masq=self.ip_masq,
+            forward_rules=self.forward_rules,
+            random_fully=bool(family.random_fully) and not self.random_fully_disable,
         )
 
-    async def _plan(self, table: str, chains: list[ChainPlan]) -> TablePlan:
-        text = await self.runner.save(table)
+    async def _plan(self, family: _Family, table: str, chains: list[ChainPlan]) -> TablePlan:
+        text = await family.runner.save(table)
         try:
             state = parse_save(text, table)
         except ParseError as exc:
-            raise IptablesError(f"cannot read iptables-save -t {table}: {exc}") from None
+            raise IptablesError(f"cannot read {family.tool}-save -t {table}: {exc}") from None
         return plan_table(chains, state)
 
     async def sync(self) -> bool:
-        """Check every table we own a chain in and repair it; True if something changed.
-        IptablesError when a command fails (nothing else of that table changed)."""
+        """Check every table we own a chain in, in every family, and repair it; True if
+        something changed. IptablesError when a command fails (raised after the other
+        families were synced; nothing else of the failing table changed)."""
+        changed = False
+        first: IptablesError | None = None
+        for family in self.families.values():
+            try:
+                changed |= await self._sync(family)
+            except IptablesError as exc:
+                first = first or exc
+        if first is not None:
+            raise first
+        return changed
+
+    async def _sync(self, family: _Family) -> bool:
         async with self._lock:
-            if self.random_fully is None and self.ip_masq and not self.random_fully_disable:
-                self.random_fully = supports_random_fully(await self.runner.version())
-            chains = self.chains()
-            subnet = self.subnet
-            setting_up = self._installed_for != subnet
+            if family.random_fully is None and self.ip_masq and not self.random_fully_disable:
+                family.random_fully = supports_random_fully(await family.runner.version())
+            chains = self._chains(family)
+            subnet = family.subnet
+            setting_up = family.installed_for != subnet
             changed = False
             for table in dict.fromkeys(c.table for c in chains):
-                plan = await self._plan(table, chains)
+                plan = await self._plan(family, table, chains)
                 if not plan:
                     continue
-                await self.runner.restore(plan.payload())
+                await family.runner.restore(plan.payload())
                 changed = True
-                self._report(plan, setting_up)
+                self._report(family, plan, setting_up)
             if setting_up:
-                self._installed_for = subnet
+                family.installed_for = subnet
                 log.info(
-                    "iptables: %s in place for network %s, subnet %s (re-checked every %g s)",
+                    "%s: %s in place for network %s, subnet %s (re-checked every %g s)",
+                    family.tool,
                     " and ".join(f"{c.table} {c.chain} ({len(c.rules)} rules)" for c in chains),
-                    self.network, subnet, self.resync,
+                    family.network, subnet, self.resync,
                 )
             return changed
 
-    def _report(self, plan: TablePlan, setting_up: bool) -> None:
+    def _report(self, family: _Family, plan: TablePlan, setting_up: bool) -> None:
         for r in plan.repairs:
             if not setting_up:
-                self.repairs[r.kind] += 1
-                log.warning("iptables: repaired %s", r.describe())
+                family.repairs[r.kind] += 1
+                log.warning("%s: repaired %s", family.tool, r.describe())
             elif r.kind == "rule_stale":
                 # Setting up is not news, but a rule of an old network going away is.
-                log.info("iptables: %s", r.describe())
+                log.info("%s: %s", family.tool, r.describe())
 
     async def check(self) -> None:
-        """One sync with its outcome logged once per state: a failure when it starts or
-        changes, one line when it ends; never raises IptablesError."""
-        self.checks += 1
+        """One sync of each family with its outcome logged once per state: a failure when
+        it starts or changes, one line when it ends; never raises IptablesError. A family
+        that fails does not stop the others."""
+        for family in self.families.values():
+            await self._check(family)
+
+    async def _check(self, family: _Family) -> None:
+        family.checks += 1
         try:
-            await self.sync()
+            await self._sync(family)
         except IptablesError as exc:
-            self.errors += 1
+            family.errors += 1
             reason = str(exc)
-            if reason != self._failing:
-                log.error("the iptables rules for --ip-masq/--iptables-forward-rules are not "
+            if reason != family.failing:
+                log.error("the %s rules for --ip-masq/--iptables-forward-rules are not "
                           "in place: %s (tweed goes on without them, trying again every %g s)",
-                          reason, self.resync)
-                self._failing = reason
+                          family.tool, reason, self.resync)
+                family.failing = reason
             return
-        if self._failing is not None:
-            log.info("iptables: working again; the rules are in place")
-            self._failing = None
+        if family.failing is not None:
+            log.info("%s: working again; the rules are in place", family.tool)
+            family.failing = None
 
     async def run(self) -> None:
-        """Sync now, then every `resync` seconds or as soon as the subnet changes."""
+        """Sync now, then every `resync` seconds or as soon as a subnet changes."""
         while True:
             self._wake.clear()
             await self.check()

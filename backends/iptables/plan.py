@@ -1,7 +1,9 @@
 """iptables planning for --ip-masq and the forward rules: pure functions, no I/O.
 
 Owns the desired chains (flanneld's FLANNEL-POSTRTG in nat and FLANNEL-FWD in filter, with
-the rules, comments and order of docs/interop.md#iptables), parsing one table of `iptables-save`
+the rules, comments and order of docs/interop.md#iptables), for either family: the same
+rules for an IPv6 Network and subnet, in ip6tables' tables, where only the multicast range
+differs (flanneld's MasqIP6Rules), parsing one table of `iptables-save`/`ip6tables-save`
 output, and the minimal list of repairs that turns what the kernel has into what we want:
 a missing chain, a missing or doubled jump from POSTROUTING/FORWARD, and in our own chains
 missing rules, duplicates, rules out of order and rules that do not belong there (those of
@@ -31,8 +33,11 @@ FWD_COMMENT = "flanneld forward"
 #: kube-proxy marks packets it will masquerade itself; NATing them twice breaks some kernels.
 KUBE_PROXY_MARK = "0x4000/0x4000"
 MULTICAST = "224.0.0.0/4"
+MULTICAST6 = "ff00::/8"
 
 Rule = tuple[str, ...]
+#: A Network or subnet of either family; one chain plan holds one family only.
+Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -54,16 +59,23 @@ def _tagged(comment: str, *spec: str) -> Rule:
     return (*spec[:j], "-m", "comment", "--comment", f'"{comment}"', *spec[j:])
 
 
-def masq_chain(
-    network: ipaddress.IPv4Network, subnet: ipaddress.IPv4Network, random_fully: bool
-) -> ChainPlan:
-    """flanneld's nat rules for Network N and our subnet S, in flanneld's order.
+def multicast(network: Net) -> str:
+    """The multicast range of the network's family, which rule 3 leaves alone."""
+    return MULTICAST if network.version == 4 else MULTICAST6
+
+
+def masq_chain(network: Net, subnet: Net, random_fully: bool) -> ChainPlan:
+    """flanneld's nat rules for Network N and our subnet S, in flanneld's order, for
+    iptables (IPv4) or ip6tables (IPv6): flanneld's MasqRules and MasqIP6Rules are the same
+    list but for the multicast range.
 
     RETURN on kube-proxy's mark; N to N is overlay traffic and keeps its source; N to
     anything but multicast is masqueraded; from outside N to S (traffic arriving for our
     containers from a host that owns the address) keeps its source; from outside N to N
     (this host talking to the overlay) is masqueraded.
     """
+    if network.version != subnet.version:
+        raise ValueError(f"network {network} and subnet {subnet} are of different families")
     n, s = str(network), str(subnet)
     masq = ("-j", "MASQUERADE", "--random-fully") if random_fully else ("-j", "MASQUERADE")
     c = MASQ_COMMENT
@@ -73,16 +85,16 @@ def masq_chain(
         rules=(
             _tagged(c, "-m", "mark", "--mark", KUBE_PROXY_MARK, "-j", "RETURN"),
             _tagged(c, "-s", n, "-d", n, "-j", "RETURN"),
-            _tagged(c, "-s", n, "!", "-d", MULTICAST, *masq),
+            _tagged(c, "-s", n, "!", "-d", multicast(network), *masq),
             _tagged(c, "!", "-s", n, "-d", s, "-j", "RETURN"),
             _tagged(c, "!", "-s", n, "-d", n, *masq),
         ),
     )
 
 
-def forward_chain(network: ipaddress.IPv4Network) -> ChainPlan:
+def forward_chain(network: Net) -> ChainPlan:
     """flanneld's filter rules: forward anything from or to the Network (Docker >= 1.13
-    sets the FORWARD policy to DROP)."""
+    sets the FORWARD policy to DROP); the same for the IPv6 Network in ip6tables."""
     n, c = str(network), FWD_COMMENT
     return ChainPlan(
         FILTER, FWD_CHAIN, "FORWARD",
@@ -92,14 +104,15 @@ def forward_chain(network: ipaddress.IPv4Network) -> ChainPlan:
 
 
 def desired_chains(
-    network: ipaddress.IPv4Network,
-    subnet: ipaddress.IPv4Network,
+    network: Net,
+    subnet: Net,
     *,
     ip_masq: bool,
     forward_rules: bool,
     random_fully: bool,
 ) -> list[ChainPlan]:
-    """The chains tweed keeps for these settings (nat first, then filter)."""
+    """The chains tweed keeps for these settings (nat first, then filter), in the tables of
+    the network's family."""
     chains = []
     if ip_masq:
         chains.append(masq_chain(network, subnet, random_fully))

@@ -37,8 +37,8 @@ class FakeIptables(Iptables):
     reads an iptables-restore payload line by line (its own reading, so the keeper's
     payloads are checked as text)."""
 
-    def __init__(self, version: str = "iptables v1.8.9 (nf_tables)") -> None:
-        super().__init__()
+    def __init__(self, version: str = "iptables v1.8.9 (nf_tables)", family: int = 4) -> None:
+        super().__init__(family=family)
         self.tables = {t: TableState(t, list(c), {x: [] for x in c}) for t, c in BUILTIN.items()}
         self.version_text = version
         self.fail: str | None = None
@@ -248,6 +248,143 @@ async def test_run_checks_periodically_and_at_once_on_a_new_subnet() -> None:
         k.set_subnet(S2)
         await until(lambda: k.ok())  # woken, not after an hour
         assert any("10.5.9.0/24" in r for r in slow.rules(NAT, "FLANNEL-POSTRTG"))
+
+
+# -- dual stack: the IPv6 family with ip6tables -------------------------------------------
+
+N6 = ipaddress.IPv6Network("fd00:5::/48")
+S6 = ipaddress.IPv6Network("fd00:5:0:3::/64")
+S6B = ipaddress.IPv6Network("fd00:5:0:9::/64")
+MASQ6 = [render(r) for r in masq_chain(N6, S6, random_fully=True).rules]
+FWD6 = [render(r) for r in forward_chain(N6).rules]
+
+
+def dual(fake4: FakeIptables | None, fake6: FakeIptables, **kw) -> IptablesKeeper:
+    kw.setdefault("ip_masq", True)
+    kw.setdefault("forward_rules", True)
+    return IptablesKeeper(fake4, N if fake4 else None, S if fake4 else None,
+                          runner6=fake6, network6=N6, subnet6=S6, **kw)
+
+
+async def test_dual_stack_keeps_each_family_in_its_own_commands(caplog) -> None:
+    caplog.set_level(logging.INFO)
+    fake4, fake6 = FakeIptables(), FakeIptables("ip6tables v1.8.9 (nf_tables)", family=6)
+    k = dual(fake4, fake6)
+    await k.check()
+    assert fake4.rules(NAT, "FLANNEL-POSTRTG") == MASQ and fake4.rules(FILTER, "FLANNEL-FWD") == FWD
+    assert fake6.rules(NAT, "FLANNEL-POSTRTG") == MASQ6
+    assert fake6.rules(FILTER, "FLANNEL-FWD") == FWD6
+    assert "-s fd00:5::/48 ! -d ff00::/8" in fake6.rules(NAT, "FLANNEL-POSTRTG")[2]
+    assert not any(":" in r for r in fake4.rules(NAT, "FLANNEL-POSTRTG")[1:])  # no v6 in v4
+    assert messages(caplog) == [
+        "iptables: nat FLANNEL-POSTRTG (5 rules) and filter FLANNEL-FWD (2 rules) in place "
+        "for network 10.5.0.0/16, subnet 10.5.3.0/24 (re-checked every 5 s)",
+        "ip6tables: nat FLANNEL-POSTRTG (5 rules) and filter FLANNEL-FWD (2 rules) in place "
+        "for network fd00:5::/48, subnet fd00:5:0:3::/64 (re-checked every 5 s)"]
+    assert k.ok() and k.ok_by_family() == {"ipv4": True, "ipv6": True}
+    assert k.counters()["checks"] == 2  # one per family
+    assert k.network == N and k.subnet == S  # the IPv4 view, as before dual stack
+
+
+async def test_v6_repairs_are_logged_as_ip6tables_and_counted_for_ipv6(caplog) -> None:
+    fake4, fake6 = FakeIptables(), FakeIptables(family=6)
+    k = dual(fake4, fake6)
+    await k.check()
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    del fake6.tables[NAT].rules["FLANNEL-POSTRTG"][1]
+    fake6.tables[FILTER].rules["FORWARD"].clear()
+    await k.check()
+    assert fake6.rules(NAT, "FLANNEL-POSTRTG") == MASQ6
+    assert fake6.rules(FILTER, "FORWARD") == [render(forward_chain(N6).jump)]
+    lines = messages(caplog)
+    assert len(lines) == 2 and all(line.startswith("ip6tables: repaired ") for line in lines)
+    assert any("nat FLANNEL-POSTRTG: added a missing rule at position 2: -s fd00:5::/48 "
+               "-d fd00:5::/48 -j RETURN" in line for line in lines)
+    by = k.counters_by_family()
+    assert by["ipv4"]["repairs"] == 0
+    assert (by["ipv6"]["repairs"], by["ipv6"]["repairs_rule_missing"],
+            by["ipv6"]["repairs_jump_missing"]) == (2, 1, 1)
+    assert k.counters()["repairs"] == 2 and k.counters()["repairs_jump_missing"] == 1
+    assert len(fake4.payloads) == 2  # set-up only: IPv4 untouched by the IPv6 repairs
+
+
+async def test_a_failing_ip6tables_does_not_stop_iptables(caplog) -> None:
+    caplog.set_level(logging.INFO)
+    fake4, fake6 = FakeIptables(), FakeIptables(family=6)
+    fake6.fail = "ip6tables-save: command not found"
+    k = dual(fake4, fake6)
+    for _ in range(3):
+        await k.check()
+    assert fake4.rules(NAT, "FLANNEL-POSTRTG") == MASQ
+    assert k.ok_by_family() == {"ipv4": True, "ipv6": False} and not k.ok()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("the ip6tables rules for --ip-masq")
+    assert "ip6tables-save: command not found" in errors[0]
+    by = k.counters_by_family()
+    assert (by["ipv4"]["errors"], by["ipv6"]["errors"], by["ipv6"]["checks"]) == (0, 3, 3)
+    with pytest.raises(IptablesError, match="ip6tables-save"):
+        await k.sync()  # sync raises, after syncing IPv4
+    fake6.fail = None
+    await k.check()
+    assert k.ok() and fake6.rules(NAT, "FLANNEL-POSTRTG") == MASQ6
+    assert "ip6tables: working again; the rules are in place" in messages(caplog)
+
+
+async def test_a_new_v6_subnet_moves_only_the_v6_subnet_rule() -> None:
+    fake4, fake6 = FakeIptables(), FakeIptables(family=6)
+    k = dual(fake4, fake6, resync=3600)
+    async with background(k.run()):
+        await until(k.ok)
+        k.set_subnet(S6B)
+        assert not k.ok()
+        await until(k.ok)  # woken, not after an hour
+    assert fake6.rules(NAT, "FLANNEL-POSTRTG") == [
+        render(r) for r in masq_chain(N6, S6B, random_fully=True).rules]
+    assert fake4.rules(NAT, "FLANNEL-POSTRTG") == MASQ and len(fake4.payloads) == 2
+    assert k.counters()["repairs"] == 0  # a planned change
+    k.set_subnet(None)  # a lease without a v6 part changes nothing
+    with pytest.raises(ValueError, match="no IPv6 rules kept"):
+        keeper(FakeIptables()).set_subnet(S6)
+
+
+async def test_ipv6_only_keeps_only_ip6tables() -> None:
+    fake6 = FakeIptables(family=6)
+    k = dual(None, fake6, ip_masq=False)
+    await k.check()
+    assert fake6.rules(FILTER, "FLANNEL-FWD") == FWD6
+    assert "FLANNEL-POSTRTG" not in fake6.tables[NAT].chains
+    assert k.counters_by_family().keys() == {"ipv6"} and k.network is None and k.ok()
+
+
+async def test_random_fully_is_probed_per_family() -> None:
+    fake4, fake6 = FakeIptables(), FakeIptables("ip6tables v1.6.1", family=6)
+    await dual(fake4, fake6).check()
+    assert sum("--random-fully" in r for r in fake4.rules(NAT, "FLANNEL-POSTRTG")) == 2
+    assert not any("random" in r for r in fake6.rules(NAT, "FLANNEL-POSTRTG"))
+    assert fake6.calls[0] == "version"
+
+
+def test_the_keeper_refuses_families_mixed_up() -> None:
+    fake4, fake6 = FakeIptables(), FakeIptables(family=6)
+    with pytest.raises(ValueError, match="IPv6 rules need the commands"):
+        IptablesKeeper(fake4, N, S, ip_masq=True, forward_rules=True, network6=N6, subnet6=S6)
+    with pytest.raises(ValueError, match="handed the IPv4 commands"):
+        IptablesKeeper(fake4, N, S, ip_masq=True, forward_rules=True, runner6=fake4,
+                       network6=N6, subnet6=S6)
+    with pytest.raises(ValueError, match="IPv4 rules handed network"):
+        IptablesKeeper(fake6, N6, S6, ip_masq=True, forward_rules=True)
+    with pytest.raises(ValueError, match="no family"):
+        IptablesKeeper(None, None, None, ip_masq=True, forward_rules=True)
+
+
+def test_the_v6_commands_are_ip6tables() -> None:
+    ipt = Iptables(family=6)
+    assert (ipt.iptables, ipt.save_cmd, ipt.restore_cmd) == (
+        "ip6tables", "ip6tables-save", "ip6tables-restore")
+    assert Iptables().save_cmd == "iptables-save" and Iptables().family == 4
+    with pytest.raises(ValueError, match="family 5"):
+        Iptables(family=5)
 
 
 # -- the command adapter -------------------------------------------------------------------
