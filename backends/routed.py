@@ -167,6 +167,9 @@ class RoutedNetwork:
 
     async def apply(self, events: list[PeerEvent]) -> None:
         if not self.peers_known:
+            # The start's one INFO line between the lease and the kernel's: from here on
+            # the time is the kernel part of a start (tests/bench_scale.py reads it).
+            log.info("first peer listing: %d leases; programming the kernel", len(events))
             self.peers_known = True
             self.tables.stale = True  # deletions were held back: diff everything once
         now = self.kernel.clock()

@@ -8,6 +8,12 @@ gateway on the underlay, udp ones only a PublicIP); then one tweed starts and we
 - the time from its start until the kernel holds every peer's entries (host-gw: routes;
   vxlan: route + neighbour + FDB; udp: the Network route and the first batch applied to
   the datapath, from the agent's histogram), the agent's CPU seconds and RSS then;
+- that start in phases, from the timestamps of the agent's own INFO lines (`phases`):
+  process start to its first line (the interpreter and the imports), to `holding subnet`
+  (etcd: the config, the lease listing read and decoded, our lease written), to `first peer
+  listing` (the backend's devices, subnet.env, the listing turned into peer events), and
+  from there until the kernel holds everything: the kernel part, which issue 12 holds to
+  3x `ip -batch` (host-gw, vxlan; udp has no such line);
 - the CPU it spends in SCALE_IDLE_SECONDS (30) with nothing changing;
 - churn: SCALE_CHURN_RATE (100) lease changes per second (joins, leaves, PublicIP
   changes) for SCALE_CHURN_SECONDS (60): p50/p99 of tweed_event_to_kernel_seconds over
@@ -37,6 +43,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -307,6 +314,13 @@ class Result:
     peers: int
     seed_s: float = 0.0
     start_s: float = float("nan")  # start until every entry is in the kernel
+    #: The start in phases (seconds, see `phases`): until the agent's first log line, then
+    #: until it holds its lease, then until it hands the first listing to the backend,
+    #: then until the kernel holds everything (the kernel part).
+    imports_s: float = float("nan")
+    etcd_s: float = float("nan")
+    setup_s: float = float("nan")
+    kernel_s: float = float("nan")
     cpu_s: float = float("nan")  # the agent's CPU seconds until then
     rss_kib: int = 0
     hwm_kib: int = 0
@@ -331,9 +345,52 @@ class Result:
     def ratio(self) -> float:
         return self.start_s / self.ref_s if self.ref_s else float("nan")
 
+    @property
+    def kernel_ratio(self) -> float:
+        """The kernel part against `ip -batch`: issue 12's goal is at most 3."""
+        return self.kernel_s / self.ref_s if self.ref_s else float("nan")
+
 
 def config(backend: str) -> dict[str, Any]:
     return {"Network": NETWORK, "SubnetLen": SUBNET_LEN, "Backend": {"Type": backend}}
+
+
+#: The agent's log lines that end a phase of its start (after the first line, any).
+HOLDING = re.compile(r"holding subnet ")
+FIRST_LISTING = re.compile(r"first peer listing: ")
+
+
+def log_time(line: str) -> float | None:
+    """The wall-clock time (seconds since the epoch) of a log line of the agent's format,
+    `2026-12-01 10:56:13,019 INFO ...` (local time, milliseconds cut off), or None."""
+    m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ", line)
+    if m is None:
+        return None
+    return time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000
+
+
+def phases(log: str, started: float, programmed: float) -> dict[str, float]:
+    """The start in phases from the agent's log, `started` and `programmed` the wall-clock
+    times of its start and of the kernel holding everything: imports_s (to the first line),
+    etcd_s (to `holding subnet`), setup_s (to `first peer listing`), kernel_s (the rest);
+    a phase whose line is missing is left out (udp has no `first peer listing`)."""
+    marks: list[float] = []
+    for pattern in (None, HOLDING, FIRST_LISTING):
+        for line in log.splitlines():
+            t = log_time(line)
+            if t is not None and (pattern is None or pattern.search(line)):
+                marks.append(t)
+                break
+        else:
+            break
+    out: dict[str, float] = {}
+    prev = started
+    for name, t in zip(("imports_s", "etcd_s", "setup_s"), marks, strict=False):
+        out[name] = max(0.0, t - prev)
+        prev = t
+    if len(marks) == 3:
+        out["kernel_s"] = max(0.0, programmed - prev)
+    return out
 
 
 def wait(pred: Any, timeout: float, step: float = 0.2) -> bool:
@@ -364,6 +421,7 @@ def run_one(backend: str, n: int, full: bool) -> Result:
             host = lab.add_host(1)
             agent = Agent(host, etcd.client_url, Path(tmp), *AGENT_ARGS)
             t0 = time.monotonic()
+            wall0 = time.time()
             agent.start()
             assert agent.proc is not None
             pid = agent.proc.pid
@@ -384,6 +442,8 @@ def run_one(backend: str, n: int, full: bool) -> Result:
                                  f"{kernel_counts(host, backend)}")
                 return res
             res.start_s = time.monotonic() - t0
+            for name, value in phases(agent.log(), wall0, wall0 + res.start_s).items():
+                setattr(res, name, value)
             res.cpu_s = proc_cpu(pid)
             mem = proc_mem(pid)
             res.rss_kib, res.hwm_kib = mem["VmRSS"], mem["VmHWM"]
@@ -562,13 +622,14 @@ def rss_growth_mb(samples: list[list[float]]) -> float:
 
 
 def table(results: list[Result], base: dict[str, Result], idle_seconds: float) -> str:
-    head = ("| backend | peers | start s | ip -batch s | x ref | x ref above 1 peer | CPU s"
+    head = ("| backend | peers | start s | ip -batch s | x ref | x ref above 1 peer"
+            " | imports s | etcd s | setup s | kernel s | kernel x ref | CPU s"
             " | RSS MB | KB/peer"
             " above 1 peer | idle CPU s / 30 s | churn p50 ms | churn p99 ms | kernel = etcd"
             " | behind at churn end | caught up s | RSS after churn MB | RSS growth in churn MB"
             " | Gbit/s | Gbit/s in churn |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
-             "---:|---:|---:|"]
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+             "---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         b = base.get(r.backend)
         per = ((r.rss_kib - b.rss_kib) * 1.024 / max(r.peers - 1, 1)
@@ -578,7 +639,9 @@ def table(results: list[Result], base: dict[str, Result], idle_seconds: float) -
         above = (r.start_s - b.start_s) / r.ref_s if b is not None and r.ref_s else float("nan")
         lines.append(
             f"| {r.backend} | {r.peers} | {fmt(r.start_s)} | {fmt(r.ref_s)} | {fmt(r.ratio, '.1f')}"
-            f" | {fmt(above, '.1f')} | {fmt(r.cpu_s)} | {r.rss_kib / 1024:.1f}"
+            f" | {fmt(above, '.1f')} | {fmt(r.imports_s)} | {fmt(r.etcd_s)} | {fmt(r.setup_s)}"
+            f" | {fmt(r.kernel_s)} | {fmt(r.kernel_ratio, '.1f')}"
+            f" | {fmt(r.cpu_s)} | {r.rss_kib / 1024:.1f}"
             f" | {fmt(per, '.2f')} | {fmt(idle)}"
             f" | {fmt(r.churn_p50_ms, '.1f')} | {fmt(r.churn_p99_ms, '.1f')}"
             f" | {'-' if r.kernel_equals_etcd is None else r.kernel_equals_etcd}"
@@ -608,8 +671,10 @@ def main() -> int:
     one_peer_gbps = float("nan")
     for backend in BACKENDS:
         base[backend] = run_one(backend, 1, full=False)
-        print(f"{backend}: one peer: start {base[backend].start_s:.2f} s, RSS "
-              f"{base[backend].rss_kib / 1024:.1f} MB", flush=True)
+        b = base[backend]
+        print(f"{backend}: one peer: start {b.start_s:.2f} s (imports {fmt(b.imports_s)}, etcd "
+              f"{fmt(b.etcd_s)}, setup {fmt(b.setup_s)}, kernel {fmt(b.kernel_s)}), RSS "
+              f"{b.rss_kib / 1024:.1f} MB", flush=True)
         if backend == "udp" and CHURN_SECONDS > 0:
             one_peer_gbps = udp_one_peer()
             print(f"udp: one peer, {one_peer_gbps:.2f} Gbit/s", flush=True)
@@ -619,7 +684,8 @@ def main() -> int:
             if backend == "udp":
                 r.notes.append(f"one peer: {one_peer_gbps:.2f} Gbit/s")
             results.append(r)
-            print(f"{backend} {n}: {json.dumps(asdict(r))}", flush=True)
+            print(f"{backend} {n}: {json.dumps(asdict(r) | {'kernel_ratio': r.kernel_ratio})}",
+                  flush=True)
     print(f"\nidle over {IDLE_SECONDS:g} s (shown per 30 s); churn {CHURN_RATE:g}/s for "
           f"{CHURN_SECONDS:g} s; udp Gbit/s with N peers (one peer: {fmt(one_peer_gbps)})")
     print(table(results, base, IDLE_SECONDS))
@@ -628,7 +694,8 @@ def main() -> int:
         "sizes": SIZES, "idle_seconds": IDLE_SECONDS, "churn_seconds": CHURN_SECONDS,
         "churn_rate": CHURN_RATE, "udp_one_peer_gbps": one_peer_gbps,
         "one_peer": {b: asdict(r) for b, r in base.items()},
-        "results": [asdict(r) for r in results]}, indent=2) + "\n")
+        "results": [asdict(r) | {"ratio": r.ratio, "kernel_ratio": r.kernel_ratio}
+                    for r in results]}, indent=2) + "\n")
     print(f"\n(raw figures in {out})")
     plot = os.environ.get("SCALE_PLOT", "docs/benchmarks-scale.svg")
     try:
