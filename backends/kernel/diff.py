@@ -44,11 +44,62 @@ def diff_entries(
     key: Callable[[T], K],
     owned: Callable[[T], bool],
 ) -> Diff[T]:
-    """Entries to replace (missing or different) and to delete (owned, not desired)."""
-    have: dict[K, list[T]] = {}
+    """Entries to replace (missing or different) and to delete (owned, not desired).
+
+    The same diff as `diff_keys` over every key of either side, without a list per key,
+    a set of all keys or a sorted copy of them: at a full read of 5,000 peers those were
+    about 1 MB of objects per table made and dropped at once, which left the allocator's
+    high-water mark (RSS) higher after each backstop resync. Only the changes are sorted."""
+    have: dict[K, T | _Many[T]] = {}
     for item in actual:
-        have.setdefault(key(item), []).append(item)
-    return diff_keys(desired, desired.keys() | have.keys(), lambda k: have.get(k, []), owned)
+        k = key(item)
+        old = have.get(k)
+        if old is None:
+            have[k] = item
+        elif isinstance(old, _Many):
+            old.append(item)
+        else:
+            have[k] = _Many((old, item))
+    replace: list[tuple[K, T]] = []
+    delete: list[tuple[K, T]] = []
+    for k, want in desired.items():
+        slot = have.get(k)
+        if slot is None:
+            replace.append((k, want))
+        elif not isinstance(slot, _Many):
+            if slot != want:
+                replace.append((k, want))  # a differing entry is replaced, not deleted
+        else:
+            replace.append((k, want))
+            # Several under a desired key: the extras go (all but one equal to `want`).
+            delete += ((k, item) for item in slot if owned(item) and item != want)
+    for k, slot in have.items():
+        if k not in desired:
+            delete += ((k, item) for item in _slot_items(slot) if owned(item))
+    return Diff(_in_key_order(replace), _in_key_order(delete))
+
+
+class _Many(list[T]):
+    """Several entries under one key of `diff_entries`' index (rare: most keys hold one)."""
+
+    __slots__ = ()
+
+
+def _slot_items(slot: T | _Many[T]) -> Sequence[T]:
+    return slot if isinstance(slot, _Many) else (slot,)
+
+
+def _in_key_order(pairs: list[tuple[K, T]]) -> tuple[T, ...]:
+    """The entries of (key, entry) pairs in `sorted_keys`' order of their keys; entries
+    under one key stay in the order given (the sort is stable)."""
+    if not pairs:
+        return ()
+    order = _order_of(pairs[0][0])
+    if order is None:
+        pairs.sort(key=lambda p: p[0])
+    else:
+        pairs.sort(key=lambda p: order(p[0]))
+    return tuple(item for _, item in pairs)
 
 
 def diff_keys(
@@ -87,15 +138,24 @@ def _network_order(n: ipaddress.IPv4Network) -> tuple[int, int]:
     return int(n.network_address), n.prefixlen
 
 
+def _order_of(k: object) -> Callable[[Any], Any] | None:
+    """A sort key for keys like `k` giving their natural order on plain integers (None:
+    their own comparison is fast enough)."""
+    if isinstance(k, ipaddress.IPv4Network):
+        return _network_order
+    if isinstance(k, ipaddress.IPv4Address):
+        return int
+    return None
+
+
 def sorted_keys(keys: Iterable[K]) -> list[K]:
     """`keys` in their natural order (that of the ipaddress types for networks and
     addresses), sorted on plain integers: IPv4Network's own comparison runs in Python and
     made sorting 20,000 routes take 90 ms instead of 11."""
     out = list(keys)
-    if out and isinstance(out[0], ipaddress.IPv4Network):
-        out.sort(key=_network_order)  # type: ignore[arg-type]
-    elif out and isinstance(out[0], ipaddress.IPv4Address):
-        out.sort(key=int)  # type: ignore[arg-type]
-    else:
+    order = _order_of(out[0]) if out else None
+    if order is None:
         out.sort()
+    else:
+        out.sort(key=order)
     return out

@@ -5,7 +5,9 @@ so every call runs in one dedicated worker thread; a change set is one hop to th
 Links, addresses and vxlan devices (a few calls per start) go through pyroute2's IPRoute.
 Routes, neighbours and FDB entries (thousands at scale) go through `Rtnl`, a raw
 NETLINK_ROUTE socket: hundreds of hand-packed requests per send (`backends.kernel.wire`),
-their acks read in bulk, and dumps the kernel filters down to the device asked about.
+their acks read in bulk, and dumps the kernel filters down to the device asked about,
+decoded one part (one receive) at a time; `dump` passes each decoded entry through the
+caller's `known`, so that an entry the caller already holds is not kept twice.
 """
 
 from __future__ import annotations
@@ -139,6 +141,13 @@ class IPRouteNetlink:
     async def routes(self, oif: int | None = None) -> list[Route]:
         """Unicast IPv4 routes of the main table (optionally only via `oif`)."""
         return cast(list[Route], await self._run(lambda: self._rt().dump("route", oif)))
+
+    async def dump(self, what: str, key: int | None,
+                   known: Callable[[Entry], Entry] | None = None) -> list[Entry]:
+        """Routes ("route", `key` the oif or None), neighbours or FDB entries ("neigh",
+        "fdb", `key` the device), each passed through `known` as its part of the dump is
+        decoded (on the netlink thread: `known` must only look up)."""
+        return await self._run(lambda: self._rt().dump(what, key, known))
 
     async def apply(self, cs: ChangeSet) -> list[KernelError]:
         """Apply a change set in one hop to the netlink thread, many requests per send;
@@ -412,9 +421,13 @@ class Rtnl:
                 continue  # applied, or already gone: what a delete wanted
             failed[i] = describe_error(code, text)
 
-    def dump(self, what: str, key: int | None) -> list[Entry]:
+    def dump(self, what: str, key: int | None,
+             known: Callable[[Entry], Entry] | None = None) -> list[Entry]:
         """The kernel's routes (`key`: the oif or None), neighbours or FDB entries (`key`:
-        the device) that tweed may own; OSError when the kernel refuses the dump."""
+        the device) that tweed may own; OSError when the kernel refuses the dump. Each
+        part's entries go through `known` before the next part is read: the entries
+        decoded anew and dropped for an equal known one are then never more than a part's
+        worth (a few hundred), not the whole table."""
         for _ in range(DUMP_TRIES):
             seq = self._next_seq()
             if what == "route":
@@ -425,10 +438,14 @@ class Rtnl:
                        )(seq, key)
             self.sock.send(req)
             out: list[Entry] = []
+            part: list[Entry] = out if known is None else []
             interrupted = False
             while True:
                 n = self.sock.recv_into(self.buf)
-                got = wire.decode_dump(self.buf, n, seq, what, key, out)
+                got = wire.decode_dump(self.buf, n, seq, what, key, part)
+                if known is not None:
+                    out += map(known, part)
+                    part.clear()
                 interrupted |= got.interrupted
                 if got.done:
                     break

@@ -128,6 +128,7 @@ class KernelSync:
         #: What the plan reads the kernel through: cached between real dumps while the
         #: monitor runs (dropped on drift, lost notifications, the backstop and errors).
         self.view = KernelView(netlink)
+        self.view.known = self._known
         self.plan = plan
         self.resync = resync
         self.clock = clock
@@ -193,6 +194,24 @@ class KernelSync:
 
     def ready(self) -> bool:
         return self._ok
+
+    def _known(self, e: Entry) -> Entry:
+        """The desired entry itself where it equals `e` (one the kernel holds), else `e`:
+        after a full read the view's cache then shares the plan's entries instead of
+        holding a copy of each. Called on the netlink thread while a dump is decoded,
+        while the event loop may change the tables: it only looks up, and returns an
+        entry only when equal to `e`, so the read says what the kernel holds either way."""
+        want = self.desired
+        if want is None:
+            return e
+        w: Entry | None
+        if isinstance(e, Route):
+            w = want.routes.get(e.dst)
+        elif isinstance(e, Neigh):
+            w = want.neigh.get(e.ip)
+        else:
+            w = want.fdb.get(e.mac)
+        return w if w is not None and w == e else e
 
     def expect(self, received: float) -> None:
         """A batch of peer events that reached the agent at `received` (on `clock`) is about

@@ -9,6 +9,13 @@ ChangeSet, with the kernel's own keys: `route replace` replaces the route to tha
 destination in the main table whatever its device; a neighbour is keyed by (IP, device);
 an FDB entry by (MAC, device). A change the kernel refused drops that device's cache.
 
+A full read keeps no second copy of what the plan already holds: the view's `known` (set
+by KernelSync from the desired tables) hands back the desired entry itself wherever a
+dumped one equals it, and a netlink that can (`SharedDumps`: the real one) does so while
+each part of the dump is decoded, so that 15,000 dumped entries are never all alive at
+once (at 5,000 vxlan peers they were ~3.5 MB made and dropped at every backstop resync,
+which raised the allocator's high-water mark, RSS, by as much).
+
 KernelSync drops the whole cache (`invalidate`) on drift, on lost notifications, at every
 backstop resync and after any exception, so none of those can be hidden: the next read
 is a real dump. Until `enabled` (KernelSync sets it while its monitor runs) every read is a
@@ -19,15 +26,28 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from typing import TypeAlias, TypeVar
+from typing import Protocol, TypeAlias, TypeVar, cast, runtime_checkable
 
-from backends.kernel.types import ChangeSet, Fdb, KernelError, Neigh, Netlink, Route
+from backends.kernel.types import ChangeSet, Entry, Fdb, KernelError, Neigh, Netlink, Route
 
 T = TypeVar("T", Route, Fdb)
 K = TypeVar("K", bound=Hashable)
 #: A key's entries: one (nearly always), or a list of several. A list per key cost about
 #: 90 bytes a peer per table.
 Slot: TypeAlias = "T | list[T]"
+#: An entry the caller already holds that equals the one given, or the one given.
+Known: TypeAlias = Callable[[Entry], Entry]
+
+
+@runtime_checkable
+class SharedDumps(Protocol):
+    """A Netlink whose dumps pass each entry through `known` as it is decoded
+    (backends.kernel.netlink.IPRouteNetlink)."""
+
+    async def dump(self, what: str, key: int | None, known: Known | None) -> list[Entry]:
+        """Routes ("route", key: the oif or None), neighbours or FDB entries ("neigh",
+        "fdb", key: the device), as the three reads of `Netlink` return them."""
+        ...
 
 
 def _items(slot: Slot[T] | None) -> list[T]:
@@ -79,6 +99,9 @@ class KernelView:
         self._routes: dict[int | None, dict[ipaddress.IPv4Network, Slot[Route]]] = {}
         self._neigh: dict[int, dict[ipaddress.IPv4Address, Neigh]] = {}
         self._fdb: dict[int, dict[str, Slot[Fdb]]] = {}
+        #: See the module's docstring; None: dumped entries are kept as they come.
+        self.known: Known | None = None
+        self._shared = netlink if isinstance(netlink, SharedDumps) else None
         # Bumped by every invalidation: a dump that was under way meanwhile may predate the
         # change that caused it, so it is returned but not kept.
         self._generation = 0
@@ -124,10 +147,10 @@ class KernelView:
             return [r for slot in table.values() for r in _items(slot)]
         gen = self._generation
         self.dumps["route"] += 1
-        got = await self.netlink.routes(oif)
+        got = cast(list[Route], await self._dump("route", oif))
         if self.enabled and oif is not None and gen == self._generation:
             self._routes[oif] = _index(got, lambda r: r.dst)
-        return list(got)
+        return got
 
     async def neighbours(self, index: int) -> list[Neigh]:
         """Permanent IPv4 neighbours of device `index`."""
@@ -137,10 +160,10 @@ class KernelView:
             return list(table.values())
         gen = self._generation
         self.dumps["neigh"] += 1
-        got = await self.netlink.neighbours(index)
+        got = cast(list[Neigh], await self._dump("neigh", index))
         if self.enabled and gen == self._generation:
             self._neigh[index] = {n.ip: n for n in got}
-        return list(got)
+        return got
 
     async def fdb_entries(self, index: int) -> list[Fdb]:
         """Forwarding entries of device `index`."""
@@ -150,10 +173,27 @@ class KernelView:
             return [f for slot in table.values() for f in _items(slot)]
         gen = self._generation
         self.dumps["fdb"] += 1
-        got = await self.netlink.fdb_entries(index)
+        got = cast(list[Fdb], await self._dump("fdb", index))
         if self.enabled and gen == self._generation:
             self._fdb[index] = _index(got, lambda f: f.mac)
-        return list(got)
+        return got
+
+    async def _dump(self, what: str, key: int | None) -> list[Entry]:
+        """A real read, its entries passed through `known`: by the netlink as it decodes
+        (no more than one part of the dump is ever alive twice), else afterwards."""
+        known = self.known
+        if known is not None and self._shared is not None:
+            return await self._shared.dump(what, key, known)
+        got: Sequence[Entry]
+        if what == "route":
+            got = await self.netlink.routes(key)
+        elif what == "neigh":
+            assert key is not None
+            got = await self.netlink.neighbours(key)
+        else:
+            assert key is not None
+            got = await self.netlink.fdb_entries(key)
+        return list(got) if known is None else [known(e) for e in got]
 
     def adopt(
         self,
@@ -163,21 +203,22 @@ class KernelView:
     ) -> None:
         """Keep the desired entries themselves where a dump found their equals: after a
         full read the cache would otherwise hold a second copy of every entry (3 MB at
-        5,000 vxlan peers, a step in RSS at each backstop resync)."""
+        5,000 vxlan peers). With `known` set the dump already did; identity is checked
+        first, so that this costs no comparison then."""
         for table in self._routes.values():
             for dst, slot in table.items():
                 want = routes.get(dst)
-                if want is not None and slot == want and slot is not want:
+                if want is not None and slot is not want and slot == want:
                     table[dst] = want
         for ntable in self._neigh.values():
             for ip, n in ntable.items():
                 nwant = neigh.get(ip)
-                if nwant is not None and n == nwant and n is not nwant:
+                if nwant is not None and n is not nwant and n == nwant:
                     ntable[ip] = nwant
         for ftable in self._fdb.values():
             for mac, fslot in ftable.items():
                 fwant = fdb.get(mac)
-                if fwant is not None and fslot == fwant and fslot is not fwant:
+                if fwant is not None and fslot is not fwant and fslot == fwant:
                     ftable[mac] = fwant
 
     def applied(self, cs: ChangeSet, errors: Sequence[KernelError]) -> None:
