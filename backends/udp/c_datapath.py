@@ -7,16 +7,25 @@ It does recvmmsg/sendmmsg batches, TUN TSO (super-packets cut into wire packets 
 UDP GSO on send, UDP GRO on receive and coalesced TUN writes, each probed and each one
 that can be turned off (the backend options in backends/udp/network.py); `auto` chooses
 it when it is built. Its types are in _fastpath.pyi.
+
+It carries IPv4 only: the IPv6 inner packets and v6 underlay of issue 14 are the python
+datapath's so far (set_route and set_subnet refuse IPv6 with a ValueError that says so).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 
 from backends.udp import _fastpath
-from backends.udp.datapath import COUNTERS, TunLost, describe_offloads, offload_counters
+from backends.udp.datapath import (
+    COUNTERS,
+    Address,
+    Subnet,
+    TunLost,
+    describe_offloads,
+    offload_counters,
+)
 from backends.udp.packet import ICMP_RATELIMIT_MS
 
 
@@ -36,13 +45,17 @@ class CDatapath:
                                     gso, gro, tso, coalesce, icmp_ratelimit_ms)
         self._stopped: asyncio.Future[None] | None = None
 
-    def set_route(self, subnet: ipaddress.IPv4Network, peer: ipaddress.IPv4Address) -> None:
+    def set_route(self, subnet: Subnet, peer: Address) -> None:
+        _v4_only(subnet, peer)
         self._core.set_route(int(subnet.network_address), int(subnet.netmask), int(peer))
 
-    def del_route(self, subnet: ipaddress.IPv4Network) -> None:
+    def del_route(self, subnet: Subnet) -> None:
+        if subnet.version == 6:
+            return  # never set (set_route refuses it)
         self._core.del_route(int(subnet.network_address), int(subnet.netmask))
 
-    def set_subnet(self, subnet: ipaddress.IPv4Network) -> None:
+    def set_subnet(self, subnet: Subnet) -> None:
+        _v4_only(subnet)
         self._core.set_subnet(int(subnet.network_address), int(subnet.netmask))
 
     def set_tun(self, tun_fd: int) -> None:
@@ -81,3 +94,11 @@ class CDatapath:
     def stop(self) -> None:
         if self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)
+
+
+def _v4_only(*values: Subnet | Address) -> None:
+    """ValueError for an IPv6 subnet or peer: the C loop carries IPv4 only."""
+    for v in values:
+        if v.version == 6:
+            raise ValueError(f"{v}: the C datapath carries IPv4 only; IPv6 needs the "
+                             "python datapath (Backend.Datapath python)")

@@ -18,6 +18,19 @@ is no current peer's PublicIP, are not a whole IPv4 packet, are larger than the 
 carry an inner source outside the sending peer's subnets, or an inner destination outside
 this host's subnet (set_subnet; until it is set, every datagram is dropped so); the two
 source checks can be turned off for NATed setups, the destination check cannot.
+
+IPv6 (issue 14, beyond flanneld, whose udp backend is IPv4-only): a datagram may carry one
+raw IPv6 packet instead, told apart by the version nibble, under the same rules
+(backends/udp/packet6.py): hop limit decremented on both ends, ICMPv6 time exceeded from
+flannel0's v6 address and ICMPv6 no route, rate-limited like the v4 errors, the same
+receive checks against the v6 subnets. Multicast and link-local destinations (ff00::/8,
+fe80::/10: the kernel's own ND/MLD chatter on flannel0) are not forwarded
+(tx_drop_local_scope). The underlay is independent of the inner family: a peer reachable
+at an IPv6 address is sent to over a second, AF_INET6 socket. Two sockets rather than one
+dual-stack AF_INET6 socket with v4-mapped addresses: flanneld peers expect plain v4
+datagrams from the v4 PublicIP on port 8285, which a v4 socket bound to that address gives
+as it always did (a dual socket cannot bind a v4 and a v6 address at once), and the v4
+path, the one flanneld interoperates with, is left exactly as fast as it was.
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ COUNTERS = (
     "rx_drop_spoofed_source", "rx_drop_ttl", "rx_drop_tun_error", "icmp_unreachable_sent",
     "gso_sends", "gro_receives", "coalesced_writes", "tso_reads",
     "rx_drop_dst_outside", "icmp_time_exceeded_sent", "icmp_rate_limited", "tx_socket_full",
+    "tx_drop_local_scope",
 )
 #: The offloads a datapath may use, as reported by offloads() and in counters() as
 #: `offload_<name>` (1 in use, 0 not).
@@ -68,22 +82,29 @@ class TunLost(Exception):
     with this, and the backend makes a new device and hands it over (set_tun)."""
 
 
+#: An overlay subnet and an underlay (PublicIP) address: either family, independently.
+Subnet = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
 class Datapath(Protocol):
     """What the udp backend needs from a packet mover."""
 
     name: str
 
-    def set_route(self, subnet: ipaddress.IPv4Network, peer: ipaddress.IPv4Address) -> None:
-        """Packets for `subnet` go to `peer` (its PublicIP); datagrams from `peer` may
-        carry sources in `subnet`."""
+    def set_route(self, subnet: Subnet, peer: Address) -> None:
+        """Packets for `subnet` go to `peer` (its PublicIP, or its PublicIPv6: over the
+        v6 socket); datagrams from `peer` may carry sources in `subnet`. The two families
+        are independent: a v6 subnet may sit behind a v4 peer address and the reverse."""
         ...
 
-    def del_route(self, subnet: ipaddress.IPv4Network) -> None:
+    def del_route(self, subnet: Subnet) -> None:
         ...
 
-    def set_subnet(self, subnet: ipaddress.IPv4Network) -> None:
-        """This host's subnet: datagrams are delivered only for destinations in it, and
-        its first address (flannel0's) is the source of ICMP time exceeded."""
+    def set_subnet(self, subnet: Subnet) -> None:
+        """This host's subnet of that family: datagrams are delivered only for
+        destinations in it, and its first address (flannel0's) is the source of ICMP (v4)
+        or ICMPv6 time exceeded. Setting one family leaves the other as it was."""
         ...
 
     def set_tun(self, tun_fd: int) -> None:

@@ -1,8 +1,10 @@
-"""Longest-prefix-match table from IPv4 addresses to values, built for the packet path.
+"""Longest-prefix-match table from IP addresses (IPv4 or IPv6) to values, built for the
+packet path.
 
 Pure logic, no I/O. One dict per prefix length, keyed by the masked address; a lookup
 tries the lengths present, longest first. Peer subnets usually share one length, so a
-lookup is typically one mask and one dict probe.
+lookup is typically one mask and one dict probe. One table holds one family: its width
+(32 or 128 bits) is fixed when it is made, and addresses are plain integers.
 """
 
 from __future__ import annotations
@@ -11,30 +13,42 @@ import ipaddress
 from typing import Generic, TypeVar
 
 V = TypeVar("V")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class RouteTable(Generic[V]):
-    """subnet -> value, looked up by address with longest-prefix match."""
+    """subnet -> value, looked up by address with longest-prefix match; `width` is 32
+    for IPv4 and 128 for IPv6."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = 32) -> None:
+        if width not in (32, 128):
+            raise ValueError("width: 32 (IPv4) or 128 (IPv6)")
+        self.width = width
+        self._all = (1 << width) - 1
         self._tables: dict[int, dict[int, V]] = {}
         # (mask, table) pairs, longest prefix first; rebuilt on change, read per packet.
         self.levels: list[tuple[int, dict[int, V]]] = []
 
     def _rebuild(self) -> None:
         self.levels = [
-            ((0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF, self._tables[plen])
+            ((self._all << (self.width - plen)) & self._all, self._tables[plen])
             for plen in sorted(self._tables, reverse=True)
         ]
 
-    def set(self, subnet: ipaddress.IPv4Network, value: V) -> None:
+    def _check(self, subnet: Network) -> None:
+        if subnet.max_prefixlen != self.width:
+            raise ValueError(f"{subnet} is not an IPv{4 if self.width == 32 else 6} subnet")
+
+    def set(self, subnet: Network, value: V) -> None:
+        self._check(subnet)
         table = self._tables.get(subnet.prefixlen)
         if table is None:
             table = self._tables[subnet.prefixlen] = {}
             self._rebuild()
         table[int(subnet.network_address)] = value
 
-    def delete(self, subnet: ipaddress.IPv4Network) -> V | None:
+    def delete(self, subnet: Network) -> V | None:
+        self._check(subnet)
         table = self._tables.get(subnet.prefixlen)
         if table is None:
             return None
@@ -51,9 +65,10 @@ class RouteTable(Generic[V]):
                 return value
         return None
 
-    def items(self) -> list[tuple[ipaddress.IPv4Network, V]]:
+    def items(self) -> list[tuple[Network, V]]:
+        make = ipaddress.IPv4Network if self.width == 32 else ipaddress.IPv6Network
         return [
-            (ipaddress.IPv4Network((net, plen)), value)
+            (make((net, plen)), value)
             for plen, table in sorted(self._tables.items(), reverse=True)
             for net, value in sorted(table.items())
         ]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import os
 import select
 import socket
@@ -21,6 +20,7 @@ import struct
 import time
 from collections.abc import Callable
 
+from backends.udp import packet6
 from backends.udp.datapath import (
     BUF_SIZE,
     COALESCE_MAX_BYTES,
@@ -37,6 +37,8 @@ from backends.udp.datapath import (
     VIRTIO_NET_HDR_GSO_TCPV4,
     VNET_HDR,
     VNET_NONE,
+    Address,
+    Subnet,
     TunLost,
     describe_offloads,
     offload_counters,
@@ -85,12 +87,13 @@ class PythonDatapath:
     icmp_time_exceeded_sent: int
     icmp_rate_limited: int
     tx_socket_full: int
+    tx_drop_local_scope: int
 
     def __init__(
         self, tun_fd: int, sock: socket.socket, *, port: int, mtu: int,
         check_source: bool = True, gso: bool = True, gro: bool = True,
         vnet_hdr: bool = False, tso: bool = False, coalesce: bool = True,
-        icmp_ratelimit_ms: int = ICMP_RATELIMIT_MS,
+        icmp_ratelimit_ms: int = ICMP_RATELIMIT_MS, sock6: socket.socket | None = None,
     ) -> None:
         self.tun_fd = tun_fd
         # The TUN was opened with IFF_VNET_HDR: every read and write starts with a
@@ -99,6 +102,9 @@ class PythonDatapath:
         self.vnet_hdr = vnet_hdr
         self.coalesce = vnet_hdr and coalesce
         self.sock = sock
+        # The AF_INET6 socket for peers at v6 underlay addresses (datapath.py says why
+        # two sockets); None: every peer is at a v4 address.
+        self.sock6 = sock6
         self.port = port
         self.mtu = mtu
         self.check_source = check_source
@@ -106,12 +112,17 @@ class PythonDatapath:
         # for the source check: a source is the sender's when the entry for it at some
         # prefix length names the sender (as in the C datapath).
         self.routes: RouteTable[tuple[str, int]] = RouteTable()
+        # The same for IPv6 subnets; the value's address is v4 or v6 (the underlay).
+        self.routes6: RouteTable[tuple[str, int]] = RouteTable(128)
         # PublicIP -> how many subnets it holds: is a datagram's sender a peer at all.
         self.peers: dict[str, int] = {}
         # Our subnet as (network, mask) integers: a received packet is ours when
         # dst & mask == network. Unset, no destination matches (-1 is no masked value).
         self.own_net, self.own_mask = -1, 0
         self.own_addr = b"\0\0\0\0"  # flannel0's address, the source of time exceeded
+        # The same for our IPv6 subnet (own6_mask 0: not set, nothing is ours).
+        self.own6_net, self.own6_mask = -1, 0
+        self.own6_addr = bytes(16)
         self.limiter = IcmpLimiter(icmp_ratelimit_ms)
         self._stopped: asyncio.Future[None] | None = None
         self._lost = False
@@ -119,9 +130,15 @@ class PythonDatapath:
             setattr(self, name, 0)
         self.gso = gso and _probe_gso(sock)
         self.gro = gro and _enable_gro(sock)
+        # The v6 socket's own: a kernel may segment one family and not the other.
+        self.gso6 = sock6 is not None and gso and _probe_gso(sock6)
+        self.gro6 = sock6 is not None and gro and _enable_gro(sock6)
 
     def offloads(self) -> dict[str, bool]:
-        return {"tun_tso": False, "udp_gso": self.gso, "udp_gro": self.gro,
+        # With a v6 socket too, an offload is on when it is on for both sockets.
+        six = self.sock6 is not None
+        return {"tun_tso": False, "udp_gso": self.gso and (self.gso6 or not six),
+                "udp_gro": self.gro and (self.gro6 or not six),
                 "tun_coalesce": self.coalesce}
 
     def mode(self) -> str:
@@ -129,15 +146,24 @@ class PythonDatapath:
         return f"python ({describe_offloads(self.offloads())})"
 
     # -- control -------------------------------------------------------------------
-    def set_route(self, subnet: ipaddress.IPv4Network, peer: ipaddress.IPv4Address) -> None:
+    def _table(self, subnet: Subnet) -> RouteTable[tuple[str, int]]:
+        return self.routes if subnet.version == 4 else self.routes6
+
+    def set_route(self, subnet: Subnet, peer: Address) -> None:
+        if peer.version == 6 and self.sock6 is None:
+            raise ValueError(f"peer {peer}: an IPv6 underlay address, and no IPv6 socket")
         self.del_route(subnet)
         addr = (str(peer), self.port)
-        self.routes.set(subnet, addr)
+        self._table(subnet).set(subnet, addr)
         self.peers[addr[0]] = self.peers.get(addr[0], 0) + 1
 
-    def set_subnet(self, subnet: ipaddress.IPv4Network) -> None:
+    def set_subnet(self, subnet: Subnet) -> None:
         if subnet.prefixlen == 0:
-            raise ValueError("our subnet cannot be 0.0.0.0/0")
+            raise ValueError(f"our subnet cannot be {subnet}")
+        if subnet.version == 6:
+            self.own6_net, self.own6_mask = int(subnet.network_address), int(subnet.netmask)
+            self.own6_addr = subnet.network_address.packed
+            return
         self.own_net, self.own_mask = int(subnet.network_address), int(subnet.netmask)
         self.own_addr = subnet.network_address.packed
 
@@ -147,8 +173,8 @@ class PythonDatapath:
         self.tun_fd = tun_fd
         self._lost = False
 
-    def del_route(self, subnet: ipaddress.IPv4Network) -> None:
-        old = self.routes.delete(subnet)
+    def del_route(self, subnet: Subnet) -> None:
+        old = self._table(subnet).delete(subnet)
         if old is None:
             return
         left = self.peers.pop(old[0]) - 1
@@ -164,14 +190,20 @@ class PythonDatapath:
         self._stopped = loop.create_future()
         os.set_blocking(self.tun_fd, False)
         self.sock.setblocking(False)
-        tun_fd, sock_fd = self.tun_fd, self.sock.fileno()  # the socket may be closed first
+        # The fds are kept: the sockets may be closed first.
+        tun_fd, sock_fds = self.tun_fd, [self.sock.fileno()]
         loop.add_reader(tun_fd, self._from_tun())
-        loop.add_reader(sock_fd, self._from_udp())
+        loop.add_reader(sock_fds[0], self._from_udp())
+        if self.sock6 is not None:
+            self.sock6.setblocking(False)
+            sock_fds.append(self.sock6.fileno())
+            loop.add_reader(sock_fds[1], self._from_udp(self.sock6))
         try:
             await self._stopped
         finally:
             loop.remove_reader(tun_fd)
-            loop.remove_reader(sock_fd)
+            for fd in sock_fds:
+                loop.remove_reader(fd)
         if self._lost:
             raise TunLost(f"the TUN (fd {tun_fd}) reported an error: the device is gone")
 
@@ -187,9 +219,11 @@ class PythonDatapath:
         self.stop()
 
     def _icmp_allowed(self, reply: bytes) -> bool:
-        """The rate limit for an ICMP error to the reply's destination; counts a refusal."""
-        if self.limiter.allow(int.from_bytes(reply[16:20], "big"),
-                              time.monotonic_ns() // 1_000_000):
+        """The rate limit for an ICMP (or ICMPv6) error to the reply's destination (a v6
+        one folded to 32 bits, packet6.fold); counts a refusal."""
+        dst = (int.from_bytes(reply[16:20], "big") if reply[0] >> 4 == 4
+               else packet6.fold(int.from_bytes(reply[24:40], "big")))
+        if self.limiter.allow(dst, time.monotonic_ns() // 1_000_000):
             return True
         self.icmp_rate_limited += 1
         return False
@@ -220,12 +254,17 @@ class PythonDatapath:
         head = [bytearray(VNET_HDR.size)] if self.vnet_hdr else []
         hlen = VNET_HDR.size if self.vnet_hdr else 0
         plain = [VNET_NONE] if self.vnet_hdr else []
-        sendto, sendmsg = self.sock.sendto, self.sock.sendmsg
         pack = struct.Struct("=H").pack
         from_bytes, dec_ttl = int.from_bytes, decrement_ttl
+        dec_hops, not_forwarded = packet6.decrement_hop_limit, packet6.not_forwarded
 
         def send_run(start: int, end: int, seg: int, count: int, addr: tuple[str, int]) -> None:
-            if count == 1 or not self.gso:
+            six = ":" in addr[0]  # a peer at a v6 underlay address: the v6 socket
+            sock = self.sock6 if six else self.sock
+            assert sock is not None  # set_route refuses v6 peers without it
+            gso = self.gso6 if six else self.gso
+            sendto = sock.sendto
+            if count == 1 or not gso:
                 # One datagram per send; each that fails is dropped alone.
                 for pos in range(start, end, seg):
                     stop = min(pos + seg, end)
@@ -240,7 +279,7 @@ class PythonDatapath:
                     self.tx_bytes += stop - pos
                 return
             try:
-                sendmsg([view[start:end]], [(SOL_UDP, UDP_SEGMENT, pack(seg))], 0, addr)
+                sock.sendmsg([view[start:end]], [(SOL_UDP, UDP_SEGMENT, pack(seg))], 0, addr)
             except OSError as exc:
                 if exc.errno in (errno.EAGAIN, errno.ENOBUFS):
                     if exc.errno == errno.EAGAIN:
@@ -248,12 +287,44 @@ class PythonDatapath:
                     self.tx_drop_send_error += count
                     return
                 # EIO/EINVAL/...: this path cannot segment; send one by one from now on.
-                self.gso = False
+                if six:
+                    self.gso6 = False
+                else:
+                    self.gso = False
                 send_run(start, end, seg, count, addr)
                 return
             self.gso_sends += 1
             self.tx_packets += count
             self.tx_bytes += end - start
+
+        def route6(off: int, n: int) -> tuple[str, int] | None:
+            """The peer for the IPv6 packet at buf[off:off+n], its hop limit decremented;
+            None when it is dropped (counted, answered as packet6 says)."""
+            if 40 + ((buf[off + 4] << 8) | buf[off + 5]) > n:
+                self.tx_drop_malformed += 1  # its payload length says more than was read
+                return None
+            dst = from_bytes(buf[off + 24:off + 40], "big")
+            if not_forwarded(dst):
+                self.tx_drop_local_scope += 1
+                return None
+            addr = None
+            for mask, table in self.routes6.levels:
+                addr = table.get(dst & mask)
+                if addr is not None:
+                    break
+            if addr is None:
+                self.tx_drop_no_route += 1
+                if self._icmp_to_tun(fd, plain, packet6.no_route(view[off:off + n])):
+                    self.icmp_unreachable_sent += 1
+                return None
+            if not dec_hops(buf, off):
+                self.tx_drop_ttl += 1
+                reply = (packet6.time_exceeded(view[off:off + n], self.own6_addr)
+                         if self.own6_mask else None)  # our v6 subnet not set yet
+                if self._icmp_to_tun(fd, plain, reply):
+                    self.icmp_time_exceeded_sent += 1
+                return None
+            return addr
 
         batch = range(TUN_BATCH)
 
@@ -280,26 +351,33 @@ class PythonDatapath:
                     first = False
                     n = got - hlen
                     if n < 20 or buf[off] >> 4 != 4:
-                        self.tx_drop_malformed += 1
-                        continue
-                    dst = from_bytes(buf[off + 16:off + 20], "big")
-                    addr = None
-                    for mask, table in levels:
-                        addr = table.get(dst & mask)
-                        if addr is not None:
-                            break
-                    if addr is None:
-                        self.tx_drop_no_route += 1
-                        if self._icmp_to_tun(fd, plain, net_unreachable(view[off:off + n])):
-                            self.icmp_unreachable_sent += 1
-                        continue
-                    if not dec_ttl(buf, off):
-                        self.tx_drop_ttl += 1
-                        reply = (time_exceeded(view[off:off + n], self.own_addr)
-                                 if self.own_mask else None)  # our subnet not set yet
-                        if self._icmp_to_tun(fd, plain, reply):
-                            self.icmp_time_exceeded_sent += 1
-                        continue
+                        # IPv6 (version nibble 6), else malformed.
+                        if n < 40 or buf[off] >> 4 != 6:
+                            self.tx_drop_malformed += 1
+                            continue
+                        addr = route6(off, n)
+                        if addr is None:
+                            continue
+                    else:
+                        dst = from_bytes(buf[off + 16:off + 20], "big")
+                        addr = None
+                        for mask, table in levels:
+                            addr = table.get(dst & mask)
+                            if addr is not None:
+                                break
+                        if addr is None:
+                            self.tx_drop_no_route += 1
+                            if self._icmp_to_tun(fd, plain,
+                                                 net_unreachable(view[off:off + n])):
+                                self.icmp_unreachable_sent += 1
+                            continue
+                        if not dec_ttl(buf, off):
+                            self.tx_drop_ttl += 1
+                            reply = (time_exceeded(view[off:off + n], self.own_addr)
+                                     if self.own_mask else None)  # our subnet not set yet
+                            if self._icmp_to_tun(fd, plain, reply):
+                                self.icmp_time_exceeded_sent += 1
+                            continue
                     if count and (
                             addr != raddr or n > seg or short or count >= GSO_MAX_SEGMENTS
                             or off + n - start > GSO_MAX_BYTES):
@@ -316,18 +394,26 @@ class PythonDatapath:
 
         return on_readable
 
-    def _from_udp(self) -> Callable[[], None]:
+    def _sock_for(self, addr: tuple[str, int]) -> socket.socket | None:
+        """The socket that reaches a peer: the v6 one for a v6 underlay address."""
+        return self.sock6 if ":" in addr[0] else self.sock
+
+    def _from_udp(self, sock: socket.socket | None = None) -> Callable[[], None]:
+        """The reader of `sock` (default: the v4 socket)."""
+        sock = self.sock if sock is None else sock
+        gro = self.gro6 if sock is self.sock6 else self.gro
         mtu = self.mtu
         # One slot per receive of a batch: with GRO a receive may hold 64 KiB of
         # datagrams; without, a slot a little over the MTU shows an oversized datagram by
         # its length (cut to the slot).
-        slot = BUF_SIZE if self.gro else mtu + 64
+        slot = BUF_SIZE if gro else mtu + 64
         buf = bytearray(RX_BATCH * slot)
         view = memoryview(buf)
         slots = [[view[i * slot:(i + 1) * slot]] for i in range(RX_BATCH)]
-        recvmsg_into = self.sock.recvmsg_into
+        recvmsg_into = sock.recvmsg_into
         writev, fd = os.writev, self.tun_fd
         from_bytes, dec_ttl = int.from_bytes, decrement_ttl
+        dec_hops = packet6.decrement_hop_limit
         ancsize = socket.CMSG_SPACE(4)
         vnet = self.vnet_hdr
         coalesce = self.coalesce
@@ -343,6 +429,8 @@ class PythonDatapath:
                 self.rx_drop_oversized += 1
                 return 0
             if n < 20 or buf[pos] >> 4 != 4:
+                if n >= 40 and buf[pos] >> 4 == 6:
+                    return check6(pos, n, sender, strict)
                 self.rx_drop_malformed += 1
                 return 0
             ihl = (buf[pos] & 0x0F) << 2
@@ -368,23 +456,55 @@ class PythonDatapath:
                 return 0
             return total
 
+        def check6(pos: int, n: int, sender: str, strict: bool) -> int:
+            """check() for an IPv6 packet (at least a header's worth, not oversized)."""
+            total = 40 + ((buf[pos + 4] << 8) | buf[pos + 5])
+            if total > n:
+                self.rx_drop_malformed += 1
+                return 0
+            levels6 = self.routes6.levels
+            if strict:
+                inner = from_bytes(buf[pos + 8:pos + 24], "big")
+                for mask, table in levels6:
+                    owner = table.get(inner & mask)
+                    if owner is not None and owner[0] == sender:
+                        break
+                else:
+                    self.rx_drop_spoofed_source += 1
+                    return 0
+            if from_bytes(buf[pos + 24:pos + 40], "big") & self.own6_mask != self.own6_net:
+                self.rx_drop_dst_outside += 1
+                return 0
+            if not dec_hops(buf, pos):
+                self.rx_drop_ttl += 1
+                back = from_bytes(buf[pos + 8:pos + 24], "big")
+                send_back(packet6.time_exceeded(view[pos:pos + total], self.own6_addr),
+                          back, levels6)
+                return 0
+            return total
+
         def ttl_answer(offender: memoryview,
                        levels: list[tuple[int, dict[int, tuple[str, int]]]]) -> None:
             """Time exceeded back to the peer that routes the offender's source."""
-            reply = time_exceeded(offender, self.own_addr)
+            send_back(time_exceeded(offender, self.own_addr),
+                      from_bytes(offender[12:16], "big"), levels)
+
+        def send_back(reply: bytes | None, back: int,
+                      levels: list[tuple[int, dict[int, tuple[str, int]]]]) -> None:
+            """An ICMP error to the peer whose subnet (in `levels`) holds `back`."""
             if reply is None:
                 return
-            back = from_bytes(offender[12:16], "big")
             for mask, table in levels:
                 addr = table.get(back & mask)
                 if addr is not None:
                     break
             else:
                 return
-            if not self._icmp_allowed(reply):
+            out = self._sock_for(addr)
+            if out is None or not self._icmp_allowed(reply):
                 return
             try:
-                self.sock.sendto(reply, addr)
+                out.sendto(reply, addr)
             except OSError:
                 return
             self.icmp_time_exceeded_sent += 1
@@ -495,12 +615,13 @@ class PythonDatapath:
                 received = 0
                 for i in range(RX_BATCH):
                     try:
-                        n, anc, _flags, (src_ip, _port) = recvmsg_into(slots[i], ancsize)
+                        n, anc, _flags, src = recvmsg_into(slots[i], ancsize)
                     except (BlockingIOError, InterruptedError):
                         break
                     except OSError:
                         continue  # e.g. ICMP port unreachable reported on the socket
                     received += 1
+                    src_ip = src[0]  # (host, port), or a 4-tuple from the v6 socket
                     base = i * slot
                     seg = n
                     for level, kind, data in anc:

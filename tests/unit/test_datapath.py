@@ -344,7 +344,7 @@ def test_tun_to_udp_bad_packets_in_a_batch_do_not_disturb_others(make_rig, gso):
     rig = make_rig(gso=gso)
     good = [make_packet(LOCAL, "10.5.2.1", 700, fill=i) for i in range(3)]
     rig.to_tun(good[0], make_packet(LOCAL, "10.9.9.9", 700, fill=0xEE), good[1],
-               b"\x60" + b"\x00" * 99, make_packet(LOCAL, "10.5.2.1", 700, ttl=1), good[2])
+               b"\x50" + b"\x00" * 99, make_packet(LOCAL, "10.5.2.1", 700, ttl=1), good[2])
     assert_forwarded(rig.peer_a, good)
     c = rig.counters()
     assert (c["tx_packets"], c["tx_drop_no_route"], c["tx_drop_malformed"],
@@ -441,8 +441,9 @@ def test_tun_ttl_two_forwarded_with_one(make_rig):
 
 @pytest.mark.parametrize(
     "pkt",
-    [b"", b"\x45" * 19, b"\x60" + b"\x00" * 59, bytes(40)],
-    ids=["empty", "short", "ipv6", "version0"],
+    [b"", b"\x45" * 19, b"\x60" + b"\x00" * 38, b"\x60\0\0\0\0\x15" + b"\x00" * 54,
+     bytes(40)],
+    ids=["empty", "short", "ipv6-short", "ipv6-payload-beyond-the-read", "version0"],
 )
 @VNET
 def test_tun_malformed(make_rig, pkt, vnet):

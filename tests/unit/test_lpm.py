@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 import random
 
+import pytest
+
 from backends.udp.lpm import RouteTable
 
 
@@ -157,3 +159,67 @@ def test_matches_brute_force():
         matches = [n for n in ref if ip in n]
         want = ref[max(matches, key=lambda n: n.prefixlen)] if matches else None
         assert t.lookup(a) == want
+
+
+# -- IPv6 (width 128) ---------------------------------------------------------------------
+def net6(text: str) -> ipaddress.IPv6Network:
+    return ipaddress.IPv6Network(text)
+
+
+def addr6(text: str) -> int:
+    return int(ipaddress.IPv6Address(text))
+
+
+def test_v6_edges_zero_64_128():
+    t: RouteTable[str] = RouteTable(128)
+    t.set(net6("::/0"), "default")
+    t.set(net6("fd00:5:2::/64"), "sixty-four")
+    t.set(net6("fd00:5:2::7/128"), "host")
+    assert t.lookup(addr6("fd00:5:2::7")) == "host"
+    assert t.lookup(addr6("fd00:5:2::6")) == "sixty-four"
+    assert t.lookup(addr6("fd00:5:2:0:ffff:ffff:ffff:ffff")) == "sixty-four"
+    assert t.lookup(addr6("fd00:5:2:1::")) == "default"
+    assert t.lookup(addr6("::")) == "default"
+    assert t.lookup((1 << 128) - 1) == "default"
+    assert [m for m, _ in t.levels] == [(1 << 128) - 1, ((1 << 64) - 1) << 64, 0]
+    assert t.delete(net6("fd00:5:2::7/128")) == "host"
+    assert t.lookup(addr6("fd00:5:2::7")) == "sixty-four"
+    assert t.delete(net6("::/0")) == "default"
+    assert t.lookup(addr6("fd00:5:2:1::")) is None
+    assert t.items() == [(net6("fd00:5:2::/64"), "sixty-four")]
+
+
+def test_a_table_holds_one_family():
+    t4: RouteTable[str] = RouteTable()
+    t6: RouteTable[str] = RouteTable(128)
+    with pytest.raises(ValueError, match="not an IPv4"):
+        t4.set(net6("fd00::/64"), "x")
+    with pytest.raises(ValueError, match="not an IPv6"):
+        t6.delete(net("10.0.0.0/8"))
+    with pytest.raises(ValueError):
+        RouteTable(64)
+
+
+def test_v6_random_against_a_linear_scan():
+    rng = random.Random(14)
+    t: RouteTable[int] = RouteTable(128)
+    ref: dict[ipaddress.IPv6Network, int] = {}
+    base = addr6("fd00::")
+    for i in range(600):
+        plen = rng.choice([0, 1, 48, 56, 63, 64, 65, 100, 127, 128])
+        a = base | rng.getrandbits(24) << 80 | rng.getrandbits(64)
+        n = ipaddress.IPv6Network((a, plen), strict=False)
+        if rng.random() < 0.25 and ref:
+            gone = rng.choice(sorted(ref))
+            assert t.delete(gone) == ref.pop(gone)
+        t.set(n, i)
+        ref[n] = i
+    for _ in range(2000):
+        probe = base | rng.getrandbits(24) << 80 | rng.getrandbits(64)
+        if rng.random() < 0.5:  # next to a subnet's edge
+            n = rng.choice(sorted(ref))
+            probe = int(n.network_address) + rng.choice([0, n.num_addresses - 1])
+        hits = [n for n in ref if int(n.network_address) == probe & int(n.netmask)]
+        want = ref[max(hits, key=lambda n: n.prefixlen)] if hits else None
+        assert t.lookup(probe) == want
+    assert len(t) == len(ref)
