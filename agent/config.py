@@ -58,22 +58,37 @@ class NetworkConfig:
         )
 
 
-def unsupported(config: NetworkConfig) -> str | None:
-    """Why tweed cannot run a config flanneld accepts, or None: tweed leases IPv4 subnets
-    only (IPv6-only and dual stack come in a later release)."""
-    if config.network is None:
-        return ("EnableIPv4 is false: tweed leases IPv4 subnets only for now (IPv6-only"
-                " and dual stack come in a later release); set EnableIPv4 to true (the"
-                " default) and an IPv4 Network")
+def config_families(config: NetworkConfig) -> frozenset[int]:
+    """The address families the config enables: {4}, {6} or {4, 6}."""
+    return frozenset(f for f, on in ((4, config.enable_ipv4), (6, config.enable_ipv6)) if on)
+
+
+def leased_families(config: NetworkConfig, carried: frozenset[int]) -> frozenset[int]:
+    """The families tweed leases: those the config enables that the backend carries. A
+    subnet is never advertised (nor written to subnet.env) for a family nobody routes."""
+    return config_families(config) & carried
+
+
+def unsupported(config: NetworkConfig, backend: str = "",
+                carried: frozenset[int] = frozenset({4})) -> str | None:
+    """Why tweed cannot run a config flanneld accepts with a backend carrying `carried`,
+    or None: an IPv6-only config on a backend that does not carry IPv6 (yet)."""
+    if not leased_families(config, carried):
+        name = f"the {backend} backend" if backend else "the backend"
+        return (f"EnableIPv4 is false (an IPv6-only network) and {name} does not carry"
+                f" IPv6 yet; set EnableIPv4 to true and an IPv4 Network to run on IPv4")
     return None
 
 
-def ignored(config: NetworkConfig) -> str | None:
-    """What of a config tweed runs without, or None (said once at start)."""
-    if config.enable_ipv6:
-        return (f"EnableIPv6: IPv6 is not supported yet (dual stack comes in a later"
-                f" release); only the IPv4 Network {config.network} is leased and"
-                f" subnet.env has no FLANNEL_IPV6_* lines")
+def ignored(config: NetworkConfig, backend: str = "",
+            carried: frozenset[int] = frozenset({4})) -> str | None:
+    """What of a config tweed runs without, or None (said once at start): IPv6 of a
+    dual-stack config on a backend that carries IPv4 only."""
+    if config.enable_ipv6 and 6 not in carried and leased_families(config, carried):
+        name = f"the {backend} backend" if backend else "the backend"
+        return (f"EnableIPv6: {name} does not carry IPv6 yet; only the IPv4 Network"
+                f" {config.network} is leased, the lease has no IPv6 part and subnet.env"
+                f" no FLANNEL_IPV6_* lines")
     return None
 
 
@@ -189,11 +204,18 @@ _IPV6 = _Family(6, "EnableIPv6", "IPv6Network", "IPv6SubnetLen",
                 ("IPv6SubnetMin", "IPv6SubnetMax"), 126, 64)
 
 
+_IPV4_MAPPED = IPv6Network("::ffff:0:0/96")
+
+
 def _family(cfg: dict[str, Any], fam: _Family) -> tuple[AnyNetwork, int, Any, Any]:
     """One enabled family's network, subnet length and SubnetMin/Max, checked."""
     net = _network(cfg, fam.network, fam.version)
     if net is None:
         raise ConfigError(f"{fam.network}: required when {fam.enable} is true")
+    if isinstance(net, IPv6Network) and net.overlaps(_IPV4_MAPPED):
+        # Its subnets would be IPv4 addresses in disguise (and written with dots).
+        raise ConfigError(f"{fam.network}: {net} overlaps the IPv4-mapped range"
+                          f" {_IPV4_MAPPED}; choose an IPv6 network (e.g. a ULA, fd00::/8)")
     sublen = _subnet_len(net, _int(cfg, fam.subnet_len), fam.subnet_len, fam.network,
                          max_len=fam.max_len, default_len=fam.default_len)
     lo, hi = _bounds(cfg, net, sublen, fam.bounds, fam.version)

@@ -9,6 +9,10 @@ table, write the output atomically). The output is the script's, byte for byte:
     DOCKER_OPT_MTU="--mtu=1472"
     DOCKER_OPTS=" --bip=10.1.74.1/24 --ip-masq=true --mtu=1472"
 
+With dual stack (FLANNEL_IPV6_SUBNET in subnet.env, which tweed writes only when its
+backend carries IPv6) tweed adds DOCKER_OPT_IPV6="--ipv6" and
+DOCKER_OPT_FIXED_CIDR_V6="--fixed-cidr-v6=<the IPv6 subnet>"; the script knows no IPv6.
+
 Where the script is silent tweed is not: a missing subnet.env, a missing or malformed
 FLANNEL_SUBNET or FLANNEL_MTU are one-line errors (exit 1) instead of an empty DOCKER_OPTS
 that would start Docker on its default bridge. Usage errors exit 2.
@@ -112,20 +116,36 @@ def _quote(value: str) -> str:
 
 def docker_options(env: Mapping[str, str], where: str, ip_masq: bool = True) -> dict[str, str]:
     """DOCKER_OPT_* name -> option, from subnet.env's values; DockerOptsError names the
-    key and `where` (the file) when FLANNEL_SUBNET or FLANNEL_MTU is missing or bad."""
+    key and `where` (the file) when FLANNEL_SUBNET or FLANNEL_MTU is missing or bad.
+    An IPv6-only subnet.env (FLANNEL_IPV6_SUBNET, no FLANNEL_SUBNET) gives no --bip."""
     subnet = env.get("FLANNEL_SUBNET", "")
+    subnet6 = env.get("FLANNEL_IPV6_SUBNET", "")
     mtu = env.get("FLANNEL_MTU", "")
-    for key, value in (("FLANNEL_SUBNET", subnet), ("FLANNEL_MTU", mtu)):
+    required = [("FLANNEL_MTU", mtu)]
+    if not subnet6:
+        required.insert(0, ("FLANNEL_SUBNET", subnet))
+    for key, value in required:
         if not value:
             raise DockerOptsError(f"{where} has no {key}; is tweed running and ready?")
-    try:
-        ipaddress.IPv4Interface(subnet)
-    except ValueError:
-        raise DockerOptsError(
-            f"FLANNEL_SUBNET={subnet} in {where} is not an IPv4 address/prefix") from None
+    opts = {"DOCKER_OPT_MTU": f"--mtu={mtu}"}
+    if subnet:
+        try:
+            ipaddress.IPv4Interface(subnet)
+        except ValueError:
+            raise DockerOptsError(
+                f"FLANNEL_SUBNET={subnet} in {where} is not an IPv4 address/prefix") from None
+        opts["DOCKER_OPT_BIP"] = f"--bip={subnet}"
+    if subnet6:
+        try:
+            net6 = ipaddress.IPv6Interface(subnet6).network
+        except ValueError:
+            raise DockerOptsError(f"FLANNEL_IPV6_SUBNET={subnet6} in {where} is not an"
+                                  " IPv6 address/prefix") from None
+        # Docker's --fixed-cidr-v6 is a network: the subnet, not its first address.
+        opts["DOCKER_OPT_IPV6"] = "--ipv6"
+        opts["DOCKER_OPT_FIXED_CIDR_V6"] = f"--fixed-cidr-v6={net6}"
     if not mtu.isdigit() or not 68 <= int(mtu) <= 65535:
         raise DockerOptsError(f"FLANNEL_MTU={mtu} in {where} is not an MTU (68..65535)")
-    opts = {"DOCKER_OPT_BIP": f"--bip={subnet}", "DOCKER_OPT_MTU": f"--mtu={mtu}"}
     masq = env.get("FLANNEL_IPMASQ", "")
     if masq and ip_masq:
         # tweed masquerades (--ip-masq) or Docker does, never both.
@@ -195,7 +215,8 @@ def run(args: DockerOptsArgs, environ: Mapping[str, str]) -> str:
     env = parse_subnet_env(text)
     opts = docker_options(env, args.env_file, args.ip_masq)
     try:
-        conflicts = gateway_routes_to(env["FLANNEL_SUBNET"], main_table_routes())
+        conflicts = (gateway_routes_to(env["FLANNEL_SUBNET"], main_table_routes())
+                     if env.get("FLANNEL_SUBNET") else [])
     except OSError as exc:
         raise DockerOptsError(f"cannot read the routing table: {exc}") from None
     if conflicts:

@@ -14,12 +14,18 @@ State machine, in flanneld's terms:
   falling behind).
 etcd being away is never fatal: each step retries with capped backoff and logs once per
 state change.
+
+Families: the manager leases the address families it is given (`families`: those the
+config enables that the backend carries). A dual-stack lease is one key
+`10.5.30.0-24&fd00:12:13::-56`, an IPv6-only one `fd00:12:13::-56`. A peer's IPv6 part is
+handed on only when IPv6 is leased here; a peer without one is an IPv4 peer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import random
@@ -30,8 +36,8 @@ from typing import Literal, TypeVar
 
 from agent.allocator import Existing, OutOfSubnets, choose_subnet
 from agent.backoff import Backoff, OutageLog
-from agent.config import NetworkConfig
-from agent.lease import Lease, PeerEvent, PeerLease, diff_peers
+from agent.config import NetworkConfig, config_families
+from agent.lease import NO_IPV4, Lease, PeerEvent, PeerLease, diff_peers
 from agent.lease_codec import (
     LeaseAttrs,
     LeaseDecodeError,
@@ -87,6 +93,8 @@ class LeaseManager:
         attrs: LeaseAttrs,
         *,
         previous: ipaddress.IPv4Network | None = None,
+        previous6: ipaddress.IPv6Network | None = None,
+        families: frozenset[int] | None = None,
         ttl: int = DEFAULT_TTL,
         renew_margin: float = 3600.0,
         rng: random.Random | None = None,
@@ -98,6 +106,9 @@ class LeaseManager:
         self.attrs = attrs
         self.value = encode_lease(attrs)
         self.previous = previous
+        self.previous6 = previous6
+        #: The families leased: IPv4 ({4}), IPv6 only ({6}) or dual stack ({4, 6}).
+        self.families = config_families(config) if families is None else families
         self.ttl = ttl
         self.renew_margin = min(renew_margin, ttl * 0.9)
         self.rng = rng or random.Random()
@@ -150,14 +161,16 @@ class LeaseManager:
         await backoff.wait()
 
     # -- acquire ---------------------------------------------------------------------
-    async def acquire(self, prefer: ipaddress.IPv4Network | None = None) -> Lease:
+    async def acquire(self, prefer: ipaddress.IPv4Network | None = None,
+                      prefer6: ipaddress.IPv6Network | None = None) -> Lease:
         """Lease a subnet; retries (never gives up) until it holds one."""
         backoff = Backoff(cap=self.backoff_cap, rng=self.rng)
         outage = OutageLog(log, "acquiring a subnet lease")
         previous = prefer if prefer is not None else self.previous
+        previous6 = prefer6 if prefer6 is not None else self.previous6
         while True:
             try:
-                lease = await self._try_acquire(previous)
+                lease = await self._try_acquire(previous, previous6)
             except RegistryUnavailable as exc:
                 self.counters.acquire_errors += 1
                 await self._etcd_away(exc, outage, backoff)
@@ -180,25 +193,27 @@ class LeaseManager:
             self.lease = lease
             self._lost.clear()
             kind = "reservation" if lease.reservation else f"lease for {self.ttl} s"
-            log.info("holding subnet %s (%s)", lease.subnet, kind)
+            log.info("holding subnet %s (%s)", lease.describe(), kind)
             return lease
 
-    async def _try_acquire(self, previous: ipaddress.IPv4Network | None) -> Lease | None:
+    async def _try_acquire(self, previous: ipaddress.IPv4Network | None,
+                           previous6: ipaddress.IPv6Network | None) -> Lease | None:
         snap = await self.registry.list_subnets()
         existing: list[Existing] = []
-        decoded: dict[str, tuple[ipaddress.IPv4Network, LeaseAttrs | None]] = {}
+        decoded: dict[str, tuple[SubnetKey, LeaseAttrs | None]] = {}
         for rec in snap.records:
             key = self._parse_key(rec.name)
-            if key is None or key.ipv4 is None:
+            if key is None:
                 continue
             attrs = self._decode(rec.name, rec.value)
-            existing.append(
-                Existing(key.ipv4, attrs, rec.lease_id != 0, rec.name, rec.mod_revision)
-            )
-            decoded[rec.name] = (key.ipv4, attrs)
+            existing.append(Existing(key.ipv4, attrs, rec.lease_id != 0, rec.name,
+                                     rec.mod_revision, key.ipv6))
+            decoded[rec.name] = (key, attrs)
         # Only before the watch starts: later acquisitions (a lost lease) run beside it.
         self._first_listing = None if self._watching else _Listing(snap, decoded)
-        choice = choose_subnet(self.config, self.attrs.public_ip, existing, previous, self.rng)
+        choice = choose_subnet(self.config, self.attrs.public_ip, existing, previous, self.rng,
+                               families=self.families, public_ipv6=self.attrs.public_ipv6,
+                               previous6=previous6)
         for stale in choice.stale:
             log.info("deleting our old lease %s: it does not fit the network config", stale.name)
             await self.registry.delete_subnet(stale.name)
@@ -210,13 +225,14 @@ class LeaseManager:
                 name, self.value, ttl, choice.reuse.mod_revision
             )
         else:
-            name = format_subnet_key(SubnetKey(choice.subnet))
+            name = format_subnet_key(SubnetKey(choice.subnet, choice.ipv6))
             ttl = self.ttl
             rev = await self.registry.create_subnet(name, self.value, ttl)
         if rev is None:
             return None
         expires = start + ttl if ttl else None
-        return Lease(choice.subnet, name, self.attrs, rev, expires)
+        subnet = choice.subnet if choice.subnet is not None else NO_IPV4
+        return Lease(subnet, name, self.attrs, rev, expires, choice.ipv6)
 
     # -- hold ------------------------------------------------------------------------
     async def hold(self, on_lease: LeaseHandler) -> None:
@@ -235,17 +251,18 @@ class LeaseManager:
                 if renewed is not None:
                     self.lease = renewed
                     continue
-            log.warning("lost our lease on %s; acquiring a subnet again", lease.subnet)
+            log.warning("lost our lease on %s; acquiring a subnet again", lease.describe())
             self.counters.reacquisitions += 1
-            new = await self.acquire(prefer=lease.subnet)
-            if new.subnet != lease.subnet:
-                log.warning("subnet changed from %s to %s", lease.subnet, new.subnet)
+            new = await self.acquire(prefer=lease.subnet if lease.has_ipv4 else None,
+                                     prefer6=lease.ipv6_subnet)
+            if (new.subnet, new.ipv6_subnet) != (lease.subnet, lease.ipv6_subnet):
+                log.warning("subnet changed from %s to %s", lease.describe(), new.describe())
             await on_lease(new)
 
     async def _renew(self, lease: Lease) -> Lease | None:
         """Rewrite our key with a fresh TTL; None when it is gone or no longer ours."""
         backoff = Backoff(cap=self.backoff_cap, rng=self.rng)
-        outage = OutageLog(log, f"renewing the lease on {lease.subnet}")
+        outage = OutageLog(log, f"renewing the lease on {lease.describe()}")
         while not self._lost.is_set():
             start = self.clock()
             try:
@@ -264,13 +281,20 @@ class LeaseManager:
                 self._lost.set()  # for lease_lost until acquire() holds a new one
                 return None
             self.counters.renewals += 1
-            log.info("renewed the lease on %s for %d s", lease.subnet, self.ttl)
-            return Lease(lease.subnet, lease.name, lease.attrs, rev, start + self.ttl)
+            log.info("renewed the lease on %s for %d s", lease.describe(), self.ttl)
+            return dataclasses.replace(lease, mod_revision=rev, expires_at=start + self.ttl)
         return None
 
     # -- watch -----------------------------------------------------------------------
     def _ours(self, attrs: LeaseAttrs | None) -> bool:
-        return attrs is not None and attrs.public_ip == self.attrs.public_ip
+        """Our own lease: its PublicIP is ours (its PublicIPv6 when IPv4 is not leased:
+        every IPv6-only lease says PublicIP 0.0.0.0)."""
+        if attrs is None:
+            return False
+        if 4 in self.families:
+            return attrs.public_ip == self.attrs.public_ip
+        return (self.attrs.public_ipv6 is not None
+                and attrs.public_ipv6 == self.attrs.public_ipv6)
 
     def _own_event(self, ev_kind: str, attrs: LeaseAttrs | None, mod_revision: int) -> None:
         lease = self.lease
@@ -283,34 +307,56 @@ class LeaseManager:
         else:
             # Our own write coming back, or an operator rewriting our key: track its revision
             # so the next renewal's compare matches.
-            self.lease = Lease(
-                lease.subnet, lease.name, lease.attrs, mod_revision, lease.expires_at
-            )
+            self.lease = dataclasses.replace(lease, mod_revision=mod_revision)
 
     def _peer_of(
         self, name: str, value: bytes,
-        known: tuple[ipaddress.IPv4Network, LeaseAttrs | None] | None = None,
+        known: tuple[SubnetKey, LeaseAttrs | None] | None = None,
     ) -> PeerLease | None:
         if known is not None:
-            subnet, attrs = known  # decoded (and any problem counted) by the acquire
+            key, attrs = known  # decoded (and any problem counted) by the acquire
         else:
-            key = self._parse_key(name)
-            if key is None or key.ipv4 is None:
+            parsed = self._parse_key(name)
+            if parsed is None:
                 return None
-            subnet, attrs = key.ipv4, self._decode(name, value)
+            key, attrs = parsed, self._decode(name, value)
         if attrs is None:
             return None
-        if attrs.public_ip == self.attrs.public_ip:
+        if self._ours(attrs):
             return None
-        if self.config.network is not None and not _inside(subnet, self.config.network):
+        fams, config = self.families, self.config
+        v4 = key.ipv4 if 4 in fams else None
+        v6 = key.ipv6 if 6 in fams else None
+        if v4 is None and v6 is None:
+            # Nothing this host routes: an IPv6-only key in an IPv4 cluster, or the reverse.
             self.counters.outside_network += 1
-            self._warn_once(name, f"subnet is outside the network {self.config.network}")
+            missing = "an IPv4 part" if 4 in fams else "an IPv6 part"
+            self._warn_once(name, f"the key has no {missing}, and this host leases only"
+                                  f" IPv{min(fams)}")
             return None
-        return PeerLease(subnet, attrs)
+        if v4 is not None and config.network is not None and not _inside(v4, config.network):
+            self.counters.outside_network += 1
+            self._warn_once(name, f"subnet is outside the network {config.network}")
+            return None
+        if (v6 is not None and config.ipv6_network is not None
+                and not _inside(v6, config.ipv6_network)):
+            self.counters.outside_network += 1
+            self._warn_once(name, f"IPv6 subnet {v6} is outside the IPv6Network"
+                                  f" {config.ipv6_network}")
+            return None
+        if v6 is not None and attrs.public_ipv6 is None:
+            # Nowhere to send its IPv6 traffic: the peer is an IPv4 peer here.
+            self._warn_once(name, "the key has an IPv6 part but the lease no PublicIPv6;"
+                                  " only its IPv4 subnet is used")
+            if v4 is None:
+                self.counters.bad_values += 1
+                return None
+            v6 = None
+        return PeerLease(v4 if v4 is not None else NO_IPV4, attrs, v6)
 
     def _apply_snapshot(
         self, snap: Snapshot,
-        decoded: dict[str, tuple[ipaddress.IPv4Network, LeaseAttrs | None]] | None = None,
+        decoded: dict[str, tuple[SubnetKey, LeaseAttrs | None]] | None = None,
     ) -> list[PeerEvent]:
         """The peer events that take the known peers to those of `snap`; `decoded` holds
         the records the acquire decoded (then `snap` is its listing)."""
@@ -484,7 +530,7 @@ class _Listing:
     """A listing and what of it was decoded: subnets/ name -> (subnet, attrs or None)."""
 
     snap: Snapshot
-    decoded: dict[str, tuple[ipaddress.IPv4Network, LeaseAttrs | None]]
+    decoded: dict[str, tuple[SubnetKey, LeaseAttrs | None]]
 
 
 @dataclass
@@ -494,7 +540,8 @@ class _Follow:
     next_rev: int
 
 
-def _inside(subnet: ipaddress.IPv4Network, network: ipaddress.IPv4Network) -> bool:
+def _inside(subnet: ipaddress.IPv4Network | ipaddress.IPv6Network,
+            network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
     """subnet.subnet_of(network) without its side effect: subnet_of caches the broadcast
     address in the subnet's instance dict, and the subnet is kept for as long as the peer
     (about 110 bytes per peer)."""

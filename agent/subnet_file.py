@@ -28,7 +28,8 @@ class SubnetEnv:
 
 
 def _gateway(subnet: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
-    """The subnet's first usable address with its prefix: Docker's --bip."""
+    """The subnet's first usable address with its prefix: Docker's --bip (flanneld's
+    WriteSubnetFile writes FLANNEL_IPV6_SUBNET the same way: network address + 1)."""
     return f"{subnet.network_address + 1}/{subnet.prefixlen}"
 
 
@@ -71,13 +72,36 @@ def previous_subnet(text: str) -> ipaddress.IPv4Network | None:
         return None
 
 
-def read_previous_subnet(path: Path) -> ipaddress.IPv4Network | None:
-    """previous_subnet() of the file at `path`; None if it cannot be read."""
+def previous_ipv6_subnet(text: str) -> ipaddress.IPv6Network | None:
+    """The IPv6 subnet a previous run leased (FLANNEL_IPV6_SUBNET, its first address and
+    prefix, as flanneld writes it); None if absent or bad."""
+    value = parse_subnet_env(text).get("FLANNEL_IPV6_SUBNET")
+    if not value:
+        return None
+    try:
+        return ipaddress.IPv6Interface(value).network
+    except ValueError:
+        return None
+
+
+def _read(path: Path) -> str | None:
     try:
         # A stray non-UTF-8 byte elsewhere in the file must not hide a good subnet line.
-        return previous_subnet(path.read_bytes().decode("utf-8", errors="replace"))
+        return path.read_bytes().decode("utf-8", errors="replace")
     except OSError:
         return None
+
+
+def read_previous_subnet(path: Path) -> ipaddress.IPv4Network | None:
+    """previous_subnet() of the file at `path`; None if it cannot be read."""
+    text = _read(path)
+    return None if text is None else previous_subnet(text)
+
+
+def read_previous_ipv6_subnet(path: Path) -> ipaddress.IPv6Network | None:
+    """previous_ipv6_subnet() of the file at `path`; None if it cannot be read."""
+    text = _read(path)
+    return None if text is None else previous_ipv6_subnet(text)
 
 
 def write_subnet_file(path: Path, env: SubnetEnv) -> None:

@@ -9,7 +9,14 @@ import random
 import pytest
 
 from agent.allocator import OutOfSubnets, choose_subnet
-from agent.config import ConfigError, ignored, parse_config, unsupported
+from agent.config import (
+    ConfigError,
+    config_families,
+    ignored,
+    leased_families,
+    parse_config,
+    unsupported,
+)
 
 
 def cfg(**fields: object):
@@ -250,23 +257,62 @@ def test_ipv6_only() -> None:
     assert not c.subnet_fits(net("10.5.1.0/24"))
 
 
-def test_ipv6_only_parses_as_flanneld_does_but_tweed_cannot_run_it_yet() -> None:
+def test_ipv6_only_waits_naming_the_backend_that_does_not_carry_ipv6() -> None:
     c = cfg(EnableIPv4=False, EnableIPv6=True, IPv6Network="fd00::/56")
-    problem = unsupported(c)
-    assert problem is not None and problem.startswith("EnableIPv4 is false:")
-    assert "\n" not in problem
-    # The allocator, should it ever be asked, says so instead of an AssertionError.
+    problem = unsupported(c, "host-gw", frozenset({4}))
+    assert problem == ("EnableIPv4 is false (an IPv6-only network) and the host-gw backend"
+                       " does not carry IPv6 yet; set EnableIPv4 to true and an IPv4 Network"
+                       " to run on IPv4")
+    # A backend that carries IPv6 runs it: nothing to refuse, nothing left out.
+    assert unsupported(c, "x", frozenset({4, 6})) is None
+    assert ignored(c, "x", frozenset({4, 6})) is None
+    assert leased_families(c, frozenset({4, 6})) == {6}
+    # The allocator, asked for IPv4 anyway, says so instead of an AssertionError.
     with pytest.raises(OutOfSubnets, match="no IPv4 Network"):
-        choose_subnet(c, ipaddress.IPv4Address("192.168.0.1"), [], None, random.Random(1))
+        choose_subnet(c, ipaddress.IPv4Address("192.168.0.1"), [], None, random.Random(1),
+                      families=frozenset({4}))
 
 
 def test_dual_stack_runs_on_ipv4_and_says_what_is_left_out() -> None:
     dual = cfg(Network="10.5.0.0/16", EnableIPv6=True, IPv6Network="fd00::/56")
-    assert unsupported(dual) is None
-    note = ignored(dual)
-    assert note is not None and note.startswith("EnableIPv6: IPv6 is not supported yet")
+    assert unsupported(dual, "vxlan", frozenset({4})) is None
+    note = ignored(dual, "vxlan", frozenset({4}))
+    assert note == ("EnableIPv6: the vxlan backend does not carry IPv6 yet; only the IPv4"
+                    " Network 10.5.0.0/16 is leased, the lease has no IPv6 part and"
+                    " subnet.env no FLANNEL_IPV6_* lines")
+    assert leased_families(dual, frozenset({4})) == {4}
+    # Flipped to {4, 6}: both leased, nothing said.
+    assert ignored(dual, "vxlan", frozenset({4, 6})) is None
+    assert leased_families(dual, frozenset({4, 6})) == {4, 6}
     plain = cfg(Network="10.5.0.0/16")
     assert unsupported(plain) is None and ignored(plain) is None
+    assert config_families(plain) == {4}
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"EnableIPv6": True}, "IPv6Network: required when EnableIPv6 is true"),
+    ({"EnableIPv6": True, "IPv6Network": "fd00::/125"},
+     "IPv6SubnetLen: not set and IPv6Network fd00::/125 is too small for a default"),
+    ({"EnableIPv6": True, "IPv6Network": "fd00::/64", "IPv6SubnetLen": 65},
+     "IPv6SubnetLen: /65 leaves fewer than 4 subnets in IPv6Network fd00::/64"),
+    ({"EnableIPv6": True, "IPv6Network": "fd00::/48", "IPv6SubnetMin": "fd01::"},
+     "IPv6SubnetMin: fd01:: is not inside fd00::/48"),
+    ({"EnableIPv6": True, "IPv6Network": "fd00::/48", "IPv6SubnetMax": "fd00:1::"},
+     "IPv6SubnetMax: fd00:1:: is not inside fd00::/48"),
+    ({"EnableIPv6": True, "IPv6Network": "fd00::/48", "IPv6SubnetMin": "fd00:0:0:1::1"},
+     "IPv6SubnetMin: fd00:0:0:1::1 is not on a /64 boundary"),
+    ({"EnableIPv6": True, "IPv6Network": "10.6.0.0/16"},
+     "IPv6Network: '10.6.0.0/16' is not an IPv6 network"),
+    ({"EnableIPv6": True, "IPv6Network": "::ffff:0:0/104"},
+     "IPv6Network: ::ffff:0:0/104 overlaps the IPv4-mapped range ::ffff:0:0/96"),
+])
+def test_ipv6_config_mistakes_are_one_line_naming_the_field(
+    fields: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError) as exc:
+        cfg(Network="10.5.0.0/16", **fields)
+    assert str(exc.value).startswith(message)
+    assert "\n" not in str(exc.value)
 
 
 def test_ipv6_network_required_when_enabled() -> None:
