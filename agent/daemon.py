@@ -11,6 +11,14 @@ subnet whose device is set up, as flanneld does); then run (peer watch, lease ke
 installer, backend resync, config watch) until SIGTERM/SIGINT, which stop everything within
 2 s and leave the lease and the kernel state in place.
 
+Address families: the daemon leases the families the config enables that the backend
+carries (`families` of its Backend class, backends/base.py). A dual-stack config on a
+backend that carries IPv4 only runs on IPv4 (one warning; no IPv6 lease part, no PublicIPv6,
+no FLANNEL_IPV6_* lines: a subnet nobody routes is never advertised); on one that carries
+both, the lease, subnet.env and the backend's setup get the IPv6 subnet too. An IPv6-only
+config on a backend without IPv6 is waited out like an invalid one, the reason naming the
+backend.
+
 Failures a user can cause are one line, never a traceback: at start a StartupError (exit
 1); while running, what cannot be done now (a new lease's device or subnet.env, a batch of
 peers the kernel would not take) is logged once, counted in `failures` and retried, and
@@ -26,7 +34,7 @@ import ipaddress
 import json
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
 import uvloop
@@ -34,7 +42,14 @@ import uvloop
 from agent import sd_notify
 from agent.atomic_file import check_writable
 from agent.backoff import Backoff, OutageLog
-from agent.config import ConfigError, NetworkConfig, ignored, parse_config, unsupported
+from agent.config import (
+    ConfigError,
+    NetworkConfig,
+    ignored,
+    leased_families,
+    parse_config,
+    unsupported,
+)
 from agent.etcd_registry import EtcdRegistry, EtcdSetupError
 from agent.health import Heartbeat
 from agent.lease import Lease, PeerEvent
@@ -42,11 +57,18 @@ from agent.lease_manager import LeaseManager
 from agent.options import EtcdSettings, Options, etcd_settings
 from agent.registry import Compacted, Registry, RegistryUnavailable
 from agent.state import ConfigState
-from agent.subnet_file import SubnetEnv, read_previous_subnet, write_problem, write_subnet_file
-from backends import backend_problem, build_backend
-from backends.base import BackendContext, BackendError, Network
+from agent.subnet_file import (
+    SubnetEnv,
+    read_previous_ipv6_subnet,
+    read_previous_subnet,
+    write_problem,
+    write_subnet_file,
+)
+from backends import backend_class, backend_problem, build_backend
+from backends.base import BackendContext, BackendError, Network, carried_families
 from backends.external_iface import ExternalInterface, InterfaceError, choose_interface
 from backends.iptables.keeper import Iptables, IptablesKeeper
+from backends.ipv6_addresses import read_ipv6_addresses
 from backends.kernel.monitor import KernelMonitor
 from backends.kernel.netlink import IPRouteNetlink
 from backends.kernel.sync import MonitorFactory
@@ -66,6 +88,8 @@ FAILURE_STEPS = ("subnet_file", "backend_setup", "kernel")
 RegistryFactory = Callable[[EtcdSettings], Registry]
 NetlinkFactory = Callable[[], Netlink]
 IptablesFactory = Callable[[], Iptables]
+#: The host's IPv6 addresses, ifindex -> addresses in the kernel's order.
+Ipv6AddressReader = Callable[[], Awaitable[Mapping[int, Sequence[ipaddress.IPv6Address]]]]
 
 
 class StartupError(RuntimeError):
@@ -87,10 +111,17 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def backend_families(config: NetworkConfig) -> frozenset[int]:
+    """The families the config's backend carries (config_problem has checked the type)."""
+    return carried_families(backend_class(config.backend_type))
+
+
 def config_problem(config: NetworkConfig) -> str | None:
-    """Why tweed could not run on a config that parsed, or None: a family tweed does not
-    lease yet, a Backend.Type it lacks, a Backend option the backend refuses."""
-    return unsupported(config) or backend_problem(config)
+    """Why tweed could not run on a config that parsed, or None: a Backend.Type it lacks,
+    a Backend option the backend refuses, an IPv6-only network on a backend that does not
+    carry IPv6."""
+    return backend_problem(config) or unsupported(
+        config, config.backend_type, backend_families(config))
 
 
 async def wait_for_config(
@@ -176,8 +207,10 @@ class Daemon:
         netlink_factory: NetlinkFactory,
         iptables_factory: IptablesFactory,
         monitor_factory: MonitorFactory | None = None,
+        ipv6_addresses: Ipv6AddressReader = read_ipv6_addresses,
     ) -> None:
         self.opts = opts
+        self._ipv6_addresses = ipv6_addresses
         self._registry_factory = registry_factory
         self._monitor_factory = monitor_factory  # kernel notifications; None: backstop only
         self._iptables_factory = iptables_factory
@@ -189,6 +222,9 @@ class Daemon:
         self.subnet_file = Path(opts.subnet_file)
         self.file_written = False
         self.written_subnet: ipaddress.IPv4Network | None = None  # in subnet.env now
+        self.written_ipv6_subnet: ipaddress.IPv6Network | None = None
+        #: The address families leased (config and backend): {4}, {6} or {4, 6}.
+        self.families: frozenset[int] = frozenset({4})
         self.peers_listed = False  # the first full listing of the peers is programmed
         self.heartbeat = Heartbeat()  # the event loop's pulse, for /healthz
         self.waiting_for: str | None = None  # what wait_for_config waits for, for /readyz
@@ -217,16 +253,18 @@ class Daemon:
             return "no subnet lease yet"
         m, lease = self.manager, self.manager.lease
         if m.lease_lost:
-            return f"lost the lease on {lease.subnet}; acquiring a subnet again"
+            return f"lost the lease on {lease.describe()}; acquiring a subnet again"
         if lease.expires_at is not None and lease.expires_at <= m.clock():
             # Renewals failed until the TTL ran out: etcd may give the subnet to another host.
-            return f"the lease on {lease.subnet} expired (etcd unreachable: renewals failed)"
+            return (f"the lease on {lease.describe()} expired (etcd unreachable: renewals"
+                    " failed)")
         if self.lease_problem is not None:
             return self.lease_problem
         if not self.file_written:
             return "subnet file not written"
-        if self.written_subnet != lease.subnet:
-            return f"subnet file not yet rewritten for the new subnet {lease.subnet}"
+        if (self.written_subnet, self.written_ipv6_subnet) != (
+                lease.subnet if lease.has_ipv4 else None, lease.ipv6_subnet):
+            return f"subnet file not yet rewritten for the new subnet {lease.describe()}"
         if self.kernel_problem is not None:
             return f"backend not programmed: {self.kernel_problem} (retrying)"
         if self.network is None or not self.network.ready():
@@ -236,9 +274,12 @@ class Daemon:
             return f"peer leases not listed and programmed yet{why}"
         return None
 
-    async def _interface(self) -> ExternalInterface:
+    async def _interface(self, ipv6: bool = False) -> ExternalInterface:
+        """The external interface by flanneld's rules; with `ipv6`, its IPv6 address and
+        the one to advertise too (the host's IPv6 addresses are read only then)."""
         o = self.opts
         try:
+            addresses6 = await self._ipv6_addresses() if ipv6 else None
             links = await self.netlink.links()
             reach = None
             if o.iface_can_reach:
@@ -255,27 +296,33 @@ class Daemon:
         try:
             ext = choose_interface(
                 links, iface=o.iface, iface_regex=o.iface_regex, can_reach_oif=reach,
-                default_oif=default, public_ip=o.public_ip,
+                default_oif=default, public_ip=o.public_ip, ipv6=ipv6, addresses6=addresses6,
+                public_ipv6=o.public_ipv6,
             )
         except InterfaceError as exc:
             raise StartupError(str(exc)) from None
         log.info(
-            "using interface %s (index %d, MTU %d) with address %s, public IP %s",
+            "using interface %s (index %d, MTU %d) with address %s, public IP %s%s",
             ext.name, ext.index, ext.mtu, ext.iface_addr, ext.public_ip,
+            f", IPv6 address {ext.iface_addr6}, public IPv6 {ext.public_ipv6}" if ipv6 else "",
         )
         return ext
 
     def _write_subnet_file(self, lease: Lease) -> None:
         """subnet.env for `lease`; SubnetFileError (one line) if it cannot be written."""
         assert self.config is not None and self.network is not None
-        env = SubnetEnv(self.config.network, lease.subnet, self.network.mtu, self.opts.ip_masq)
+        c, fams = self.config, self.families
+        v4 = lease.subnet if lease.has_ipv4 else None
+        env = SubnetEnv(c.network if 4 in fams else None, v4, self.network.mtu,
+                        self.opts.ip_masq, c.ipv6_network if 6 in fams else None,
+                        lease.ipv6_subnet)
         try:
             write_subnet_file(self.subnet_file, env)
         except OSError as exc:
             raise SubnetFileError(write_problem(self.subnet_file, exc)) from None
         self.file_written = True
-        self.written_subnet = lease.subnet
-        log.info("wrote %s (subnet %s, MTU %d)", self.subnet_file, lease.subnet, env.mtu)
+        self.written_subnet, self.written_ipv6_subnet = v4, lease.ipv6_subnet
+        log.info("wrote %s (subnet %s, MTU %d)", self.subnet_file, lease.describe(), env.mtu)
 
     async def _on_new_lease(self, lease: Lease) -> None:
         """The lease keeper holds a new lease (the last one was lost): `_install_leases`
@@ -299,7 +346,7 @@ class Daemon:
             if lease is None:
                 continue
             if outage is None or outage_of is not lease:
-                outage = OutageLog(log, f"setting up the new subnet {lease.subnet}")
+                outage = OutageLog(log, f"setting up the new subnet {lease.describe()}")
                 outage_of = lease
             step = "backend_setup"
             try:
@@ -310,7 +357,7 @@ class Daemon:
                 self.failures[step] += 1
                 why = describe_error(exc)
                 outage.fail(why, logging.ERROR)
-                self.lease_problem = f"cannot set up the new subnet {lease.subnet}: {why}"
+                self.lease_problem = f"cannot set up the new subnet {lease.describe()}: {why}"
                 await backoff.wait()
                 self._lease_wake.set()  # again, with the newest lease by then
                 continue
@@ -320,7 +367,7 @@ class Daemon:
             self.lease_problem = None
             if self._new_lease is lease:  # else a newer one came meanwhile: its turn next
                 self._new_lease = None
-            if self.iptables is not None:
+            if self.iptables is not None and lease.has_ipv4:
                 self.iptables.set_subnet(lease.subnet)
 
     def _judge_config(self, key: str, value: bytes | None) -> None:
@@ -453,10 +500,18 @@ class Daemon:
             self.registry, f"{o.etcd_prefix.rstrip('/')}/config", self._set_waiting_for
         )
         self.waiting_for = None
-        log.info("network config: %s, subnets /%d, backend %s",
-                 self.config.network, self.config.subnet_len, self.config.backend_type)
-        if (left_out := ignored(self.config)) is not None:
+        c = self.config
+        carried = backend_families(c)
+        self.families = fams = leased_families(c, carried)
+        log.info("network config: %s, backend %s", ", ".join(
+            [f"{c.network} (subnets /{c.subnet_len})"] * (4 in fams)
+            + [f"{c.ipv6_network} (subnets /{c.ipv6_subnet_len})"] * (6 in fams)),
+            c.backend_type)
+        if (left_out := ignored(c, c.backend_type, carried)) is not None:
             log.warning("%s", left_out)
+        if 6 in fams:
+            # The IPv6 address to advertise (and the interface's own) is needed now.
+            ext = await self._interface(ipv6=True)
         # The VtepMAC (vxlan) is kept next to the subnet file, named after it.
         ctx = BackendContext(self.netlink, ext, o.resync_period, self.subnet_file.parent,
                              self.subnet_file.name)
@@ -470,9 +525,17 @@ class Daemon:
                                f" {describe_error(exc)}") from None
         if self._monitor_factory is not None:
             self.network.kernel.watch(self._monitor_factory)
+        # PublicIPv6 (and BackendV6Data) only when IPv6 is leased, as flanneld's lease
+        # says PublicIPv6 only for a family it set up.
+        attrs = self.network.lease_attrs
+        if 6 in fams:
+            attrs = dataclasses.replace(attrs, public_ipv6=attrs.public_ipv6 or ext.public_ipv6)
+        else:
+            attrs = dataclasses.replace(attrs, public_ipv6=None, backend_v6_data=None)
         self.manager = LeaseManager(
-            self.registry, self.config, self.network.lease_attrs,
-            previous=read_previous_subnet(self.subnet_file),
+            self.registry, self.config, attrs, families=fams,
+            previous=read_previous_subnet(self.subnet_file) if 4 in fams else None,
+            previous6=read_previous_ipv6_subnet(self.subnet_file) if 6 in fams else None,
             ttl=o.subnet_lease_ttl, renew_margin=o.subnet_lease_renew_margin * 60.0,
         )
         lease = await self.manager.acquire()
@@ -485,13 +548,13 @@ class Daemon:
         except Exception as exc:  # noqa: BLE001 - the first sync's netlink reads and writes
             raise StartupError(
                 f"cannot program the {self.config.backend_type} backend for subnet"
-                f" {lease.subnet}: {describe_error(exc)}") from None
+                f" {lease.describe()}: {describe_error(exc)}") from None
         try:
             self._write_subnet_file(lease)
         except SubnetFileError as exc:
             raise StartupError(str(exc)) from None
-        if o.ip_masq or o.iptables_forward_rules:
-            # A lease is held, and only a subnet of an IPv4 Network can be leased.
+        if (o.ip_masq or o.iptables_forward_rules) and 4 in fams:
+            # The IPv4 rules; ip6tables' come with the backends' IPv6 (issue 14).
             assert self.config.network is not None
             self.iptables = IptablesKeeper(
                 self._iptables_factory(), self.config.network, lease.subnet, ip_masq=o.ip_masq,

@@ -118,9 +118,15 @@ def manager_families(
     lease = m.lease
     if lease is not None and not m.lease_lost:
         backend = config.backend_type if config is not None else ""
-        yield InfoMetricFamily("tweed_lease", "the subnet lease this host holds", value={
-            "subnet": str(lease.subnet), "public_ip": str(lease.attrs.public_ip),
-            "backend": backend, "reservation": "true" if lease.reservation else "false"})
+        labels = {
+            "subnet": str(lease.subnet) if lease.has_ipv4 else "",
+            "public_ip": str(lease.attrs.public_ip) if lease.has_ipv4 else "",
+            "backend": backend, "reservation": "true" if lease.reservation else "false"}
+        if lease.ipv6_subnet is not None:  # dual stack or IPv6-only: the IPv6 part too
+            labels["ipv6_subnet"] = str(lease.ipv6_subnet)
+            labels["public_ipv6"] = str(lease.attrs.public_ipv6 or "")
+        yield InfoMetricFamily("tweed_lease", "the subnet lease this host holds",
+                               value=labels)
         if lease.expires_at is not None:
             # expires_at is on the manager's monotonic clock; Prometheus wants wall time.
             expiry = time.time() + (lease.expires_at - m.clock())

@@ -70,6 +70,15 @@ def _ipv4_or_empty(text: str) -> str:
     return text
 
 
+def _ipv6_or_empty(text: str) -> str:
+    if text:
+        try:
+            ipaddress.IPv6Address(text)
+        except ValueError:
+            raise ValueError("must be an IPv6 address") from None
+    return text
+
+
 def _regex(text: str) -> str:
     try:
         re.compile(text)
@@ -160,6 +169,8 @@ class Options:
                                  "pick the interface that routes to this IP")
     public_ip: str = value(_ipv4_or_empty, "",
                            "IP accessible by other nodes for inter-host traffic")
+    public_ipv6: str = value(_ipv6_or_empty, "",
+                             "IPv6 accessible by other nodes for inter-host traffic")
     subnet_file: str = value(_str, "/run/flannel/subnet.env", "file the subnet env is written to")
     subnet_lease_renew_margin: int = value(
         _int_range(1, 1439), 60, "renew the lease this many minutes before it expires")

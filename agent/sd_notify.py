@@ -140,7 +140,7 @@ def daemon_status(daemon: AgentState) -> tuple[bool, str]:
     manager, config = daemon.manager, daemon.config
     # Ready means a config is running and a lease is held.
     assert manager is not None and manager.lease is not None and config is not None
-    parts = [f"ready: subnet {manager.lease.subnet}, backend {config.backend_type}"]
+    parts = [f"ready: subnet {manager.lease.describe()}, backend {config.backend_type}"]
     if not manager.etcd_reachable:
         parts.append("etcd unreachable, retrying (data path unaffected)")
     if daemon.config_state != "running":

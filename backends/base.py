@@ -5,6 +5,13 @@ that, by the config's Backend.Type); `register_network(config)` gives a Network,
 says what to advertise in our lease (`lease_attrs`) and which MTU containers get, is
 `setup()` once the lease is held, then takes batches of peer events (`apply`) and runs
 its own periodic resync (`run`) until `close()`.
+
+Address families are a capability of the Backend class: `families`, a class attribute,
+says which it carries ({4} when a backend does not say; `carried_families` reads it). The
+daemon leases, advertises and writes to subnet.env only the families that the config
+enables and the backend carries, so a backend that gains IPv6 sets `families =
+frozenset({4, 6})` and is handed leases with an IPv6 part (`Lease.ipv6_subnet`, peers'
+`PeerLease.ipv6_subnet` and `LeaseAttrs.public_ipv6`).
 """
 
 from __future__ import annotations
@@ -20,7 +27,17 @@ from backends.external_iface import ExternalInterface
 from backends.kernel.sync import KernelSync
 from backends.kernel.types import Netlink
 
-__all__ = ["Backend", "BackendContext", "BackendError", "ExternalInterface", "Network"]
+__all__ = ["DEFAULT_FAMILIES", "Backend", "BackendContext", "BackendError",
+           "ExternalInterface", "Network", "carried_families"]
+
+#: What a backend that does not say carries: IPv4 only.
+DEFAULT_FAMILIES: frozenset[int] = frozenset({4})
+
+
+def carried_families(backend: object) -> frozenset[int]:
+    """The address families a Backend class (or instance) carries: its `families`
+    attribute, {4} when it has none."""
+    return frozenset(getattr(backend, "families", DEFAULT_FAMILIES))
 
 
 @dataclass(frozen=True)
@@ -79,7 +96,11 @@ class Network(Protocol):
 
 
 class Backend(Protocol):
-    """A way of carrying packets between hosts; built as `cls(ctx)` by the registry."""
+    """A way of carrying packets between hosts; built as `cls(ctx)` by the registry.
+
+    May also have `families: frozenset[int]` (a class attribute; see carried_families):
+    not a protocol member, so that backends which carry IPv4 only need not say so.
+    """
 
     name: str
 

@@ -5,13 +5,21 @@ flanneld's rules: `--iface` (names or IPs, first match wins), else `--iface-rege
 would route to that IP), else the interface of the default route. `--public-ip` overrides
 the address advertised to peers. The choice is pure (`choose_interface`); reading the
 links is the caller's I/O.
+
+IPv6 (when the lease has an IPv6 part): `--iface` may name an IPv6 address of the
+interface; the interface's IPv6 address is that one, else its first global one (in the
+kernel's order, as flanneld reads it; link-local ones are never taken, as peers on other
+links cannot reach them); `--public-ipv6` overrides the IPv6 address advertised. The
+IPv6 addresses come in beside the links (`addresses6`: ifindex -> addresses), as the
+Link type holds IPv4 ones only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from backends.kernel.types import Link
@@ -27,6 +35,10 @@ class ExternalInterface:
     iface_addr: ipaddress.IPv4Address  # the address on the interface
     public_ip: ipaddress.IPv4Address  # what peers send to (--public-ip, else iface_addr)
     network: ipaddress.IPv4Network | None = None  # the L2 segment of iface_addr
+    #: The IPv6 address on the interface, and what peers send IPv6 to (--public-ipv6,
+    #: else iface_addr6); both None unless the lease has an IPv6 part.
+    iface_addr6: ipaddress.IPv6Address | None = None
+    public_ipv6: ipaddress.IPv6Address | None = None
 
     def on_segment(self, ip: ipaddress.IPv4Address) -> bool:
         """True if `ip` is directly reachable on this interface's segment."""
@@ -58,7 +70,27 @@ def _ext(link: Link, addr: ipaddress.IPv4Address | None, public_ip: str) -> Exte
     return ExternalInterface(link.name, link.index, link.mtu, addr, pub, network)
 
 
-def _by_iface(links: Sequence[Link], want: str, public_ip: str) -> ExternalInterface | None:
+def global_ipv6(addresses: Sequence[ipaddress.IPv6Address]) -> ipaddress.IPv6Address | None:
+    """The first address peers on other links can reach (not link-local, loopback,
+    multicast or unspecified); ULAs (fd00::/8) count, as in Go's IsGlobalUnicast."""
+    for a in addresses:
+        if not (a.is_link_local or a.is_loopback or a.is_multicast or a.is_unspecified):
+            return a
+    return None
+
+
+def _by_iface(links: Sequence[Link], want: str, public_ip: str,
+              addresses6: Mapping[int, Sequence[ipaddress.IPv6Address]] | None = None,
+              ) -> ExternalInterface | None:
+    try:
+        ip6 = ipaddress.IPv6Address(want)
+    except ValueError:
+        ip6 = None
+    if ip6 is not None:
+        for link in links:
+            if ip6 in (addresses6 or {}).get(link.index, ()):
+                return dataclasses.replace(_ext(link, None, public_ip), iface_addr6=ip6)
+        return None
     try:
         ip = ipaddress.IPv4Address(want)
     except ValueError:
@@ -91,13 +123,43 @@ def choose_interface(
     can_reach_oif: int | None = None,
     default_oif: int | None = None,
     public_ip: str = "",
+    ipv6: bool = False,
+    addresses6: Mapping[int, Sequence[ipaddress.IPv6Address]] | None = None,
+    public_ipv6: str = "",
 ) -> ExternalInterface:
     """Apply flanneld's interface rules to `links`: each --iface in turn, then each
-    --iface-regex, then --iface-can-reach; the default route only when none is given."""
+    --iface-regex, then --iface-can-reach; the default route only when none is given.
+    With `ipv6` (the lease has an IPv6 part) the result also says the interface's IPv6
+    address and the one to advertise; InterfaceError when there is neither."""
+    ext = _choose(links, iface, iface_regex, can_reach_oif, default_oif, public_ip,
+                  addresses6)
+    if not ipv6:
+        return dataclasses.replace(ext, iface_addr6=None, public_ipv6=None)
+    addr6 = ext.iface_addr6 or global_ipv6((addresses6 or {}).get(ext.index, ()))
+    pub6 = ipaddress.IPv6Address(public_ipv6) if public_ipv6 else addr6
+    if pub6 is None:
+        raise InterfaceError(
+            f"interface {ext.name} has no global IPv6 address to advertise for the IPv6"
+            " subnet: give it one, or set --public-ipv6")
+    return dataclasses.replace(ext, iface_addr6=addr6, public_ipv6=pub6)
+
+
+def _choose(
+    links: Sequence[Link],
+    iface: Sequence[str],
+    iface_regex: Sequence[str],
+    can_reach_oif: int | None,
+    default_oif: int | None,
+    public_ip: str,
+    addresses6: Mapping[int, Sequence[ipaddress.IPv6Address]] | None,
+) -> ExternalInterface:
     problems: list[str] = []
     # (flag as named in errors, search, its argument, what to say when nothing is found)
+    def by_iface(links: Sequence[Link], want: str, public_ip: str) -> ExternalInterface | None:
+        return _by_iface(links, want, public_ip, addresses6)
+
     searches: list[tuple[str, _Search, str, str]] = [
-        *((f"--iface {w}", _by_iface, w, "no such interface or address") for w in iface),
+        *((f"--iface {w}", by_iface, w, "no such interface or address") for w in iface),
         *((f"--iface-regex {p}", _by_regex, p, "nothing matches") for p in iface_regex),
     ]
     for flag, search, want, missing in searches:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from agent.options import FLAGS, EtcdSettings, Options, etcd_settings, parse_args
+from agent.options import FLAGS, EtcdSettings, Options, UsageError, etcd_settings, parse_args
 
 
 def test_every_option_is_a_flag_in_declaration_order() -> None:
@@ -23,7 +23,8 @@ def test_variable_and_attribute_are_derived_from_the_name() -> None:
 
 def test_every_flag_is_read_from_its_variable() -> None:
     samples = {"iface": "eth3", "iface-regex": "^eth", "iface-can-reach": "10.9.9.9",
-               "public-ip": "10.9.9.8", "healthz-ip": "10.9.9.7", "subnet-lease-ttl": "77"}
+               "public-ip": "10.9.9.8", "public-ipv6": "fd00::8", "healthz-ip": "10.9.9.7",
+               "subnet-lease-ttl": "77"}
     for flag in FLAGS:
         if flag.is_bool:
             text = "false" if flag.default else "true"
@@ -69,3 +70,16 @@ def test_etcd_settings_take_every_etcd_flag() -> None:
     # Every --etcd-* flag but the endpoints has its field.
     fields = {f.name for f in dataclasses.fields(EtcdSettings)}
     assert {f.attr.removeprefix("etcd_") for f in FLAGS if f.name.startswith("etcd-")} == fields
+
+
+def test_public_ipv6_flag_and_variable() -> None:
+    assert parse_args(["--public-ipv6=fd00:1::2"], {}).public_ipv6 == "fd00:1::2"
+    assert parse_args([], {"FLANNELD_PUBLIC_IPV6": "fd00:1::3"}).public_ipv6 == "fd00:1::3"
+    for bad in ("10.0.0.1", "fd00::zz"):
+        try:
+            parse_args([f"--public-ipv6={bad}"], {})
+        except UsageError as exc:
+            assert str(exc) == (f"invalid value {bad!r} for --public-ipv6: must be an IPv6"
+                                " address")
+        else:
+            raise AssertionError(f"--public-ipv6={bad} was taken")

@@ -149,7 +149,7 @@ def test_watchdog_interval_defaults_to_our_environment(monkeypatch) -> None:
 def _daemon(reason=None, reachable=True, config_state="running"):
     return SimpleNamespace(
         not_ready_reason=lambda: reason,
-        manager=SimpleNamespace(lease=SimpleNamespace(subnet="10.5.7.0/24"),
+        manager=SimpleNamespace(lease=SimpleNamespace(describe=lambda: "10.5.7.0/24"),
                                 etcd_reachable=reachable),
         config=SimpleNamespace(backend_type="vxlan"),
         config_state=config_state,
