@@ -330,9 +330,9 @@ class LeaseManager:
         if v4 is None and v6 is None:
             # Nothing this host routes: an IPv6-only key in an IPv4 cluster, or the reverse.
             self.counters.outside_network += 1
-            missing = "an IPv4 part" if 4 in fams else "an IPv6 part"
-            self._warn_once(name, f"the key has no {missing}, and this host leases only"
-                                  f" IPv{min(fams)}")
+            missing = "IPv4" if 4 in fams else "IPv6"
+            self._warn_once(name, f"the key has no {missing} part, and this host leases"
+                                  f" only IPv{min(fams)}")
             return None
         if v4 is not None and config.network is not None and not _inside(v4, config.network):
             self.counters.outside_network += 1
