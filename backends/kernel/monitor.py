@@ -10,6 +10,12 @@ compares are parsed (`parse`, pure), into the same Route/Neigh/Fdb values the ba
 desire, so that `drifted(event, desired)` can tell an echo of our own write (it matches the
 desired state) from a change made behind our back.
 
+Every route tweed writes comes back here as a notification of its own, so a cold start at
+20,000 peers parses 20,000 echoes on the event loop while the netlink thread writes (and
+waits for the GIL between its sends): parsing is kept to a few microseconds a message
+(attributes read in one pass, no per-message dict or copy, the network built from its
+integer without `IPv4Network.__init__`'s parsing, events as tuples).
+
 A full receive buffer makes the kernel drop notifications and report ENOBUFS on the next
 read (flannel issue #1718): after that nothing said here can be trusted, and the owner is
 told (`on_lost`) so that it re-reads the kernel.
@@ -24,8 +30,9 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from backends.kernel.types import Fdb, Neigh, Route
 
@@ -49,6 +56,9 @@ NDMSG = struct.Struct("=BxxxiHBB")  # family, ifindex, state, flags, type
 IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
 RTA = struct.Struct("=HH")  # len, type
+_U32 = struct.Struct("=I")
+_I32 = struct.Struct("=i")
+_BE32 = struct.Struct(">I")
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
 NDA_DST, NDA_LLADDR = 1, 2
 IFLA_IFNAME = 3
@@ -69,53 +79,135 @@ READS_PER_WAKEUP = 256
 SO_RCVBUFFORCE = 33
 
 
-@dataclass(frozen=True, slots=True)
+class RawRoute(NamedTuple):
+    """A route notification's fields as the kernel sent them, before any object is made
+    of them: what `drifted` compares with the routes the last plan wrote."""
+
+    dst: int
+    dst_len: int
+    gateway: int  # 0: none
+    oif: int
+    onlink: bool
+
+    def route(self) -> Route:
+        return Route(network(self.dst, self.dst_len),
+                     ipaddress.IPv4Address(self.gateway) if self.gateway else None,
+                     self.oif, self.onlink)
+
+
 class KernelEvent:
     """One notification: a route, neighbour or FDB entry (`entry`), a link (`link`, as
     (index, name)) or an IPv4 address of device `address` was added/changed (`op` "new")
-    or deleted ("del")."""
+    or deleted ("del").
 
-    op: str
-    entry: Route | Neigh | Fdb | None = None
-    link: tuple[int, str] | None = None
-    address: int | None = None
-    #: Neighbours: whether the entry is NUD_PERMANENT (the only kind tweed writes).
-    permanent: bool = True
+    A route notification keeps its raw fields (`raw`) and makes its Route only when asked
+    for `entry`: the echo of a route we wrote is recognised from the raw fields (`drifted`),
+    and a cold start is one echo per route written."""
+
+    __slots__ = ("_entry", "address", "link", "op", "permanent", "raw")
+
+    def __init__(
+        self, op: str, entry: Route | Neigh | Fdb | None = None,
+        link: tuple[int, str] | None = None, address: int | None = None,
+        permanent: bool = True, raw: RawRoute | None = None,
+    ) -> None:
+        self.op = op
+        self._entry = entry
+        self.link = link
+        self.address = address
+        #: Neighbours: whether the entry is NUD_PERMANENT (the only kind tweed writes).
+        self.permanent = permanent
+        self.raw = raw
+
+    @property
+    def entry(self) -> Route | Neigh | Fdb | None:
+        if self._entry is None and self.raw is not None:
+            self._entry = self.raw.route()
+        return self._entry
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.op, self.entry, self.link, self.address, self.permanent)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, KernelEvent):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        op, entry, link, address, permanent = self._key()
+        return (f"KernelEvent({op!r}, {entry!r}, link={link!r}, address={address!r}, "
+                f"permanent={permanent!r})")
 
 
-def _attrs(buf: bytes, off: int, end: int) -> dict[int, bytes]:
+def _attrs(buf: bytes | bytearray, off: int, end: int) -> dict[int, bytes]:
     out: dict[int, bytes] = {}
     while off + 4 <= end:
         length, kind = RTA.unpack_from(buf, off)
         if length < 4:
             break
-        out[kind & 0x3FFF] = buf[off + 4: off + length]  # without NLA_F_NESTED & co
+        out[kind & 0x3FFF] = bytes(buf[off + 4: off + length])  # without NLA_F_NESTED & co
         off += (length + 3) & ~3
     return out
 
 
 def _mac(raw: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in raw)
+    return raw.hex(":")
 
 
-def _route(buf: bytes, off: int, end: int) -> Route | None:
+#: (netmask, prefix length, host bits) by prefix length; the first two as IPv4Network's own
+#: constructor sets them.
+_MASKS = [(m, n, ~int(m) & 0xFFFFFFFF)
+          for n in range(33) for m in [ipaddress.IPv4Network((0, n)).netmask]]
+_new = object.__new__
+
+
+def network(addr: int, prefixlen: int) -> ipaddress.IPv4Network:
+    """`IPv4Network((addr, prefixlen))`, equal in every respect (tests/unit/
+    test_monitor_parse.py compares the attributes), at a quarter of the cost: the
+    constructor parses its argument in general ways, and a cold start builds one network
+    per echoed route. /31 and /32 (whose `hosts` differ) and a host part that is not zero
+    (ValueError) take the constructor's way."""
+    mask, plen, host = _MASKS[prefixlen]
+    if prefixlen > 30 or addr & host:
+        return ipaddress.IPv4Network((addr, prefixlen))
+    net: ipaddress.IPv4Network = _new(ipaddress.IPv4Network)
+    net.__dict__.update(network_address=ipaddress.IPv4Address(addr), netmask=mask,
+                        _prefixlen=plen)
+    return net
+
+
+def _route(buf: bytes | bytearray, off: int, end: int) -> RawRoute | None:
     _fam, dst_len, _s, _t, table, _p, _sc, rtype, flags = RTMSG.unpack_from(buf, off)
-    a = _attrs(buf, off + RTMSG.size, end)
-    if RTA_TABLE in a:
-        table = struct.unpack("=I", a[RTA_TABLE][:4])[0]
-    if table != RT_TABLE_MAIN or rtype != RTN_UNICAST:
+    if rtype != RTN_UNICAST:
         return None
-    dst = int.from_bytes(a.get(RTA_DST, b"\0\0\0\0")[:4], "big")
-    gw = a.get(RTA_GATEWAY)
-    oif = struct.unpack("=i", a[RTA_OIF][:4])[0] if RTA_OIF in a else 0
-    # From the integer: a third of the cost of formatting and parsing "a.b.c.d/len", and
-    # a cold start echoes one route per peer.
-    return Route(ipaddress.IPv4Network((dst, dst_len)),
-                 ipaddress.IPv4Address(gw[:4]) if gw and len(gw) >= 4 else None,
-                 oif, bool(flags & RTNH_F_ONLINK))
+    dst = oif = gw = 0
+    off += RTMSG.size
+    while off + 4 <= end:  # the attributes in one pass (`_attrs`, without its dict)
+        length, kind = RTA.unpack_from(buf, off)
+        if length < 4:
+            break
+        kind &= 0x3FFF
+        if length >= 8:
+            if kind == RTA_DST:
+                dst = _BE32.unpack_from(buf, off + 4)[0]
+            elif kind == RTA_GATEWAY:
+                gw = _BE32.unpack_from(buf, off + 4)[0]
+            elif kind == RTA_OIF:
+                oif = _I32.unpack_from(buf, off + 4)[0]
+            elif kind == RTA_TABLE:
+                table = _U32.unpack_from(buf, off + 4)[0]
+        off += (length + 3) & ~3
+    if table != RT_TABLE_MAIN:
+        return None
+    if dst_len > 32 or dst & _MASKS[dst_len][2]:
+        return None  # no IPv4 network: nothing of ours
+    return RawRoute(dst, dst_len, gw, oif, bool(flags & RTNH_F_ONLINK))
 
 
-def _neigh(buf: bytes, off: int, end: int, op: str) -> KernelEvent | None:
+def _neigh(buf: bytes | bytearray, off: int, end: int, op: str) -> KernelEvent | None:
     family, index, state, _flags, _type = NDMSG.unpack_from(buf, off)
     a = _attrs(buf, off + NDMSG.size, end)
     dst, mac = a.get(NDA_DST), a.get(NDA_LLADDR)
@@ -133,7 +225,7 @@ def _neigh(buf: bytes, off: int, end: int, op: str) -> KernelEvent | None:
     return None
 
 
-def _link(buf: bytes, off: int, end: int, op: str) -> KernelEvent:
+def _link(buf: bytes | bytearray, off: int, end: int, op: str) -> KernelEvent:
     _fam, _type, index, _flags, _change = IFINFOMSG.unpack_from(buf, off)
     name = _attrs(buf, off + IFINFOMSG.size, end).get(IFLA_IFNAME, b"").split(b"\0")[0]
     return KernelEvent(op, link=(index, name.decode(errors="replace")))
@@ -143,7 +235,14 @@ def parse(buf: bytes) -> list[KernelEvent]:
     """The events in one datagram of notifications; what tweed never writes (other tables,
     other families, non-unicast routes) is left out, and a truncated message ends it."""
     out: list[KernelEvent] = []
-    off, size = 0, len(buf)
+    parse_into(buf, len(buf), out)
+    return out
+
+
+def parse_into(buf: bytes | bytearray, size: int, out: list[KernelEvent]) -> None:
+    """`parse` of the first `size` bytes of `buf`, appending to `out` (no copy of a
+    receive buffer, no list per datagram)."""
+    off = 0
     while off + NLMSG_HDR.size <= size:
         length, kind, _flags, _seq, _pid = NLMSG_HDR.unpack_from(buf, off)
         if length < NLMSG_HDR.size or off + length > size:
@@ -151,9 +250,9 @@ def parse(buf: bytes) -> list[KernelEvent]:
         body, end = off + NLMSG_HDR.size, off + length
         try:
             if kind in (RTM_NEWROUTE, RTM_DELROUTE) and end - body >= RTMSG.size:
-                route = _route(buf, body, end)
-                if route is not None:
-                    out.append(KernelEvent("new" if kind == RTM_NEWROUTE else "del", route))
+                raw = _route(buf, body, end)
+                if raw is not None:
+                    out.append(KernelEvent("new" if kind == RTM_NEWROUTE else "del", raw=raw))
             elif kind in (RTM_NEWNEIGH, RTM_DELNEIGH) and end - body >= NDMSG.size:
                 ev = _neigh(buf, body, end, "new" if kind == RTM_NEWNEIGH else "del")
                 if ev is not None:
@@ -168,7 +267,6 @@ def parse(buf: bytes) -> list[KernelEvent]:
         except (struct.error, ValueError):
             pass  # a malformed message says nothing we could act on; the next one may
         off += (length + 3) & ~3
-    return out
 
 
 @dataclass
@@ -185,12 +283,48 @@ class Desired:
     fdb: Mapping[str, Fdb] = field(default_factory=dict)
     #: The devices tweed uses, index -> name.
     links: Mapping[int, str] = field(default_factory=dict)
+    #: The routes the plan is writing, by `route_key`, until their echoes came back
+    #: (`drifted` takes each out as its echo arrives; None once all did).
+    written: dict[int, Route] | None = None
+
+
+def route_key(dst: int, dst_len: int) -> int:
+    """One integer for a route's destination (`Desired.written`'s key)."""
+    return dst << 6 | dst_len
+
+
+def written_index(routes: Iterable[Route]) -> dict[int, Route] | None:
+    """`Desired.written` for the routes a plan writes (None for none)."""
+    out = {route_key(int(r.dst.network_address), r.dst.prefixlen): r for r in routes}
+    return out or None
+
+
+def _as_written(raw: RawRoute, want: Desired) -> bool:
+    """Whether `raw` (a route added or replaced) is a route the plan wrote, exactly as
+    written: then it is our own echo, and it is taken out of `want.written`."""
+    written = want.written
+    if written is None:
+        return False
+    key = route_key(raw.dst, raw.dst_len)
+    r = written.get(key)
+    if (r is None or r.oif != raw.oif or r.onlink != raw.onlink
+            or (int(r.gateway) if r.gateway is not None else 0) != raw.gateway):
+        return False
+    del written[key]
+    if not written:
+        want.written = None  # a dict keeps its size when emptied
+    return True
 
 
 def drifted(ev: KernelEvent, want: Desired) -> bool:
     """Whether `ev` may have left the kernel other than `want`: an entry we want was
     deleted or changed, or one we would delete appeared. Echoes of our own writes (the
-    entry as desired, or the deletion of one we no longer want) are not."""
+    entry as desired, or the deletion of one we no longer want) are not.
+
+    A route the plan wrote that comes back as written (`want.written`) is an echo, known
+    from the raw fields without making a Route: a cold start hears one per peer."""
+    if ev.raw is not None and ev.op == "new" and _as_written(ev.raw, want):
+        return False
     e = ev.entry
     if isinstance(e, Route):
         desired = want.routes.get(e.dst)
@@ -273,10 +407,10 @@ class KernelMonitor:
         assert self._sock is not None
         events: list[KernelEvent] = []
         lost = False
-        view = memoryview(self._buf)
+        buf, recv_into = self._buf, self._sock.recv_into
         for _ in range(READS_PER_WAKEUP):
             try:
-                n = self._sock.recv_into(self._buf)
+                n = recv_into(buf)
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -286,7 +420,7 @@ class KernelMonitor:
                 log.error("kernel notifications: %s", exc)
                 lost = True  # what it cost us is unknown: treat it as a loss
                 break
-            events.extend(parse(bytes(view[:n])))
+            parse_into(buf, n, events)
         if lost:
             self._rearm()
         if events:
