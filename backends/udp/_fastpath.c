@@ -104,6 +104,7 @@ struct vnet_hdr {
 #define VNET_F_NEEDS_CSUM 1
 #define VNET_GSO_NONE 0
 #define VNET_GSO_TCPV4 1
+#define VNET_GSO_TCPV6 4
 #define VNET_GSO_ECN 0x80
 
 #define BATCH 64          /* TUN reads per send batch (TUN_BATCH in datapath.py) */
@@ -164,7 +165,30 @@ struct routes {
     struct table len[33];   /* by prefix length */
     uint8_t order[33];      /* the lengths present, longest first */
     int nlen;
-    struct table peers;     /* peer -> number of subnets */
+    struct table peers;     /* peer -> number of subnets (v4 and v6 subnets alike) */
+};
+
+/* The same for IPv6 subnets (issue 14): 128-bit keys as two 64-bit halves, in host
+ * order, the value still a peer's v4 underlay address (this loop has one AF_INET socket:
+ * peers at v6 underlay addresses are the python datapath's). Our v6 subnet lives here
+ * too, under the same lock: the receive side reads it in the same locked section as the
+ * sender's source check, and set_subnet may change it while the thread runs. */
+struct slot6 {
+    uint64_t hi, lo;
+    uint32_t val, used;
+};
+
+struct table6 {
+    struct slot6 *slots;
+    uint32_t cap, bits, count;
+};
+
+struct routes6 {
+    struct table6 len[129];
+    uint8_t order[129];
+    int nlen;
+    uint64_t own_hi, own_lo; /* our v6 subnet's network address (flannel0's)... */
+    int own_plen;            /* ...and prefix length; 0: not set */
 };
 
 /* One packet to send: two iovecs (headers, payload; a plain packet leaves the second
@@ -203,6 +227,7 @@ typedef struct {
     int running;           /* Python's side only (under the GIL) */
     pthread_rwlock_t lock; /* the routes: the packet thread reads, Python writes */
     struct routes routes;
+    struct routes6 routes6; /* under the same lock */
     _Atomic uint64_t counters[NCOUNTERS];
     /* send side */
     uint8_t *txbuf;        /* TX_ARENA: packets as read from the TUN */
@@ -336,15 +361,21 @@ static void put_be32(uint8_t *p, uint32_t v)
  * the IP id and TCP sequence advanced, FIN and PSH on the last only, CWR on the first
  * only, and both checksums computed. Returns the count, -1 if malformed, -2 if more than
  * `max` packets would be needed. */
+static int tso_split6(const struct vnet_hdr *h, uint8_t *p, size_t n, uint8_t *hdrs,
+                      struct iovec *iov, uint32_t *len, int max);
+
 static int tso_split(const struct vnet_hdr *h, uint8_t *p, size_t n, uint8_t *hdrs,
                      struct iovec *iov, uint32_t *len, int max)
 {
-    if (n < 20 || p[0] >> 4 != 4 || max < 1)
-        return max < 1 ? -2 : -1;
+    int v6 = n >= 40 && p[0] >> 4 == 6;
+    if (max < 1)
+        return -2;
+    if (!v6 && (n < 20 || p[0] >> 4 != 4))
+        return -1;
     if (h->gso_type == VNET_GSO_NONE) {
         if (h->flags & VNET_F_NEEDS_CSUM) {
             size_t at = (size_t)h->csum_start + h->csum_offset;
-            if (h->csum_start < 20 || at + 2 > n)
+            if (h->csum_start < (v6 ? 40 : 20) || at + 2 > n)
                 return -1;
             /* The field holds the pseudo-header sum: summing over it finishes the job.
              * A result of 0 goes out as 0xFFFF, as the kernel does: for UDP, 0 would
@@ -361,6 +392,8 @@ static int tso_split(const struct vnet_hdr *h, uint8_t *p, size_t n, uint8_t *hd
         len[0] = (uint32_t)n;
         return 1;
     }
+    if (v6)
+        return tso_split6(h, p, n, hdrs, iov, len, max);
     if ((h->gso_type & ~VNET_GSO_ECN) != VNET_GSO_TCPV4 || h->gso_size == 0)
         return -1;
     size_t ihl = (size_t)(p[0] & 0x0F) * 4;
@@ -394,6 +427,54 @@ static int tso_split(const struct vnet_hdr *h, uint8_t *p, size_t n, uint8_t *hd
         tcp[13] = f;
         tcp[16] = tcp[17] = 0;
         uint64_t acc = pseudo_sum(s, 6, thl + plen);
+        acc = sum_add(acc, tcp, thl);
+        acc = sum_add(acc, data, plen);
+        put_csum(tcp + 16, acc);
+        iov[2 * k].iov_base = s;
+        iov[2 * k].iov_len = hl;
+        iov[2 * k + 1].iov_base = (void *)data;
+        iov[2 * k + 1].iov_len = plen;
+        len[k] = (uint32_t)(hl + plen);
+    }
+    return (int)nseg;
+}
+
+/* tso_split for a TCP/IPv6 super-packet (TSO6): the same cut, with the v6 header's
+ * payload length set per segment (no IP id, no header checksum) and the TCP checksum over
+ * the v6 pseudo header. The TCP header must follow the fixed header directly: the kernel
+ * hands over extension headers rarely, and such a packet is refused as malformed. */
+static int tso_split6(const struct vnet_hdr *h, uint8_t *p, size_t n, uint8_t *hdrs,
+                      struct iovec *iov, uint32_t *len, int max)
+{
+    if ((h->gso_type & ~VNET_GSO_ECN) != VNET_GSO_TCPV6 || h->gso_size == 0)
+        return -1;
+    if (p[6] != 6 || n < 60)
+        return -1;
+    size_t thl = (size_t)(p[52] >> 4) * 4, hl = 40 + thl;
+    if (thl < 20 || hl >= n || hl > HDR_SLOT)
+        return -1;
+    size_t mss = h->gso_size, payload = n - hl;
+    size_t nseg = (payload + mss - 1) / mss;
+    if (nseg > (size_t)max)
+        return -2;
+    uint32_t seq = be32(p + 44);
+    uint8_t flags = p[53];
+    for (size_t k = 0; k < nseg; k++) {
+        size_t plen = k + 1 < nseg ? mss : payload - k * mss;
+        uint8_t *s = hdrs + k * HDR_SLOT, *tcp = s + 40;
+        const uint8_t *data = p + hl + k * mss;
+        memcpy(s, p, hl);
+        put_be16(s + 4, (uint32_t)(thl + plen));
+        put_be32(tcp + 4, seq + (uint32_t)(k * mss));
+        uint8_t f = flags;
+        if (k + 1 < nseg)
+            f &= (uint8_t)~0x09; /* FIN, PSH: last segment only */
+        if (k > 0)
+            f &= (uint8_t)~0x80; /* CWR: first segment only */
+        tcp[13] = f;
+        tcp[16] = tcp[17] = 0;
+        /* v6 pseudo header: addresses, 32-bit length (under 64 KiB: its high word 0), 6. */
+        uint64_t acc = sum_add(0, s + 8, 32) + htons((uint16_t)(thl + plen)) + htons(6);
         acc = sum_add(acc, tcp, thl);
         acc = sum_add(acc, data, plen);
         put_csum(tcp + 16, acc);
@@ -682,6 +763,228 @@ static int source_check(Core *c, uint32_t peer, uint32_t src)
     return known;
 }
 
+/* ---- IPv6 routes -------------------------------------------------------------------
+ * The v4 table's twin on 128-bit keys (backends/udp/lpm.py with width 128): one
+ * open-addressing table per prefix length, probed longest first. */
+
+static void mask6(int plen, uint64_t *hi, uint64_t *lo)
+{
+    *hi = plen >= 64 ? ~(uint64_t)0 : plen ? ~(uint64_t)0 << (64 - plen) : 0;
+    *lo = plen <= 64 ? 0 : ~(uint64_t)0 << (128 - plen);
+}
+
+/* Fibonacci hashing of the key folded to 32 bits (a /64's low half is all zero). */
+static uint32_t slot6_of(const struct table6 *t, uint64_t hi, uint64_t lo)
+{
+    uint64_t f = hi ^ lo;
+    uint32_t k = (uint32_t)(f ^ (f >> 32));
+    return t->bits ? (uint32_t)(k * 2654435769u) >> (32 - t->bits) : 0;
+}
+
+static struct slot6 *table6_find(const struct table6 *t, uint64_t hi, uint64_t lo)
+{
+    if (!t->count)
+        return NULL;
+    uint32_t m = t->cap - 1;
+    for (uint32_t i = slot6_of(t, hi, lo);; i = (i + 1) & m) {
+        struct slot6 *s = &t->slots[i];
+        if (!s->used)
+            return NULL;
+        if (s->hi == hi && s->lo == lo)
+            return s;
+    }
+}
+
+/* As table_reserve: at most half full; -1 if out of memory, the table unchanged. */
+static int table6_reserve(struct table6 *t)
+{
+    if (2 * (t->count + 1) <= t->cap)
+        return 0;
+    uint32_t bits = t->cap ? t->bits + 1 : 3, cap = 1u << bits;
+    struct slot6 *slots = PyMem_RawCalloc(cap, sizeof *slots);
+    if (!slots)
+        return -1;
+    struct table6 bigger = {slots, cap, bits, t->count};
+    for (uint32_t i = 0; i < t->cap; i++) {
+        if (!t->slots[i].used)
+            continue;
+        uint32_t j = slot6_of(&bigger, t->slots[i].hi, t->slots[i].lo);
+        while (slots[j].used)
+            j = (j + 1) & (cap - 1);
+        slots[j] = t->slots[i];
+    }
+    PyMem_RawFree(t->slots);
+    *t = bigger;
+    return 0;
+}
+
+static void table6_put(struct table6 *t, uint64_t hi, uint64_t lo, uint32_t val)
+{
+    uint32_t m = t->cap - 1, i = slot6_of(t, hi, lo);
+    while (t->slots[i].used && !(t->slots[i].hi == hi && t->slots[i].lo == lo))
+        i = (i + 1) & m;
+    if (!t->slots[i].used)
+        t->count++;
+    t->slots[i] = (struct slot6){hi, lo, val, 1};
+}
+
+/* Backward-shift deletion, as table_del. */
+static void table6_del(struct table6 *t, uint64_t hi, uint64_t lo)
+{
+    struct slot6 *s = table6_find(t, hi, lo);
+    if (!s)
+        return;
+    uint32_t m = t->cap - 1, hole = (uint32_t)(s - t->slots);
+    for (uint32_t j = (hole + 1) & m; t->slots[j].used; j = (j + 1) & m) {
+        uint32_t home = slot6_of(t, t->slots[j].hi, t->slots[j].lo);
+        int stays = hole <= j ? (hole < home && home <= j) : (hole < home || home <= j);
+        if (!stays) {
+            t->slots[hole] = t->slots[j];
+            hole = j;
+        }
+    }
+    t->slots[hole].used = 0;
+    if (--t->count == 0) {
+        PyMem_RawFree(t->slots);
+        *t = (struct table6){0};
+    }
+}
+
+static void routes6_reorder(struct routes6 *r)
+{
+    r->nlen = 0;
+    for (int plen = 128; plen >= 0; plen--)
+        if (r->len[plen].count)
+            r->order[r->nlen++] = (uint8_t)plen;
+}
+
+/* Packets for hi:lo/plen go to `peer` (a v4 address); the peer is counted in the v4
+ * routes' peer table, the sender check of both families. -1 if out of memory (nothing
+ * changed). Caller holds the write lock. */
+static int routes6_set(struct routes *r4, struct routes6 *r, uint64_t hi, uint64_t lo,
+                       int plen, uint32_t peer)
+{
+    struct table6 *t = &r->len[plen];
+    uint64_t mh, ml;
+    mask6(plen, &mh, &ml);
+    hi &= mh;
+    lo &= ml;
+    if (table6_reserve(t) < 0 || table_reserve(&r4->peers) < 0)
+        return -1;
+    struct slot6 *old = table6_find(t, hi, lo);
+    if (old && old->val == peer)
+        return 0;
+    peer_add(r4, peer, 1); /* before the old one is uncounted, as in routes_set */
+    if (old) {
+        uint32_t was = old->val;
+        old->val = peer;
+        peer_add(r4, was, -1);
+    } else {
+        table6_put(t, hi, lo, peer);
+        if (t->count == 1)
+            routes6_reorder(r);
+    }
+    return 0;
+}
+
+static void routes6_del(struct routes *r4, struct routes6 *r, uint64_t hi, uint64_t lo,
+                        int plen)
+{
+    struct table6 *t = &r->len[plen];
+    uint64_t mh, ml;
+    mask6(plen, &mh, &ml);
+    struct slot6 *old = table6_find(t, hi & mh, lo & ml);
+    if (!old)
+        return;
+    peer_add(r4, old->val, -1);
+    table6_del(t, hi & mh, lo & ml);
+    if (t->count == 0)
+        routes6_reorder(r);
+}
+
+static void routes6_free(struct routes6 *r)
+{
+    for (int plen = 0; plen <= 128; plen++)
+        PyMem_RawFree(r->len[plen].slots);
+    memset(r, 0, sizeof *r);
+}
+
+/* Longest-prefix match: the peer, or 0. Caller holds the read lock. */
+static uint32_t lookup6(const struct routes6 *r, uint64_t hi, uint64_t lo)
+{
+    for (int i = 0; i < r->nlen; i++) {
+        int plen = r->order[i];
+        uint64_t mh, ml;
+        mask6(plen, &mh, &ml);
+        const struct slot6 *s = table6_find(&r->len[plen], hi & mh, lo & ml);
+        if (s)
+            return s->val;
+    }
+    return 0;
+}
+
+static uint64_t be64(const uint8_t *p)
+{
+    return (uint64_t)be32(p) << 32 | be32(p + 4);
+}
+
+static void put_be64(uint8_t *p, uint64_t v)
+{
+    put_be32(p, (uint32_t)(v >> 32));
+    put_be32(p + 4, (uint32_t)v);
+}
+
+static uint32_t route6_for(Core *c, const uint8_t *addr)
+{
+    pthread_rwlock_rdlock(&c->lock);
+    uint32_t peer = lookup6(&c->routes6, be64(addr), be64(addr + 8));
+    pthread_rwlock_unlock(&c->lock);
+    return peer;
+}
+
+/* Flannel0's v6 address (our v6 subnet's first) into out; 0 if no v6 subnet is set. */
+static int own6_addr(Core *c, uint8_t *out)
+{
+    pthread_rwlock_rdlock(&c->lock);
+    int set = c->routes6.own_plen != 0;
+    put_be64(out, c->routes6.own_hi);
+    put_be64(out + 8, c->routes6.own_lo);
+    pthread_rwlock_unlock(&c->lock);
+    return set;
+}
+
+/* The receive checks of a v6 packet that need the tables, in one locked section: 0 if
+ * it may go on, else the counter it is dropped under: its source in none of the
+ * sender's v6 subnets (when checked), its destination outside our v6 subnet. */
+static int rx6_verdict(Core *c, uint32_t peer, const uint8_t *p)
+{
+    uint64_t shi = be64(p + 8), slo = be64(p + 16), dhi = be64(p + 24), dlo = be64(p + 32);
+    int verdict = 0;
+    pthread_rwlock_rdlock(&c->lock);
+    const struct routes6 *r = &c->routes6;
+    if (c->check_source) {
+        verdict = RX_DROP_SPOOFED_SOURCE;
+        for (int i = 0; i < r->nlen; i++) {
+            int plen = r->order[i];
+            uint64_t mh, ml;
+            mask6(plen, &mh, &ml);
+            const struct slot6 *s = table6_find(&r->len[plen], shi & mh, slo & ml);
+            if (s && s->val == peer) {
+                verdict = 0;
+                break;
+            }
+        }
+    }
+    if (!verdict) {
+        uint64_t mh, ml;
+        mask6(r->own_plen, &mh, &ml);
+        if (!r->own_plen || (dhi & mh) != r->own_hi || (dlo & ml) != r->own_lo)
+            verdict = RX_DROP_DST_OUTSIDE;
+    }
+    pthread_rwlock_unlock(&c->lock);
+    return verdict;
+}
+
 /* ---- TUN writes ------------------------------------------------------------------- */
 
 static const uint8_t zero_vnet[VNET_HDR_LEN];
@@ -873,6 +1176,19 @@ static void ttl_answer_tun(Core *c, const uint8_t *off, size_t n)
         write_tun(c, pkt, len, ICMP_TIME_EXCEEDED_SENT);
 }
 
+/* An ICMP time exceeded to a peer, counted when it went. */
+static void send_to_peer(Core *c, const uint8_t *pkt, size_t len, uint32_t peer)
+{
+    struct sockaddr_in to;
+    memset(&to, 0, sizeof to);
+    to.sin_family = AF_INET;
+    to.sin_port = htons(c->port);
+    to.sin_addr.s_addr = htonl(peer);
+    if (sendto(c->udp, pkt, len, MSG_DONTWAIT, (struct sockaddr *)&to, sizeof to) ==
+        (ssize_t)len)
+        count(c, ICMP_TIME_EXCEEDED_SENT, 1);
+}
+
 /* A TTL ran out on the way to the TUN: answer to the peer that routes the sender. Our own
  * address as the source would be a martian in our own TUN, but not at the peer. */
 static void ttl_answer_peer(Core *c, const uint8_t *off, size_t n)
@@ -882,16 +1198,153 @@ static void ttl_answer_peer(Core *c, const uint8_t *off, size_t n)
     if (!len)
         return;
     uint32_t peer = route_for(c, be32(off + 12));
-    if (!peer || !icmp_allowed(c, be32(off + 12)))
+    if (peer && icmp_allowed(c, be32(off + 12)))
+        send_to_peer(c, pkt, len, peer);
+}
+
+/* ---- ICMPv6 errors (backends/udp/packet6.py) --------------------------------------- */
+
+#define ICMP6_MAX 1280 /* RFC 4443 2.4(c): an error fits in the minimum IPv6 MTU */
+
+/* A v4 rate-limit key for a v6 destination: its four 32-bit words xor-ed (packet6.fold). */
+static uint32_t fold6(const uint8_t *a)
+{
+    return be32(a) ^ be32(a + 4) ^ be32(a + 8) ^ be32(a + 12);
+}
+
+/* ff00::/8 and fe80::/10: not forwarded (the kernel's own ND/MLD chatter on flannel0). */
+static int local_scope6(const uint8_t *dst)
+{
+    return dst[0] == 0xFF || (dst[0] == 0xFE && (dst[1] & 0xC0) == 0x80);
+}
+
+/* May a router answer this offender (n bytes read) with an ICMPv6 error? Not when its
+ * header is not whole, it comes from :: or multicast, goes to multicast, or is an ICMPv6
+ * error (types 0-127, found after the extension headers) or too short to tell; a
+ * non-first fragment neither (its upper layer cannot be seen). RFC 4443 2.4(e). */
+static int answerable6(const uint8_t *off, size_t n)
+{
+    if (n < 40 || off[0] >> 4 != 6)
+        return 0;
+    size_t end = 40 + ((size_t)off[4] << 8 | off[5]);
+    if (end > n)
+        return 0;
+    int zero = 1;
+    for (int i = 8; i < 24; i++)
+        zero &= off[i] == 0;
+    if (zero || off[8] == 0xFF || off[24] == 0xFF)
+        return 0;
+    uint8_t nxt = off[6];
+    size_t pos = 40;
+    while (nxt == 0 || nxt == 43 || nxt == 60 || nxt == 44) {
+        if (pos + 8 > end)
+            return 0;
+        size_t size = 8;
+        if (nxt == 44) {
+            if (((uint32_t)off[pos + 2] << 8 | off[pos + 3]) & 0xFFF8)
+                return 0; /* not the first fragment */
+        } else {
+            size = ((size_t)off[pos + 1] + 1) * 8;
+        }
+        nxt = off[pos];
+        pos += size;
+    }
+    if (nxt != 58)
+        return 1;
+    return pos < end && off[pos] >= 128;
+}
+
+/* An ICMPv6 error of `type` (code 0) from `src` (16 bytes) to the offender's source,
+ * quoting as much of it as fits in ICMP6_MAX, into pkt (ICMP6_MAX bytes); the checksum
+ * over the v6 pseudo header. The offender is answerable6. Returns the length. */
+static size_t icmp6_error(uint8_t *pkt, const uint8_t *off, size_t n, uint8_t type,
+                          const uint8_t *src)
+{
+    size_t total = 40 + ((size_t)off[4] << 8 | off[5]);
+    if (total > n)
+        total = n;
+    size_t quote = total < ICMP6_MAX - 48 ? total : ICMP6_MAX - 48, mlen = 8 + quote;
+    memset(pkt, 0, 48);
+    pkt[0] = 0x60;
+    put_be16(pkt + 4, (uint32_t)mlen);
+    pkt[6] = 58;
+    pkt[7] = 64;
+    memcpy(pkt + 8, src, 16);
+    memcpy(pkt + 24, off + 8, 16);
+    pkt[40] = type;
+    memcpy(pkt + 48, off, quote);
+    /* Pseudo header: the addresses, the 32-bit upper-layer length, next header 58. */
+    uint64_t acc = sum_add(0, pkt + 8, 32) + htons((uint16_t)mlen) + htons(58);
+    put_csum(pkt + 42, sum_add(acc, pkt + 40, mlen));
+    return 40 + mlen;
+}
+
+/* No route for a v6 packet from the TUN: destination unreachable, code 0 (no route),
+ * from the unreachable destination itself (as net_unreachable, and why), into the TUN. */
+static void no_route6(Core *c, const uint8_t *off, size_t n)
+{
+    if (!answerable6(off, n))
         return;
-    struct sockaddr_in to;
-    memset(&to, 0, sizeof to);
-    to.sin_family = AF_INET;
-    to.sin_port = htons(c->port);
-    to.sin_addr.s_addr = htonl(peer);
-    if (sendto(c->udp, pkt, len, MSG_DONTWAIT, (struct sockaddr *)&to, sizeof to) ==
-        (ssize_t)len)
-        count(c, ICMP_TIME_EXCEEDED_SENT, 1);
+    uint8_t pkt[ICMP6_MAX];
+    size_t len = icmp6_error(pkt, off, n, 1, off + 24);
+    if (icmp_allowed(c, fold6(off + 8)))
+        write_tun(c, pkt, len, ICMP_UNREACHABLE_SENT);
+}
+
+/* The hop limit ran out: time exceeded (code 0) from flannel0's v6 address into pkt; 0
+ * when no answer may go or our v6 subnet is not set. */
+static size_t time_exceeded6(Core *c, uint8_t *pkt, const uint8_t *off, size_t n)
+{
+    uint8_t src[16];
+    if (!answerable6(off, n) || !own6_addr(c, src))
+        return 0;
+    return icmp6_error(pkt, off, n, 3, src);
+}
+
+static void hops_answer_tun(Core *c, const uint8_t *off, size_t n)
+{
+    uint8_t pkt[ICMP6_MAX];
+    size_t len = time_exceeded6(c, pkt, off, n);
+    if (len && icmp_allowed(c, fold6(off + 8)))
+        write_tun(c, pkt, len, ICMP_TIME_EXCEEDED_SENT);
+}
+
+static void hops_answer_peer(Core *c, const uint8_t *off, size_t n)
+{
+    uint8_t pkt[ICMP6_MAX];
+    size_t len = time_exceeded6(c, pkt, off, n);
+    if (!len)
+        return;
+    uint32_t peer = route6_for(c, off + 8);
+    if (peer && icmp_allowed(c, fold6(off + 8)))
+        send_to_peer(c, pkt, len, peer);
+}
+
+/* The send side's v6 rules for the packet at p (n bytes read): its peer, the hop limit
+ * decremented; 0 when it is dropped (counted, answered as packet6.py says). */
+static uint32_t route6_tx(Core *c, uint8_t *p, size_t n)
+{
+    if (40 + ((size_t)p[4] << 8 | p[5]) > n) {
+        count(c, TX_DROP_MALFORMED, 1);
+        return 0;
+    }
+    if (local_scope6(p + 24)) {
+        count(c, TX_DROP_LOCAL_SCOPE, 1);
+        return 0;
+    }
+    uint32_t peer = route6_for(c, p + 24);
+    if (!peer) {
+        count(c, TX_DROP_NO_ROUTE, 1);
+        no_route6(c, p, n);
+        return 0;
+    }
+    if (p[7] <= 1) {
+        count(c, TX_DROP_TTL, 1);
+        hops_answer_tun(c, p, n);
+        return 0;
+    }
+    p[7]--; /* no header checksum in IPv6 */
+    return peer;
 }
 
 /* ---- the send side ---------------------------------------------------------------- */
@@ -1100,19 +1553,24 @@ static int from_tun(Core *c, int budget)
                 memset(&vh, 0, sizeof vh);
                 n = (size_t)r;
             }
-            if (n < 20 || p[0] >> 4 != 4) {
+            uint32_t peer;
+            if (n >= 20 && p[0] >> 4 == 4) {
+                peer = route_for(c, be32(p + 16));
+                if (!peer) {
+                    count(c, TX_DROP_NO_ROUTE, 1);
+                    net_unreachable(c, p, n);
+                    continue;
+                }
+                if (!decrement_ttl(p)) {
+                    count(c, TX_DROP_TTL, 1);
+                    ttl_answer_tun(c, p, n);
+                    continue;
+                }
+            } else if (n >= 40 && p[0] >> 4 == 6) {
+                if (!(peer = route6_tx(c, p, n)))
+                    continue;
+            } else {
                 count(c, TX_DROP_MALFORMED, 1);
-                continue;
-            }
-            uint32_t peer = route_for(c, be32(p + 16));
-            if (!peer) {
-                count(c, TX_DROP_NO_ROUTE, 1);
-                net_unreachable(c, p, n);
-                continue;
-            }
-            if (!decrement_ttl(p)) {
-                count(c, TX_DROP_TTL, 1);
-                ttl_answer_tun(c, p, n);
                 continue;
             }
             c->off += (n + 15) & ~(size_t)15;
@@ -1132,6 +1590,36 @@ static int from_tun(Core *c, int budget)
 
 /* ---- the receive side ------------------------------------------------------------- */
 
+static void queue_pending(Core *c, uint8_t *p, size_t total)
+{
+    if (c->npend == PEND_MAX)
+        flush_pending(c);
+    c->pend[c->npend++] = (struct pend){p, (uint32_t)total};
+}
+
+/* deliver() for an IPv6 packet (at least a header's worth, not oversized, from a peer
+ * when sources are checked): the same checks, the hop limit for the TTL. */
+static void deliver6(Core *c, uint8_t *p, size_t n, uint32_t peer)
+{
+    size_t total = 40 + ((size_t)p[4] << 8 | p[5]);
+    if (total > n) {
+        count(c, RX_DROP_MALFORMED, 1);
+        return;
+    }
+    int verdict = rx6_verdict(c, peer, p);
+    if (verdict) {
+        count(c, verdict, 1);
+        return;
+    }
+    if (p[7] <= 1) {
+        count(c, RX_DROP_TTL, 1);
+        hops_answer_peer(c, p, total);
+        return;
+    }
+    p[7]--;
+    queue_pending(c, p, total);
+}
+
 /* Check one received inner packet at p (n bytes) from `peer` and patch its TTL; queue it
  * for the TUN (which may write the queue out: no lock is held here). */
 static void deliver(Core *c, uint8_t *p, size_t n, uint32_t peer, int truncated)
@@ -1146,7 +1634,10 @@ static void deliver(Core *c, uint8_t *p, size_t n, uint32_t peer, int truncated)
         return;
     }
     if (n < 20 || p[0] >> 4 != 4) {
-        count(c, RX_DROP_MALFORMED, 1);
+        if (n >= 40 && p[0] >> 4 == 6)
+            deliver6(c, p, n, peer);
+        else
+            count(c, RX_DROP_MALFORMED, 1);
         return;
     }
     size_t ihl = (size_t)(p[0] & 0x0F) * 4;
@@ -1169,9 +1660,7 @@ static void deliver(Core *c, uint8_t *p, size_t n, uint32_t peer, int truncated)
         ttl_answer_peer(c, p, total);
         return;
     }
-    if (c->npend == PEND_MAX)
-        flush_pending(c);
-    c->pend[c->npend++] = (struct pend){p, (uint32_t)total};
+    queue_pending(c, p, total);
 }
 
 /* Drain the socket with recvmmsg, at most `budget` batches (< 0: no limit); 1 when it had
@@ -1330,6 +1819,7 @@ static void core_free(Core *c)
     c->npkts = NULL;
     c->pend = NULL;
     routes_free(&c->routes);
+    routes6_free(&c->routes6);
     c->ready = 0;
 }
 
@@ -1350,9 +1840,12 @@ static int attach_tun(Core *c, int fd)
     if (set_nonblocking(fd) < 0)
         return -1;
     c->tun = fd;
-    /* TSO needs the vnet header; a TUN (or stand-in) that refuses the ioctl gets none. */
+    /* TSO needs the vnet header; a TUN (or stand-in) that refuses the ioctl gets none.
+     * TSO6 too (tso_split6); a kernel that refuses it still gets TSO4. */
     unsigned int off = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN;
-    c->tso = c->vnet && c->tso_wanted && ioctl(fd, TUNSETOFFLOAD, off) == 0;
+    c->tso = c->vnet && c->tso_wanted &&
+             (ioctl(fd, TUNSETOFFLOAD, off | TUN_F_TSO6) == 0 ||
+              ioctl(fd, TUNSETOFFLOAD, off) == 0);
     return 0;
 }
 
@@ -1503,6 +1996,79 @@ static PyObject *Core_del_route(Core *c, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     pthread_rwlock_wrlock(&c->lock);
     routes_del(&c->routes, net, plen);
+    pthread_rwlock_unlock(&c->lock);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* The v6 twins take the address as two 64-bit halves and the prefix length. */
+static int parse6(PyObject *args, const char *fmt, unsigned long long *hi,
+                  unsigned long long *lo, int *plen, unsigned int *peer)
+{
+    int ok = peer ? PyArg_ParseTuple(args, fmt, hi, lo, plen, peer)
+                  : PyArg_ParseTuple(args, fmt, hi, lo, plen);
+    if (!ok)
+        return -1;
+    if (*plen < 0 || *plen > 128) {
+        PyErr_SetString(PyExc_ValueError, "prefix length: 0..128");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Core_set_route6(Core *c, PyObject *args)
+{
+    unsigned long long hi, lo;
+    unsigned int peer;
+    int plen, err;
+    if (parse6(args, "KKiI", &hi, &lo, &plen, &peer) < 0 || need_ready(c) < 0)
+        return NULL;
+    if (!peer) {
+        PyErr_SetString(PyExc_ValueError, "peer 0.0.0.0");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    pthread_rwlock_wrlock(&c->lock);
+    err = routes6_set(&c->routes, &c->routes6, hi, lo, plen, peer);
+    pthread_rwlock_unlock(&c->lock);
+    Py_END_ALLOW_THREADS
+    if (err)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_del_route6(Core *c, PyObject *args)
+{
+    unsigned long long hi, lo;
+    int plen;
+    if (parse6(args, "KKi", &hi, &lo, &plen, NULL) < 0 || need_ready(c) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_rwlock_wrlock(&c->lock);
+    routes6_del(&c->routes, &c->routes6, hi, lo, plen);
+    pthread_rwlock_unlock(&c->lock);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* Our v6 subnet: under the write lock, as the packet thread reads it under the read one. */
+static PyObject *Core_set_subnet6(Core *c, PyObject *args)
+{
+    unsigned long long hi, lo;
+    int plen;
+    if (parse6(args, "KKi", &hi, &lo, &plen, NULL) < 0 || need_ready(c) < 0)
+        return NULL;
+    if (plen == 0) {
+        PyErr_SetString(PyExc_ValueError, "our subnet cannot be ::/0");
+        return NULL;
+    }
+    uint64_t mh, ml;
+    mask6(plen, &mh, &ml);
+    Py_BEGIN_ALLOW_THREADS
+    pthread_rwlock_wrlock(&c->lock);
+    c->routes6.own_hi = hi & mh;
+    c->routes6.own_lo = lo & ml;
+    c->routes6.own_plen = plen;
     pthread_rwlock_unlock(&c->lock);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -1716,6 +2282,11 @@ static PyMethodDef Core_methods[] = {
     {"counters", (PyCFunction)Core_counters, METH_NOARGS, "counters as a tuple"},
     {"offloads", (PyCFunction)Core_offloads, METH_NOARGS, "offloads in use, as a dict"},
     {"set_subnet", (PyCFunction)Core_set_subnet, METH_VARARGS, "set_subnet(net, mask)"},
+    {"set_route6", (PyCFunction)Core_set_route6, METH_VARARGS,
+     "set_route6(hi, lo, prefixlen, peer): a v6 subnet behind a v4 peer"},
+    {"del_route6", (PyCFunction)Core_del_route6, METH_VARARGS, "del_route6(hi, lo, prefixlen)"},
+    {"set_subnet6", (PyCFunction)Core_set_subnet6, METH_VARARGS,
+     "set_subnet6(hi, lo, prefixlen): our v6 subnet"},
     {"set_tun", (PyCFunction)Core_set_tun, METH_VARARGS,
      "set_tun(fd): a new TUN fd, while the thread does not run"},
     {"tun_lost", (PyCFunction)Core_tun_lost, METH_NOARGS,

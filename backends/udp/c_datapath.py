@@ -8,13 +8,15 @@ UDP GSO on send, UDP GRO on receive and coalesced TUN writes, each probed and ea
 that can be turned off (the backend options in backends/udp/network.py); `auto` chooses
 it when it is built. Its types are in _fastpath.pyi.
 
-It carries IPv4 only: the IPv6 inner packets and v6 underlay of issue 14 are the python
-datapath's so far (set_route and set_subnet refuse IPv6 with a ValueError that says so).
+IPv6 inner packets (issue 14) go as in the python datapath, to peers at IPv4 underlay
+addresses: the loop has one AF_INET socket, so a peer at an IPv6 address is refused with a
+ValueError that says so (the python datapath has the v6 socket).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 
 from backends.udp import _fastpath
@@ -46,16 +48,25 @@ class CDatapath:
         self._stopped: asyncio.Future[None] | None = None
 
     def set_route(self, subnet: Subnet, peer: Address) -> None:
-        _v4_only(subnet, peer)
+        if peer.version == 6:
+            raise ValueError(f"peer {peer}: the C datapath reaches peers at IPv4 addresses "
+                             "only; an IPv6 underlay needs the python datapath "
+                             "(Backend.Datapath python)")
+        if subnet.version == 6:
+            self._core.set_route6(*_halves(subnet), int(peer))
+            return
         self._core.set_route(int(subnet.network_address), int(subnet.netmask), int(peer))
 
     def del_route(self, subnet: Subnet) -> None:
         if subnet.version == 6:
-            return  # never set (set_route refuses it)
+            self._core.del_route6(*_halves(subnet))
+            return
         self._core.del_route(int(subnet.network_address), int(subnet.netmask))
 
     def set_subnet(self, subnet: Subnet) -> None:
-        _v4_only(subnet)
+        if subnet.version == 6:
+            self._core.set_subnet6(*_halves(subnet))
+            return
         self._core.set_subnet(int(subnet.network_address), int(subnet.netmask))
 
     def set_tun(self, tun_fd: int) -> None:
@@ -96,9 +107,8 @@ class CDatapath:
             self._stopped.set_result(None)
 
 
-def _v4_only(*values: Subnet | Address) -> None:
-    """ValueError for an IPv6 subnet or peer: the C loop carries IPv4 only."""
-    for v in values:
-        if v.version == 6:
-            raise ValueError(f"{v}: the C datapath carries IPv4 only; IPv6 needs the "
-                             "python datapath (Backend.Datapath python)")
+
+def _halves(subnet: ipaddress.IPv6Network) -> tuple[int, int, int]:
+    """A v6 subnet as the C core takes it: high and low 64 bits, prefix length."""
+    net = int(subnet.network_address)
+    return net >> 64, net & 0xFFFFFFFFFFFFFFFF, subnet.prefixlen

@@ -4,10 +4,12 @@ with their checksums verified, when not to answer, the destinations not forwarde
 rate limit), the 128-bit LPM through the datapath (/0, /64, /128), UDP GSO/GRO on the v6
 socket, and run() reading both sockets.
 
-Only the python datapath carries IPv6 so far: the C one refuses v6 subnets and peers
-with a ValueError, which is tested here too. The rig is test_datapath.py's (a stand-in
-TUN, loopback UDP), with a second, AF_INET6 socket on ::1 for the datapath and one peer
-there (the root namespace has a single v6 loopback address, and tests add none).
+Tests over a v4 underlay run against both datapaths (`make_rig6`, the `kind` fixture);
+those with a peer at a v6 underlay address against the python one only (`make_rig6_py`):
+the C loop has one AF_INET socket and refuses such a peer, which is tested here too. The
+rig is test_datapath.py's (a stand-in TUN, loopback UDP) with, for the python datapath, a
+second, AF_INET6 socket on ::1 and one peer there (the root namespace has a single v6
+loopback address, and tests add none).
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ NET6_A = ipaddress.IPv6Network("fd00:5:2::/64")  # behind peer A, at a v4 underl
 NET6_V = ipaddress.IPv6Network("fd00:5:3::/64")  # behind peer V, at ::1 (a v6 underlay)
 NET4_V = ipaddress.IPv4Network("10.5.3.0/24")    # a v4 subnet behind the v6 peer
 NET4_A = ipaddress.IPv4Network("10.5.2.0/24")
+NET6_B = ipaddress.IPv6Network("fd00:5:4::/64")  # behind peer B, at a v4 underlay address
 PEER_A = ipaddress.IPv4Address("127.0.0.2")
+PEER_B = ipaddress.IPv4Address("127.0.0.3")
 PEER_V = ipaddress.IPv6Address("::1")
 LOCAL6 = "fd00:5:1::10"  # a container on this host
 LOCAL4 = "10.5.1.10"
@@ -44,12 +48,13 @@ LOCAL4 = "10.5.1.10"
 
 @dataclass
 class Rig6:
-    dp: PythonDatapath
+    dp: PythonDatapath | CDatapath
     tun: socket.socket
     dp_addr: tuple[str, int]
     dp_addr6: tuple[str, int]
     peer_a: socket.socket  # 127.0.0.2, the datapath's port
-    peer_v: socket.socket  # ::1, the datapath's port
+    peer_b: socket.socket  # 127.0.0.3, the datapath's port
+    peer_v: socket.socket  # ::1, the datapath's port (python datapath only)
     from_tun: Callable[[], None]
     from_udp: Callable[[], None]
     from_udp6: Callable[[], None]
@@ -92,9 +97,26 @@ def _bound(family: socket.AddressFamily, address: str, port: int = 0) -> socket.
     return s
 
 
+@pytest.fixture(params=["python", "c"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture
-def make_rig6() -> Iterator[Callable[..., Rig6]]:
+def make_rig6(kind: str) -> Iterator[Callable[..., Rig6]]:
+    """Rigs of the datapath under test, with peers at v4 underlay addresses only in use."""
+    yield from _rigs(kind)
+
+
+@pytest.fixture
+def make_rig6_py() -> Iterator[Callable[..., Rig6]]:
+    """Python datapath rigs, with the peer at ::1 (a v6 underlay) routed too."""
+    yield from _rigs("python")
+
+
+def _rigs(kind: str) -> Iterator[Callable[..., Rig6]]:
     socks: list[socket.socket] = []
+    dps: list[PythonDatapath | CDatapath] = []
 
     def make(*, gso: bool = False, gro: bool = False, check_source: bool = True,
              own6: ipaddress.IPv6Network | None = OWN6, icmp_ratelimit_ms: int = 60_000,
@@ -107,26 +129,43 @@ def make_rig6() -> Iterator[Callable[..., Rig6]]:
         sock6 = _bound(socket.AF_INET6, "::1")
         peer_a = _bound(socket.AF_INET, str(PEER_A))
         port = peer_a.getsockname()[1]
+        peer_b = _bound(socket.AF_INET, str(PEER_B), port)
         peer_v = _bound(socket.AF_INET6, str(PEER_V), port)
-        socks.extend((dp_end, tun, sock, sock6, peer_a, peer_v))
+        socks.extend((dp_end, tun, sock, sock6, peer_a, peer_b, peer_v))
         os.set_blocking(dp_end.fileno(), False)
         sock.setblocking(False)
         sock6.setblocking(False)
-        dp = PythonDatapath(dp_end.fileno(), sock, port=port, mtu=MTU,
-                            check_source=check_source, gso=gso, gro=gro,
-                            icmp_ratelimit_ms=icmp_ratelimit_ms, sock6=sock6)
+        dp: PythonDatapath | CDatapath
+        if kind == "python":
+            dp = PythonDatapath(dp_end.fileno(), sock, port=port, mtu=MTU,
+                                check_source=check_source, gso=gso, gro=gro,
+                                icmp_ratelimit_ms=icmp_ratelimit_ms, sock6=sock6)
+        else:
+            dp = CDatapath(dp_end.fileno(), sock, port=port, mtu=MTU,
+                           check_source=check_source, gso=gso, gro=gro,
+                           icmp_ratelimit_ms=icmp_ratelimit_ms)
+        dps.append(dp)
         dp.set_subnet(OWN4)
         if own6 is not None:
             dp.set_subnet(own6)
         if routes:
             dp.set_route(NET6_A, PEER_A)
-            dp.set_route(NET6_V, PEER_V)
-            dp.set_route(NET4_V, PEER_V)
+            dp.set_route(NET6_B, PEER_B)
             dp.set_route(NET4_A, PEER_A)
-        return Rig6(dp, tun, sock.getsockname(), sock6.getsockname()[:2], peer_a, peer_v,
-                    dp._from_tun(), dp._from_udp(), dp._from_udp(sock6))
+            if kind == "python":
+                dp.set_route(NET6_V, PEER_V)
+                dp.set_route(NET4_V, PEER_V)
+        if isinstance(dp, PythonDatapath):
+            from_tun, from_udp, from_udp6 = dp._from_tun(), dp._from_udp(), dp._from_udp(sock6)
+        else:
+            from_tun, from_udp = dp._core.drain_tun, dp._core.drain_udp
+            from_udp6 = from_udp  # never used: the C rig routes no v6 underlay peer
+        return Rig6(dp, tun, sock.getsockname(), sock6.getsockname()[:2], peer_a, peer_b,
+                    peer_v, from_tun, from_udp, from_udp6)
 
     yield make
+    for dp in dps:
+        dp.stop()
     for s in socks:
         s.close()
 
@@ -144,8 +183,8 @@ def test_v6_inner_over_a_v4_underlay(make_rig6):
     assert (c["tx_packets"], c["tx_bytes"]) == (1, 300)
 
 
-def test_v6_inner_over_a_v6_underlay(make_rig6):
-    rig = make_rig6()
+def test_v6_inner_over_a_v6_underlay(make_rig6_py):
+    rig = make_rig6_py()
     pkt = sized6(LOCAL6, "fd00:5:3::7", 500)
     rig.to_tun(pkt)
     data, src = recv(rig.peer_v)
@@ -154,8 +193,8 @@ def test_v6_inner_over_a_v6_underlay(make_rig6):
     assert nothing_on(rig.peer_a)
 
 
-def test_v4_inner_over_a_v6_underlay(make_rig6):
-    rig = make_rig6()
+def test_v4_inner_over_a_v6_underlay(make_rig6_py):
+    rig = make_rig6_py()
     pkt = sized_packet(LOCAL4, "10.5.3.9", 200, ttl=9)
     rig.to_tun(pkt)
     data, src = recv(rig.peer_v)
@@ -163,8 +202,8 @@ def test_v4_inner_over_a_v6_underlay(make_rig6):
     assert src[:2] == rig.dp_addr6
 
 
-def test_mixed_batch_keeps_order_per_peer(make_rig6):
-    rig = make_rig6(gso=True)
+def test_mixed_batch_keeps_order_per_peer(make_rig6_py):
+    rig = make_rig6_py(gso=True)
     a = [sized6(LOCAL6, "fd00:5:2::7", 400, fill=i) for i in range(3)]
     v = [sized6(LOCAL6, "fd00:5:3::8", 400, fill=10 + i) for i in range(3)]
     four = sized_packet(LOCAL4, "10.5.2.3", 400)
@@ -176,8 +215,8 @@ def test_mixed_batch_keeps_order_per_peer(make_rig6):
     assert c["tx_packets"] == 7 and c["gso_sends"] >= 2  # a[0:2] and v[1:3] went as runs
 
 
-def test_gso_over_the_v6_socket(make_rig6):
-    rig = make_rig6(gso=True)
+def test_gso_over_the_v6_socket(make_rig6_py):
+    rig = make_rig6_py(gso=True)
     assert rig.dp.gso6
     pkts = [sized6(LOCAL6, "fd00:5:3::8", 1000, fill=i) for i in range(5)]
     pkts.append(sized6(LOCAL6, "fd00:5:3::8", 300, fill=9))  # the last may be shorter
@@ -197,24 +236,26 @@ def test_gso_over_the_v6_socket(make_rig6):
 ], ids=["128-wins", "64-over-0", "falls-to-0", "only-default", "only-host"])
 def test_longest_prefix_through_the_datapath(make_rig6, routes, dst, peer):
     rig = make_rig6(routes=False)
-    peers = {"A": PEER_A, "V": PEER_V}
+    peers = {"A": PEER_A, "V": PEER_B}  # V: the other peer, B (v4, for both datapaths)
     for net, who in routes.items():
         rig.dp.set_route(ipaddress.IPv6Network(net), peers[who])
     pkt = sized6(LOCAL6, dst, 100)
     rig.to_tun(pkt)
-    hit, miss = (rig.peer_a, rig.peer_v) if peer == "A" else (rig.peer_v, rig.peer_a)
+    hit, miss = (rig.peer_a, rig.peer_b) if peer == "A" else (rig.peer_b, rig.peer_a)
     assert recv(hit)[0] == hopped6(pkt)
     assert nothing_on(miss)
 
 
 def test_del_route_v6(make_rig6):
     rig = make_rig6()
-    rig.dp.del_route(NET6_V)
-    rig.to_tun(sized6(LOCAL6, "fd00:5:3::7", 100))
-    assert nothing_on(rig.peer_v)
+    rig.dp.del_route(NET6_B)
+    rig.to_tun(sized6(LOCAL6, "fd00:5:4::7", 100))
+    assert nothing_on(rig.peer_b)
     assert rig.counters()["tx_drop_no_route"] == 1
-    rig.dp.del_route(NET4_V)
-    assert rig.dp.peers.get(str(PEER_V)) is None  # no subnet left: not a peer any more
+    # B holds no subnet any more: not a peer, its datagrams are from an unknown source.
+    rig.peer_b.sendto(sized6("fd00:5:4::7", LOCAL6, 100), rig.dp_addr)
+    rig.from_udp()
+    assert rig.counters()["rx_drop_unknown_source"] == 1
 
 
 @pytest.mark.parametrize("dst", ["ff02::1", "ff02::1:ff00:10", "ff02::16", "fe80::1"])
@@ -309,8 +350,8 @@ def test_v6_from_a_v4_peer_delivered(make_rig6):
 
 
 @pytest.mark.parametrize("inner", ["v6", "v4"])
-def test_from_a_v6_peer_delivered(make_rig6, inner):
-    rig = make_rig6()
+def test_from_a_v6_peer_delivered(make_rig6_py, inner):
+    rig = make_rig6_py()
     pkt = (sized6("fd00:5:3::9", LOCAL6, 300) if inner == "v6"
            else sized_packet("10.5.3.9", LOCAL4, 300))
     rig.peer_v.sendto(pkt, rig.dp_addr6)
@@ -328,10 +369,9 @@ def test_v6_trailing_bytes_cut_to_the_payload_length(make_rig6):
 
 def test_v6_spoofed_source_dropped(make_rig6):
     rig = make_rig6()
-    rig.peer_a.sendto(sized6("fd00:5:3::9", LOCAL6, 100), rig.dp_addr)  # V's subnet from A
-    rig.peer_v.sendto(sized6("fd00:5:2::9", LOCAL6, 100), rig.dp_addr6)  # A's from V
+    rig.peer_a.sendto(sized6("fd00:5:4::9", LOCAL6, 100), rig.dp_addr)  # B's subnet from A
+    rig.peer_b.sendto(sized6("fd00:5:2::9", LOCAL6, 100), rig.dp_addr)  # A's from B
     rig.from_udp()
-    rig.from_udp6()
     assert rig.tun_writes() == []
     assert rig.counters()["rx_drop_spoofed_source"] == 2
 
@@ -383,8 +423,8 @@ def test_v6_hop_limit_exhausted_answers_back_over_the_v4_underlay(make_rig6):
     assert (c["rx_drop_ttl"], c["icmp_time_exceeded_sent"]) == (1, 1)
 
 
-def test_v4_ttl_exhausted_answers_back_over_the_v6_underlay(make_rig6):
-    rig = make_rig6()
+def test_v4_ttl_exhausted_answers_back_over_the_v6_underlay(make_rig6_py):
+    rig = make_rig6_py()
     pkt = sized_packet("10.5.3.9", LOCAL4, 120, ttl=1)
     rig.peer_v.sendto(pkt, rig.dp_addr6)
     rig.from_udp6()
@@ -403,8 +443,8 @@ def test_v6_hop_limit_exhausted_icmp_error_gets_no_answer(make_rig6):
     assert (c["rx_drop_ttl"], c["icmp_time_exceeded_sent"]) == (1, 0)
 
 
-def test_gro_on_the_v6_socket_splits_and_checks_each(make_rig6):
-    rig = make_rig6(gro=True)
+def test_gro_on_the_v6_socket_splits_and_checks_each(make_rig6_py):
+    rig = make_rig6_py(gro=True)
     assert rig.dp.gro6
     good = [sized6("fd00:5:3::9", LOCAL6, 500, fill=i) for i in range(3)]
     spoofed = sized6("fd00:5:2::9", LOCAL6, 500)
@@ -443,27 +483,25 @@ def test_setting_one_family_leaves_the_other(make_rig6):
     assert len(rig.tun_writes()) == 2
 
 
-def test_the_c_datapath_refuses_ipv6():
+def test_the_c_datapath_refuses_a_v6_underlay_peer():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         dp = CDatapath(a.fileno(), s, port=8285, mtu=MTU)
-        with pytest.raises(ValueError, match="IPv4 only"):
-            dp.set_route(NET6_A, PEER_A)
-        with pytest.raises(ValueError, match="IPv4 only"):
-            dp.set_route(NET4_A, PEER_V)
-        with pytest.raises(ValueError, match="IPv4 only"):
-            dp.set_subnet(OWN6)
+        for net in (NET6_A, NET4_A):
+            with pytest.raises(ValueError, match="IPv4 addresses only"):
+                dp.set_route(net, PEER_V)
+        with pytest.raises(ValueError, match="::/0"):
+            dp.set_subnet(ipaddress.IPv6Network("::/0"))
         dp.del_route(NET6_A)  # nothing to delete, no error
-        assert "tx_drop_local_scope" in dp.counters()
     finally:
         for x in (a, b, s):
             x.close()
 
 
 # -- run() -------------------------------------------------------------------------------
-async def test_run_reads_both_sockets(make_rig6):
-    rig = make_rig6()
+async def test_run_reads_both_sockets(make_rig6_py):
+    rig = make_rig6_py()
     loop = asyncio.get_running_loop()
     for s in (rig.tun, rig.peer_a, rig.peer_v):
         s.setblocking(False)
@@ -485,3 +523,28 @@ async def test_run_reads_both_sockets(make_rig6):
     assert task.exception() is None
     c = rig.counters()
     assert (c["tx_packets"], c["rx_packets"]) == (1, 2)
+
+
+@pytest.mark.parametrize("kind", ["python", "c"])
+async def test_run_moves_v6_both_ways(make_rig6, kind):
+    rig = make_rig6()
+    loop = asyncio.get_running_loop()
+    for s in (rig.tun, rig.peer_a):
+        s.setblocking(False)
+    task = asyncio.create_task(rig.dp.run())
+    try:
+        out = sized6(LOCAL6, "fd00:5:2::7", 900)
+        rig.tun.send(out)
+        got = await asyncio.wait_for(loop.sock_recv(rig.peer_a, BUF), 5)
+        assert got == hopped6(out)
+        back = sized6("fd00:5:2::7", LOCAL6, 300)
+        rig.peer_a.sendto(back, rig.dp_addr)
+        assert await asyncio.wait_for(loop.sock_recv(rig.tun, BUF), 5) == hopped6(back)
+        rig.tun.send(sized6(LOCAL6, "fd00:5:2::7", 100, hops=1))
+        reply = await asyncio.wait_for(loop.sock_recv(rig.tun, BUF), 5)
+        assert parse_icmp6(reply).type == 3 and parse_icmp6(reply).checksum_ok
+    finally:
+        rig.dp.stop()
+        await asyncio.wait_for(task, 5)
+    c = rig.counters()
+    assert (c["tx_packets"], c["rx_packets"], c["icmp_time_exceeded_sent"]) == (1, 1, 1)
