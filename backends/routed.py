@@ -188,7 +188,7 @@ class RoutedNetwork:
                     log.debug("the lease of %s was deleted; its entries go in %g s unless "
                               "it comes back", subnet, self.removal_grace)
                 continue
-            if self.leaving.pop(subnet, None) is not None:
+            if self.leaving and self.leaving.pop(subnet, None) is not None:
                 same = self.peers.get(subnet) == attrs and ev.kind is PeerEventKind.ADDED
                 # INFO only for what the grace is for (a lease deleted and written again as
                 # it was); a subnet leased anew at once is ordinary churn.
