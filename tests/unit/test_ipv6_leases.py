@@ -96,7 +96,7 @@ ipv6_subnets = st.builds(
 ).filter(lambda n: not n.overlaps(V6("::ffff:0:0/96")))
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(v4=st.none() | ipv4_subnets, v6=st.none() | ipv6_subnets)
 def test_key_round_trip_any_family(v4: V4 | None, v6: V6 | None) -> None:
     if v4 is None and v6 is None:
@@ -160,7 +160,7 @@ backend_data = st.none() | st.dictionaries(
     st.text(min_size=1, max_size=8), json_scalars, min_size=1, max_size=3)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(v4=st.integers(0, 2**32 - 1), v6=st.none() | st.integers(0, 2**128 - 1),
        btype=st.sampled_from(["", "vxlan", "host-gw", "udp"]),
        data=backend_data, data6=backend_data)
@@ -405,3 +405,44 @@ def test_docker_opts_bad_ipv6_subnet_names_the_key() -> None:
         docker_options(env, "/run/flannel/subnet.env")
     assert str(exc.value) == ("FLANNEL_IPV6_SUBNET=10.1.1.1/24 in /run/flannel/subnet.env"
                               " is not an IPv6 address/prefix")
+
+
+# -- the lease manager over a MemoryRegistry --------------------------------------------------
+
+
+async def test_ipv6_only_manager_reads_flanneld_0000_keys_as_ipv6_peers() -> None:
+    """flanneld's etcd mode keys an IPv6-only lease `0.0.0.0-0&<v6>-<len>`: tweed, leasing
+    IPv6 only, takes its IPv6 subnet as taken and as a peer, and ignores the IPv4 part."""
+    from agent.lease import NO_IPV4, PeerEvent
+    from agent.lease_manager import LeaseManager
+    from agent.registry import MemoryRegistry
+    from tests.support.aio import background, until
+
+    c = v6only(IPv6SubnetMin="fd00:5:0:1::", IPv6SubnetMax="fd00:5:0:2::")
+    reg = MemoryRegistry()
+    await reg.put("0.0.0.0-0&fd00:5:0:1::-64", encode_lease(
+        LeaseAttrs(NO_PUBLIC_IP, OTHER6, "host-gw")), ttl=600)
+    m = LeaseManager(reg, c, LeaseAttrs(NO_PUBLIC_IP, ME6, "host-gw"), families=ONLY6,
+                     rng=random.Random(1))
+    lease = await m.acquire()
+    assert (lease.name, lease.ipv6_subnet, lease.has_ipv4) == (
+        "fd00:5:0:2::-64", V6("fd00:5:0:2::/64"), False)
+    batches: list[list[PeerEvent]] = []
+
+    async def on_batch(b: list[PeerEvent]) -> None:
+        batches.append(b)
+
+    async with background(m.watch(on_batch)):
+        await until(lambda: batches)
+        [ev] = batches[0]
+        assert (ev.lease.subnet, ev.lease.ipv6_subnet) == (NO_IPV4, V6("fd00:5:0:1::/64"))
+        # Our own key rewritten by us (a renewal) is not a peer, found by PublicIPv6.
+        assert await m._renew(lease) is not None
+        await reg.put("fd00:5:0:3::-64", encode_lease(
+            LeaseAttrs(NO_PUBLIC_IP, IP6_3, "host-gw")))
+        await until(lambda: len(batches) >= 2)
+        assert [e.lease.ipv6_subnet for e in batches[1]] == [V6("fd00:5:0:3::/64")]
+    assert m.counters.reacquisitions == 0 and not m.lease_lost
+
+
+IP6_3 = ipaddress.IPv6Address("fd00:100::3")
