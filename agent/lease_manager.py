@@ -365,6 +365,8 @@ class LeaseManager:
         own_seen = False
         for rec in snap.records:
             known = decoded.get(rec.name) if decoded is not None else None
+            if decoded is not None and known is None:
+                continue  # its key did not parse: the acquire said so and counted it
             if lease is not None and rec.name == lease.name:
                 attrs = known[1] if known is not None else self._decode(rec.name, rec.value)
                 self._own_event("put", attrs, rec.mod_revision)
