@@ -15,7 +15,8 @@ Address families: the daemon leases the families the config enables that the bac
 carries (`families` of its Backend class, backends/base.py). A dual-stack config on a
 backend that carries IPv4 only runs on IPv4 (one warning; no IPv6 lease part, no PublicIPv6,
 no FLANNEL_IPV6_* lines: a subnet nobody routes is never advertised); on one that carries
-both, the lease, subnet.env and the backend's setup get the IPv6 subnet too. An IPv6-only
+both, the lease, subnet.env, the backend's setup and the iptables keeper (ip6tables) get the
+IPv6 subnet too. An IPv6-only
 config on a backend without IPv6 is waited out like an invalid one, the reason naming the
 backend.
 
@@ -208,12 +209,14 @@ class Daemon:
         iptables_factory: IptablesFactory,
         monitor_factory: MonitorFactory | None = None,
         ipv6_addresses: Ipv6AddressReader = read_ipv6_addresses,
+        iptables6_factory: IptablesFactory = lambda: Iptables(family=6),
     ) -> None:
         self.opts = opts
         self._ipv6_addresses = ipv6_addresses
         self._registry_factory = registry_factory
         self._monitor_factory = monitor_factory  # kernel notifications; None: backstop only
         self._iptables_factory = iptables_factory
+        self._iptables6_factory = iptables6_factory  # ip6tables, when IPv6 is leased
         self.netlink = netlink_factory()
         self.registry: Registry | None = None
         self.manager: LeaseManager | None = None
@@ -367,8 +370,10 @@ class Daemon:
             self.lease_problem = None
             if self._new_lease is lease:  # else a newer one came meanwhile: its turn next
                 self._new_lease = None
-            if self.iptables is not None and lease.has_ipv4:
-                self.iptables.set_subnet(lease.subnet)
+            if self.iptables is not None:
+                if lease.has_ipv4:
+                    self.iptables.set_subnet(lease.subnet)
+                self.iptables.set_subnet(lease.ipv6_subnet)  # None: no IPv6 part
 
     def _judge_config(self, key: str, value: bytes | None) -> None:
         """Compare the config in etcd with the running one; log each new state once."""
@@ -553,13 +558,17 @@ class Daemon:
             self._write_subnet_file(lease)
         except SubnetFileError as exc:
             raise StartupError(str(exc)) from None
-        if (o.ip_masq or o.iptables_forward_rules) and 4 in fams:
-            # The IPv4 rules; ip6tables' come with the backends' IPv6 (issue 14).
-            assert self.config.network is not None
+        if o.ip_masq or o.iptables_forward_rules:
+            # flanneld's chains per family leased: iptables for IPv4, ip6tables for IPv6.
+            v4, v6 = 4 in fams, 6 in fams
             self.iptables = IptablesKeeper(
-                self._iptables_factory(), self.config.network, lease.subnet, ip_masq=o.ip_masq,
+                self._iptables_factory() if v4 else None, c.network if v4 else None,
+                lease.subnet if v4 else None, ip_masq=o.ip_masq,
                 forward_rules=o.iptables_forward_rules,
                 random_fully_disable=o.ip_masq_fully_random_disable, resync=o.iptables_resync,
+                runner6=self._iptables6_factory() if v6 else None,
+                network6=c.ipv6_network if v6 else None,
+                subnet6=lease.ipv6_subnet if v6 else None,
             )
         async with asyncio.TaskGroup() as tg:
             if self.iptables is not None:

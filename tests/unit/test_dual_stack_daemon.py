@@ -316,3 +316,27 @@ def test_no_global_ipv6_address_is_one_error_naming_the_flag() -> None:
 def test_iface_ipv6_address_nobody_has() -> None:
     with pytest.raises(InterfaceError, match="--iface fd00::77: no such interface or address"):
         choose_interface(LINKS, iface=["fd00::77"], ipv6=True, addresses6=ADDRS6)
+
+
+async def test_ip_masq_in_dual_stack_keeps_iptables_and_ip6tables_rules(
+    tmp_path: Path, dual_backend: type[DualBackend]
+) -> None:
+    from tests.unit.test_iptables_keeper import NAT, FakeIptables
+
+    ipt4, ipt6 = FakeIptables(), FakeIptables(family=6)
+    rig = _rig(tmp_path, iptables=lambda: ipt4, ip_masq=True, iptables_resync=1)
+    rig.daemon._iptables6_factory = lambda: ipt6
+    try:
+        await rig.serve_ready(DUAL)
+        keeper = rig.daemon.iptables
+        assert keeper is not None and set(keeper.families) == {4, 6}
+        await rig.until(keeper.ok, "both families' rules in place")
+        lease = rig.daemon.manager.lease
+    finally:
+        await rig.stop()
+    masq4 = "\n".join(ipt4.rules(NAT, "FLANNEL-POSTRTG"))
+    masq6 = "\n".join(ipt6.rules(NAT, "FLANNEL-POSTRTG"))
+    assert "10.5.1.0/24" in masq4 and "fd00:5::/48" not in masq4
+    assert str(lease.ipv6_subnet) in masq6 and "fd00:5::/48" in masq6
+    assert "10.5." not in masq6
+    assert parse_subnet_env(rig.subnet_file.read_text())["FLANNEL_IPMASQ"] == "true"
