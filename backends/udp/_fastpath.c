@@ -6,10 +6,12 @@
  * socket without the GIL: it never calls into Python. Python (holding the GIL) changes
  * routes and our subnet, reads counters and offloads, and starts and stops the thread.
  * What the two share, and how:
- *  - the routes: a read-write lock. The packet thread takes the read lock for one lookup
- *    (a route for a destination, or a sender's source check) and drops it before doing
- *    anything else, so it never holds it across I/O; Python takes the write lock with the
- *    GIL released, so that a Python thread waiting for it does not stall the others;
+ *  - the routes of both families and our v6 subnet: a read-write lock. The packet thread
+ *    takes the read lock for one lookup (a route for a destination, a sender's source
+ *    check, or a v6 packet's source and destination checks together) and drops it before
+ *    doing anything else, so it never holds it across I/O; Python takes the write lock
+ *    with the GIL released, so that a Python thread waiting for it does not stall the
+ *    others;
  *  - the counters, the `gso` flag (the packet thread turns GSO off when a send cannot
  *    segment; Python reads it in offloads()), our subnet (`own`, one 64-bit value written
  *    by set_subnet) and `tun_lost` (set by the packet thread before it ends on a TUN
@@ -31,6 +33,12 @@
  * set and the `done` eventfd written, which Python watches: it makes a new device and
  * hands it over with set_tun.
  *
+ * IPv6 inner packets (issue 14) follow the same rules in their v6 form (the rules in
+ * backends/udp/packet6.py): hop limit for TTL, ICMPv6 time exceeded and no route, a
+ * 128-bit route table beside the 32-bit one; ff00::/8 and fe80::/10 are not forwarded.
+ * Peers are reached at IPv4 addresses only (one AF_INET socket): a v6 subnet behind a v4
+ * PublicIP works, a peer at a v6 address is the python datapath's.
+ *
  * Semantics are the pure-Python datapath's (backends/udp/python_datapath.py, contract in
  * backends/udp/datapath.py), counter for counter, and one test suite runs against both
  * (tests/unit/test_datapath.py): one inner IPv4 packet per datagram, TTL decremented on
@@ -46,7 +54,7 @@
  * What makes it fast, each step probed at start and turned off when the kernel refuses:
  *  - batches: each fd is drained until EAGAIN; sends go out with one sendmmsg, receives
  *    come in with recvmmsg, into buffers allocated once;
- *  - TUN offloads (vnet header + TUNSETOFFLOAD TSO4/CSUM): the kernel hands us TCP
+ *  - TUN offloads (vnet header + TUNSETOFFLOAD TSO4/TSO6/CSUM): the kernel hands us TCP
  *    super-packets of up to 64 KiB; we cut them into MTU-sized packets ourselves, each
  *    with its own IP and TCP header, the payload never copied (scatter-gather iovecs);
  *  - UDP GSO: a run of equal-sized packets for one peer leaves in one message with
@@ -138,7 +146,7 @@ enum {
     RX_DROP_SPOOFED_SOURCE, RX_DROP_TTL, RX_DROP_TUN_ERROR, ICMP_UNREACHABLE_SENT,
     GSO_SENDS, GRO_RECEIVES, COALESCED_WRITES, TSO_READS,
     RX_DROP_DST_OUTSIDE, ICMP_TIME_EXCEEDED_SENT, ICMP_RATE_LIMITED, TX_SOCKET_FULL,
-    TX_DROP_LOCAL_SCOPE, /* IPv6 only: the python datapath's; this loop carries IPv4 */
+    TX_DROP_LOCAL_SCOPE, /* IPv6 destinations in ff00::/8 or fe80::/10 */
     NCOUNTERS
 };
 
