@@ -281,9 +281,9 @@ class IptablesKeeper:
             family.subnet = subnet
             self._wake.set()
 
-    def chains(self, version: int = 4) -> list[ChainPlan]:
-        """The chains planned for one family (IPv4 unless told)."""
-        return self._chains(self.families[version])
+    def chains(self, version: int | None = None) -> list[ChainPlan]:
+        """The chains planned for one family (unless told: IPv4, or IPv6 when kept alone)."""
+        return self._chains(self.families[version or min(self.families)])
 
     def _chains(self, family: _Family) -> list[ChainPlan]:
         return desired_chains(

@@ -355,6 +355,8 @@ async def test_ipv6_only_keeps_only_ip6tables() -> None:
     assert fake6.rules(FILTER, "FLANNEL-FWD") == FWD6
     assert "FLANNEL-POSTRTG" not in fake6.tables[NAT].chains
     assert k.counters_by_family().keys() == {"ipv6"} and k.network is None and k.ok()
+    assert [c.chain for c in k.chains()] == ["FLANNEL-FWD"]  # the one family kept
+    assert k.chains()[0].rules == forward_chain(N6).rules
 
 
 async def test_random_fully_is_probed_per_family() -> None:
