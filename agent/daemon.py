@@ -67,7 +67,7 @@ from agent.subnet_file import (
 )
 from backends import backend_class, backend_problem, build_backend
 from backends.base import BackendContext, BackendError, Network, carried_families
-from backends.external_iface import ExternalInterface, InterfaceError, choose_interface
+from backends.external_iface import ExternalInterface, InterfaceError, NoIPv4, choose_interface
 from backends.iptables.keeper import Iptables, IptablesKeeper
 from backends.ipv6_addresses import read_ipv6_addresses
 from backends.kernel.monitor import KernelMonitor
@@ -95,6 +95,11 @@ Ipv6AddressReader = Callable[[], Awaitable[Mapping[int, Sequence[ipaddress.IPv6A
 
 class StartupError(RuntimeError):
     """The agent cannot start with these settings; the message says why."""
+
+
+class NoIPv4Interface(StartupError):
+    """The external interface has no IPv4 address (or the host no IPv4 default route):
+    an IPv6-only host. Said once the config is read, if it needs IPv4."""
 
 
 class SubnetFileError(RuntimeError):
@@ -302,6 +307,8 @@ class Daemon:
                 default_oif=default, public_ip=o.public_ip, ipv6=ipv6, addresses6=addresses6,
                 public_ipv6=o.public_ipv6,
             )
+        except NoIPv4 as exc:
+            raise NoIPv4Interface(str(exc)) from None
         except InterfaceError as exc:
             raise StartupError(str(exc)) from None
         log.info(
@@ -496,7 +503,15 @@ class Daemon:
             check_writable(self.subnet_file.parent)
         except OSError as exc:
             raise StartupError(write_problem(self.subnet_file, exc)) from None
-        ext = await self._interface()
+        ext: ExternalInterface | None = None
+        try:
+            ext = await self._interface()
+        except NoIPv4Interface as exc:
+            # An IPv6-only host: an IPv6-only config waits (no backend carries IPv6 yet)
+            # with /readyz naming the backend, the real blocker; any other needs IPv4.
+            no_ipv4 = exc
+            log.info("%s; reading the network config before deciding whether IPv4 is"
+                     " needed", exc)
         try:
             self.registry = self._registry_factory(etcd_settings(o))
         except EtcdSetupError as exc:
@@ -514,6 +529,10 @@ class Daemon:
             c.backend_type)
         if (left_out := ignored(c, c.backend_type, carried)) is not None:
             log.warning("%s", left_out)
+        if ext is None:
+            # Every config that gets here leases IPv4 (a backend that carries IPv6 alone
+            # would need the interface chosen without IPv4 here).
+            raise no_ipv4
         if 6 in fams:
             # The IPv6 address to advertise (and the interface's own) is needed now.
             ext = await self._interface(ipv6=True)

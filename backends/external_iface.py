@@ -53,6 +53,11 @@ class InterfaceError(RuntimeError):
     """No usable interface; the message names the flag that could not be satisfied."""
 
 
+class NoIPv4(InterfaceError):
+    """The interface has no IPv4 address, or the host no IPv4 default route: what an
+    IPv6-only host meets. The daemon reports it only once the config says IPv4 is needed."""
+
+
 def _first_addr(link: Link) -> ipaddress.IPv4Address | None:
     for a in link.addresses:
         if not a.ip.is_link_local:
@@ -64,7 +69,7 @@ def _ext(link: Link, addr: ipaddress.IPv4Address | None, public_ip: str) -> Exte
     if addr is None:
         addr = _first_addr(link)
     if addr is None:
-        raise InterfaceError(f"interface {link.name} has no IPv4 address")
+        raise NoIPv4(f"interface {link.name} has no IPv4 address")
     pub = ipaddress.IPv4Address(public_ip) if public_ip else addr
     network = next((a.network for a in link.addresses if a.ip == addr), None)
     return ExternalInterface(link.name, link.index, link.mtu, addr, pub, network)
@@ -154,6 +159,7 @@ def _choose(
     addresses6: Mapping[int, Sequence[ipaddress.IPv6Address]] | None,
 ) -> ExternalInterface:
     problems: list[str] = []
+    no_ipv4 = 0  # how many of the problems are NoIPv4
     # (flag as named in errors, search, its argument, what to say when nothing is found)
     def by_iface(links: Sequence[Link], want: str, public_ip: str) -> ExternalInterface | None:
         return _by_iface(links, want, public_ip, addresses6)
@@ -166,6 +172,7 @@ def _choose(
         try:
             found = search(links, want, public_ip)
         except InterfaceError as exc:
+            no_ipv4 += isinstance(exc, NoIPv4)
             problems.append(f"{flag}: {exc}")
             continue
         if found is not None:
@@ -177,12 +184,14 @@ def _choose(
                 try:
                     return _ext(link, None, public_ip)
                 except InterfaceError as exc:
+                    no_ipv4 += isinstance(exc, NoIPv4)
                     problems.append(f"--iface-can-reach: {exc}")
         problems.append("--iface-can-reach: no usable interface")
     if problems:
-        raise InterfaceError("no usable interface: " + "; ".join(problems))
+        kind = NoIPv4 if no_ipv4 == len(problems) else InterfaceError
+        raise kind("no usable interface: " + "; ".join(problems))
     if default_oif is None:
-        raise InterfaceError(
+        raise NoIPv4(
             "no default route: choose the interface with --iface, --iface-regex"
             " or --iface-can-reach"
         )

@@ -340,3 +340,36 @@ async def test_ip_masq_in_dual_stack_keeps_iptables_and_ip6tables_rules(
     assert str(lease.ipv6_subnet) in masq6 and "fd00:5::/48" in masq6
     assert "10.5." not in masq6
     assert parse_subnet_env(rig.subnet_file.read_text())["FLANNEL_IPMASQ"] == "true"
+
+
+V6_HOST_ETH0 = Link("eth0", 2, 1500, True, ())  # no IPv4 address at all
+
+
+async def test_ipv6_only_host_with_an_ipv6_only_config_waits_naming_the_backend(
+    tmp_path: Path,
+) -> None:
+    """No IPv4 on the interface (and so no IPv4 default route in practice): the interface
+    step does not stop the agent before it has read the config; an IPv6-only config then
+    waits like any other, the reason naming the backend."""
+    rig = _rig(tmp_path, previous=None, iface=["eth0"])
+    rig.fake._links = [V6_HOST_ETH0]
+    try:
+        await rig.reg.set_config(V6_ONLY)
+        rig.start()
+        await rig.until(lambda: "does not carry IPv6" in (rig.daemon.waiting_for or ""),
+                        "waiting for a backend that carries IPv6")
+        assert rig.daemon.manager is None
+    finally:
+        await rig.stop()
+
+
+async def test_ipv6_only_host_with_an_ipv4_config_is_one_startup_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = _rig(tmp_path, previous=None, iface=["eth0"])
+    rig.fake._links = [V6_HOST_ETH0]
+    await rig.reg.set_config(DUAL)
+    assert await rig.daemon.main() == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["no usable interface: --iface eth0: interface eth0 has no IPv4 address"]
+    assert (await rig.reg.list_subnets()).records == []
