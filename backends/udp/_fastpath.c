@@ -218,9 +218,22 @@ struct bucket {
     int used; /* 0: never used, full */
 };
 
+/* A peer's underlay address for sendmsg: IPv4 or IPv6. */
+union peer_sa {
+    struct sockaddr_in v4;
+    struct sockaddr_in6 v6;
+};
+
+/* Route values are uint32: a peer at an IPv4 address is that address; a peer at an IPv6
+ * address is a small id (1 .. PEER6_MAX - 1, so in 0.0.0.0/8, which no peer's PublicIP
+ * can be) naming its address in the peer6 array. 0 is "no route". */
+#define PEER6_MAX 0x01000000u
+#define IS_PEER6(p) ((p) < PEER6_MAX)
+
 typedef struct {
     PyObject_HEAD
     int tun, udp, efd, done;
+    int udp6;              /* the AF_INET6 socket for peers at v6 addresses, or -1 */
     uint16_t port;
     int mtu, check_source, vnet, gro, tso, coalesce; /* set while no thread runs */
     int tso_wanted;        /* the tso option, for a TUN handed over by set_tun */
@@ -236,6 +249,9 @@ typedef struct {
     pthread_rwlock_t lock; /* the routes: the packet thread reads, Python writes */
     struct routes routes;
     struct routes6 routes6; /* under the same lock */
+    uint8_t (*peer6)[16];   /* v6 peer id -> address (under the lock; grows) */
+    uint32_t npeer6;        /* its room, in ids */
+    struct table6 peer6_ids; /* v6 address -> id, for a sender's id (under the lock) */
     _Atomic uint64_t counters[NCOUNTERS];
     /* send side */
     uint8_t *txbuf;        /* TX_ARENA: packets as read from the TUN */
@@ -243,12 +259,13 @@ typedef struct {
     struct seg *segs;      /* MAX_SEGS */
     struct iovec *iov;     /* 2 * MAX_SEGS */
     struct mmsghdr *msgs;  /* MAX_SEGS */
-    struct sockaddr_in *to;
+    union peer_sa *to;
     int *npkts;
     uint8_t *cmsgs;        /* MAX_SEGS * CMSG_SLOT: UDP_SEGMENT control data */
     int nsegs;
     int nm, sent;          /* messages of the batch being sent, and how many went */
     int held;              /* that batch waits for room in the socket buffer... */
+    int held_fd;           /* ...of this socket (udp or udp6)... */
     int64_t held_until;    /* ...until then (ms, CLOCK_MONOTONIC) */
     size_t off;            /* where the next TUN read goes in txbuf... */
     int reads;             /* ...and the reads of this batch so far */
@@ -1184,16 +1201,42 @@ static void ttl_answer_tun(Core *c, const uint8_t *off, size_t n)
         write_tun(c, pkt, len, ICMP_TIME_EXCEEDED_SENT);
 }
 
+/* The socket and address that reach `peer` (a route value): its length, 0 if none (a v6
+ * id without its address, or without the v6 socket). The v6 address is copied under the
+ * read lock (the array may grow). */
+static socklen_t peer_sockaddr(Core *c, uint32_t peer, union peer_sa *to, int *fd)
+{
+    memset(to, 0, sizeof *to);
+    if (!IS_PEER6(peer)) {
+        to->v4.sin_family = AF_INET;
+        to->v4.sin_port = htons(c->port);
+        to->v4.sin_addr.s_addr = htonl(peer);
+        *fd = c->udp;
+        return sizeof to->v4;
+    }
+    if (c->udp6 < 0)
+        return 0;
+    int known;
+    pthread_rwlock_rdlock(&c->lock);
+    known = peer < c->npeer6;
+    if (known)
+        memcpy(&to->v6.sin6_addr, c->peer6[peer], 16);
+    pthread_rwlock_unlock(&c->lock);
+    if (!known)
+        return 0;
+    to->v6.sin6_family = AF_INET6;
+    to->v6.sin6_port = htons(c->port);
+    *fd = c->udp6;
+    return sizeof to->v6;
+}
+
 /* An ICMP time exceeded to a peer, counted when it went. */
 static void send_to_peer(Core *c, const uint8_t *pkt, size_t len, uint32_t peer)
 {
-    struct sockaddr_in to;
-    memset(&to, 0, sizeof to);
-    to.sin_family = AF_INET;
-    to.sin_port = htons(c->port);
-    to.sin_addr.s_addr = htonl(peer);
-    if (sendto(c->udp, pkt, len, MSG_DONTWAIT, (struct sockaddr *)&to, sizeof to) ==
-        (ssize_t)len)
+    union peer_sa to;
+    int fd;
+    socklen_t tl = peer_sockaddr(c, peer, &to, &fd);
+    if (tl && sendto(fd, pkt, len, MSG_DONTWAIT, (struct sockaddr *)&to, tl) == (ssize_t)len)
         count(c, ICMP_TIME_EXCEEDED_SENT, 1);
 }
 
@@ -1379,14 +1422,12 @@ static int start_send(Core *c)
             j++;
         }
         struct mmsghdr *m = &c->msgs[nm];
-        struct sockaddr_in *to = &c->to[nm];
+        int fd;
         memset(m, 0, sizeof *m);
-        memset(to, 0, sizeof *to);
-        to->sin_family = AF_INET;
-        to->sin_port = htons(c->port);
-        to->sin_addr.s_addr = htonl(c->segs[i].peer);
-        m->msg_hdr.msg_name = to;
-        m->msg_hdr.msg_namelen = sizeof *to;
+        /* A peer it cannot reach (namelen 0) keeps its message: send_some drops it. */
+        socklen_t tl = peer_sockaddr(c, c->segs[i].peer, &c->to[nm], &fd);
+        m->msg_hdr.msg_name = tl ? &c->to[nm] : NULL;
+        m->msg_hdr.msg_namelen = tl;
         m->msg_hdr.msg_iov = &c->iov[2 * i];
         m->msg_hdr.msg_iovlen = (size_t)(2 * (j - i));
         if (j - i > 1) {
@@ -1427,12 +1468,23 @@ static void drop_rest(Core *c)
 static int send_some(Core *c)
 {
     while (c->sent < c->nm) {
-        int r = sendmmsg(c->udp, c->msgs + c->sent, (unsigned)(c->nm - c->sent),
-                         MSG_DONTWAIT);
+        /* One sendmmsg per run of messages of one family: each family has its socket. */
+        socklen_t nl = c->msgs[c->sent].msg_hdr.msg_namelen;
+        if (nl == 0) { /* no address for its peer (start_send): dropped alone */
+            count(c, TX_DROP_SEND_ERROR, (uint64_t)c->npkts[c->sent]);
+            c->sent++;
+            continue;
+        }
+        int k = 1;
+        while (c->sent + k < c->nm && c->msgs[c->sent + k].msg_hdr.msg_namelen == nl)
+            k++;
+        int fd = nl == sizeof(struct sockaddr_in) ? c->udp : c->udp6;
+        int r = sendmmsg(fd, c->msgs + c->sent, (unsigned)k, MSG_DONTWAIT);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
             if (errno == EAGAIN) {
+                c->held_fd = fd;
                 if (!c->held) {
                     c->held = 1;
                     c->held_until = now_ms() + SEND_HOLD_MS;
@@ -1674,11 +1726,23 @@ static void deliver(Core *c, uint8_t *p, size_t n, uint32_t peer, int truncated)
 /* Drain the socket with recvmmsg, at most `budget` batches (< 0: no limit); 1 when it had
  * nothing more. With UDP GRO the kernel may hand over several datagrams of one sender in
  * one buffer, with their size in a cmsg: split it again. */
-static int from_udp(Core *c, int budget)
+static uint32_t sender_of(Core *c, const union peer_sa *from)
+{
+    if (from->v4.sin_family == AF_INET)
+        return ntohl(from->v4.sin_addr.s_addr);
+    const uint8_t *a = from->v6.sin6_addr.s6_addr;
+    pthread_rwlock_rdlock(&c->lock);
+    const struct slot6 *s = table6_find(&c->peer6_ids, be64(a), be64(a + 8));
+    uint32_t id = s ? s->val : 0; /* 0: no peer, an unknown source */
+    pthread_rwlock_unlock(&c->lock);
+    return id;
+}
+
+static int from_udp(Core *c, int fd, int budget)
 {
     struct mmsghdr m[RX_BATCH];
     struct iovec v[RX_BATCH];
-    struct sockaddr_in from[RX_BATCH];
+    union peer_sa from[RX_BATCH];
     union {
         char buf[CMSG_SPACE(sizeof(int))];
         struct cmsghdr align;
@@ -1695,7 +1759,7 @@ static int from_udp(Core *c, int budget)
             m[i].msg_hdr.msg_control = cm[i].buf;
             m[i].msg_hdr.msg_controllen = sizeof cm[i].buf;
         }
-        int r = recvmmsg(c->udp, m, RX_BATCH, MSG_DONTWAIT, NULL);
+        int r = recvmmsg(fd, m, RX_BATCH, MSG_DONTWAIT, NULL);
         if (r <= 0) {
             if (r < 0 && errno == EINTR)
                 continue;
@@ -1716,7 +1780,7 @@ static int from_udp(Core *c, int budget)
                     }
                 }
             }
-            uint32_t peer = ntohl(from[i].sin_addr.s_addr);
+            uint32_t peer = sender_of(c, &from[i]);
             int truncated = (m[i].msg_hdr.msg_flags & MSG_TRUNC) != 0;
             if (seg == n || n == 0) {
                 count(c, RX_DATAGRAMS, 1);
@@ -1750,10 +1814,12 @@ static int from_udp(Core *c, int budget)
 static int loop_once(Core *c, int wait)
 {
     int held = c->held;
-    struct pollfd fds[3] = {
+    int out4 = held && c->held_fd == c->udp, out6 = held && !out4;
+    struct pollfd fds[4] = {
         {held ? -1 : c->tun, POLLIN, 0},
-        {c->udp, (short)(POLLIN | (held ? POLLOUT : 0)), 0},
+        {c->udp, (short)(POLLIN | (out4 ? POLLOUT : 0)), 0},
         {c->efd, POLLIN, 0},
+        {c->udp6, (short)(POLLIN | (out6 ? POLLOUT : 0)), 0}, /* -1: ignored by poll */
     };
     if (held) {
         int64_t left = c->held_until - now_ms();
@@ -1761,7 +1827,7 @@ static int loop_once(Core *c, int wait)
         if (wait < 0 || wait > until)
             wait = until;
     }
-    if (poll(fds, 3, wait) < 0)
+    if (poll(fds, 4, wait) < 0)
         return errno == EINTR ? 0 : 1;
     if (fds[2].revents)
         return 1;
@@ -1769,7 +1835,7 @@ static int loop_once(Core *c, int wait)
     if (fds[0].revents & (POLLERR | POLLHUP | POLLNVAL))
         return 2;
     if (held) {
-        int done = resume_send(c, (fds[1].revents & POLLOUT) != 0) == SENT;
+        int done = resume_send(c, ((fds[1].revents | fds[3].revents) & POLLOUT) != 0) == SENT;
         if (done && c->carry)
             from_tun(c, TUN_BUDGET); /* the carried packet goes before more reads */
     }
@@ -1777,7 +1843,9 @@ static int loop_once(Core *c, int wait)
         from_tun(c, TUN_BUDGET);
     /* POLLERR on the socket too: recvmmsg reports (and clears) the error. */
     if (fds[1].revents & (POLLIN | POLLERR))
-        from_udp(c, UDP_BUDGET);
+        from_udp(c, c->udp, UDP_BUDGET);
+    if (fds[3].revents & (POLLIN | POLLERR))
+        from_udp(c, c->udp6, UDP_BUDGET);
     return 0;
 }
 
@@ -1828,6 +1896,11 @@ static void core_free(Core *c)
     c->pend = NULL;
     routes_free(&c->routes);
     routes6_free(&c->routes6);
+    PyMem_RawFree(c->peer6);
+    c->peer6 = NULL;
+    c->npeer6 = 0;
+    PyMem_RawFree(c->peer6_ids.slots);
+    c->peer6_ids = (struct table6){0};
     c->ready = 0;
 }
 
@@ -1860,12 +1933,13 @@ static int attach_tun(Core *c, int fd)
 static int Core_init(Core *c, PyObject *args, PyObject *kw)
 {
     static char *names[] = {"tun_fd", "sock_fd", "port", "mtu", "check_source", "vnet_hdr",
-                            "gso", "gro", "tso", "coalesce", "icmp_ratelimit_ms", NULL};
+                            "gso", "gro", "tso", "coalesce", "icmp_ratelimit_ms", "sock6_fd",
+                            NULL};
     int tun, udp, port, mtu, check = 1, vnet = 0, gso = 1, gro = 1, tso = 1, coalesce = 1;
-    int icmp_interval = 1000;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiii|ppppppi", names, &tun, &udp, &port,
+    int icmp_interval = 1000, udp6 = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiii|ppppppii", names, &tun, &udp, &port,
                                      &mtu, &check, &vnet, &gso, &gro, &tso, &coalesce,
-                                     &icmp_interval))
+                                     &icmp_interval, &udp6))
         return -1;
     /* Once: a second call would change what a running packet thread reads. */
     if (c->ready) {
@@ -1881,17 +1955,26 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw)
         return -1;
     }
     c->udp = udp;
+    c->udp6 = udp6 < 0 ? -1 : udp6;
+    c->held_fd = udp;
     c->icmp_interval = icmp_interval;
     c->mtu = mtu;
     int one = 1, zero = 0;
     c->gro = gro && setsockopt(c->udp, SOL_UDP, UDP_GRO, &one, sizeof one) == 0;
-    /* Probe UDP GSO once: a kernel without it refuses the option. */
+    /* The v6 socket too; the receive slots are sized for GRO whichever socket has it. */
+    if (c->udp6 >= 0 && gro)
+        c->gro |= setsockopt(c->udp6, SOL_UDP, UDP_GRO, &one, sizeof one) == 0;
+    /* Probe UDP GSO once: a kernel without it refuses the option. One flag for both
+     * sockets: on only when both take it. */
     atomic_store_explicit(&c->gso,
-                          gso && setsockopt(c->udp, SOL_UDP, UDP_SEGMENT, &zero, sizeof zero) == 0,
+                          gso && setsockopt(c->udp, SOL_UDP, UDP_SEGMENT, &zero, sizeof zero) == 0 &&
+                          (c->udp6 < 0 ||
+                           setsockopt(c->udp6, SOL_UDP, UDP_SEGMENT, &zero, sizeof zero) == 0),
                           memory_order_relaxed);
     c->vnet = vnet;
     c->tso_wanted = tso;
-    if (attach_tun(c, tun) < 0 || set_nonblocking(c->udp) < 0)
+    if (attach_tun(c, tun) < 0 || set_nonblocking(c->udp) < 0 ||
+        (c->udp6 >= 0 && set_nonblocking(c->udp6) < 0))
         return -1;
     c->coalesce = vnet && coalesce;
     c->port = (uint16_t)port;
@@ -2056,6 +2139,59 @@ static PyObject *Core_del_route6(Core *c, PyObject *args)
     routes6_del(&c->routes, &c->routes6, hi, lo, plen);
     pthread_rwlock_unlock(&c->lock);
     Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* set_peer6(id, address): the v6 underlay address of peer id (1 .. 2^24 - 1), which
+ * set_route/set_route6 then take as a peer. Ids are the wrapper's (c_datapath.py); an id
+ * is never given another address. */
+static PyObject *Core_set_peer6(Core *c, PyObject *args)
+{
+    unsigned int id;
+    Py_buffer b;
+    if (!PyArg_ParseTuple(args, "Iy*", &id, &b))
+        return NULL;
+    int bad = b.len != 16 || id == 0 || id >= PEER6_MAX;
+    uint8_t a[16];
+    if (!bad)
+        memcpy(a, b.buf, 16);
+    PyBuffer_Release(&b);
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "set_peer6(id 1..2^24-1, 16 bytes)");
+        return NULL;
+    }
+    if (need_ready(c) < 0)
+        return NULL;
+    if (c->udp6 < 0) {
+        PyErr_SetString(PyExc_ValueError, "no IPv6 socket");
+        return NULL;
+    }
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_rwlock_wrlock(&c->lock);
+    if (id >= c->npeer6) {
+        uint32_t room = c->npeer6 ? c->npeer6 : 16;
+        while (room <= id)
+            room *= 2;
+        void *grown = PyMem_RawRealloc(c->peer6, (size_t)room * 16);
+        if (grown) {
+            memset((uint8_t *)grown + (size_t)c->npeer6 * 16, 0, (size_t)(room - c->npeer6) * 16);
+            c->peer6 = grown;
+            c->npeer6 = room;
+        } else {
+            err = 1;
+        }
+    }
+    if (!err && table6_reserve(&c->peer6_ids) < 0)
+        err = 1;
+    if (!err) {
+        memcpy(c->peer6[id], a, 16);
+        table6_put(&c->peer6_ids, be64(a), be64(a + 8), id);
+    }
+    pthread_rwlock_unlock(&c->lock);
+    Py_END_ALLOW_THREADS
+    if (err)
+        return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -2225,7 +2361,7 @@ static void drain_tun_all(Core *c)
 {
     while (!from_tun(c, -1)) {
         int64_t left = c->held_until - now_ms();
-        struct pollfd pf = {c->udp, POLLOUT, 0};
+        struct pollfd pf = {c->held_fd, POLLOUT, 0};
         int r = poll(&pf, 1, left > 0 ? (int)left : 0);
         resume_send(c, r > 0 && (pf.revents & POLLOUT));
     }
@@ -2233,7 +2369,7 @@ static void drain_tun_all(Core *c)
 
 static void drain_udp_all(Core *c)
 {
-    from_udp(c, -1);
+    from_udp(c, c->udp, -1);
 }
 
 static PyObject *Core_drain_tun(Core *c, PyObject *unused)
@@ -2246,6 +2382,18 @@ static PyObject *Core_drain_udp(Core *c, PyObject *unused)
 {
     (void)unused;
     return drain(c, drain_udp_all);
+}
+
+static void drain_udp6_all(Core *c)
+{
+    if (c->udp6 >= 0)
+        from_udp(c, c->udp6, -1);
+}
+
+static PyObject *Core_drain_udp6(Core *c, PyObject *unused)
+{
+    (void)unused;
+    return drain(c, drain_udp6_all);
 }
 
 /* Test hook: one turn of the packet loop in this thread, waiting at most wait_ms (0: not
@@ -2290,6 +2438,10 @@ static PyMethodDef Core_methods[] = {
     {"counters", (PyCFunction)Core_counters, METH_NOARGS, "counters as a tuple"},
     {"offloads", (PyCFunction)Core_offloads, METH_NOARGS, "offloads in use, as a dict"},
     {"set_subnet", (PyCFunction)Core_set_subnet, METH_VARARGS, "set_subnet(net, mask)"},
+    {"drain_udp6", (PyCFunction)Core_drain_udp6, METH_NOARGS,
+     "read the v6 socket until EAGAIN and write the TUN, in this thread (test hook)"},
+    {"set_peer6", (PyCFunction)Core_set_peer6, METH_VARARGS,
+     "set_peer6(id, address16): the v6 underlay address of peer id"},
     {"set_route6", (PyCFunction)Core_set_route6, METH_VARARGS,
      "set_route6(hi, lo, prefixlen, peer): a v6 subnet behind a v4 peer"},
     {"del_route6", (PyCFunction)Core_del_route6, METH_VARARGS, "del_route6(hi, lo, prefixlen)"},

@@ -8,9 +8,11 @@ UDP GSO on send, UDP GRO on receive and coalesced TUN writes, each probed and ea
 that can be turned off (the backend options in backends/udp/network.py); `auto` chooses
 it when it is built. Its types are in _fastpath.pyi.
 
-IPv6 inner packets (issue 14) go as in the python datapath, to peers at IPv4 underlay
-addresses: the loop has one AF_INET socket, so a peer at an IPv6 address is refused with a
-ValueError that says so (the python datapath has the v6 socket).
+IPv6 inner packets (issue 14) go as in the python datapath, over either underlay: a peer
+at an IPv6 address is reached through the AF_INET6 socket `sock6` (refused with a
+ValueError without it). The C routes hold a uint32 per peer: a v4 peer's address, or for
+a v6 peer a small id (in 0.0.0.0/8, which no PublicIP can be) handed to the core with its
+address (set_peer6); the ids are kept here, one per v6 address, never reused.
 """
 
 from __future__ import annotations
@@ -40,22 +42,37 @@ class CDatapath:
         self, tun_fd: int, sock: socket.socket, *, port: int, mtu: int,
         check_source: bool = True, gso: bool = True, gro: bool = True,
         vnet_hdr: bool = False, tso: bool = True, coalesce: bool = True,
-        icmp_ratelimit_ms: int = ICMP_RATELIMIT_MS,
+        icmp_ratelimit_ms: int = ICMP_RATELIMIT_MS, sock6: socket.socket | None = None,
     ) -> None:
         self.sock = sock
+        self.sock6 = sock6
         self._core = _fastpath.Core(tun_fd, sock.fileno(), port, mtu, check_source, vnet_hdr,
-                                    gso, gro, tso, coalesce, icmp_ratelimit_ms)
+                                    gso, gro, tso, coalesce, icmp_ratelimit_ms,
+                                    -1 if sock6 is None else sock6.fileno())
+        self._ids: dict[ipaddress.IPv6Address, int] = {}
         self._stopped: asyncio.Future[None] | None = None
 
+    def _peer(self, peer: Address) -> int:
+        """The core's value for a peer: a v4 address, or a v6 peer's id."""
+        if peer.version == 4:
+            if int(peer) >> 24 == 0:
+                raise ValueError(f"peer {peer}: 0.0.0.0/8 is no peer address")
+            return int(peer)
+        if self.sock6 is None:
+            raise ValueError(f"peer {peer}: an IPv6 underlay address, and no IPv6 socket")
+        ident = self._ids.get(peer)
+        if ident is None:
+            ident = len(self._ids) + 1
+            self._core.set_peer6(ident, peer.packed)
+            self._ids[peer] = ident
+        return ident
+
     def set_route(self, subnet: Subnet, peer: Address) -> None:
-        if peer.version == 6:
-            raise ValueError(f"peer {peer}: the C datapath reaches peers at IPv4 addresses "
-                             "only; an IPv6 underlay needs the python datapath "
-                             "(Backend.Datapath python)")
+        value = self._peer(peer)
         if subnet.version == 6:
-            self._core.set_route6(*_halves(subnet), int(peer))
+            self._core.set_route6(*_halves(subnet), value)
             return
-        self._core.set_route(int(subnet.network_address), int(subnet.netmask), int(peer))
+        self._core.set_route(int(subnet.network_address), int(subnet.netmask), value)
 
     def del_route(self, subnet: Subnet) -> None:
         if subnet.version == 6:
@@ -86,6 +103,8 @@ class CDatapath:
         loop = asyncio.get_running_loop()
         self._stopped = stopped = loop.create_future()
         self.sock.setblocking(False)
+        if self.sock6 is not None:
+            self.sock6.setblocking(False)
         done = self._core.done_fd()
 
         def ended() -> None:  # the packet thread ended on its own: the TUN is gone

@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
     if args.datapath == "python":
         dp = PythonDatapath(tun.fileno(), sock, sock6=sock6, **common)  # type: ignore[arg-type]
     else:
-        dp = CDatapath(tun.fileno(), sock, **common)  # type: ignore[arg-type]
+        dp = CDatapath(tun.fileno(), sock, sock6=sock6, **common)  # type: ignore[arg-type]
     for own in args.own:
         dp.set_subnet(ipaddress.ip_network(own))
     for spec in args.route:
