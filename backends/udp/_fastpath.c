@@ -6,7 +6,8 @@
  * socket without the GIL: it never calls into Python. Python (holding the GIL) changes
  * routes and our subnet, reads counters and offloads, and starts and stops the thread.
  * What the two share, and how:
- *  - the routes of both families and our v6 subnet: a read-write lock. The packet thread
+ *  - the routes of both families, our v6 subnet and the v6 peers' addresses (peer6,
+ *    peer6_ids): a read-write lock. The packet thread
  *    takes the read lock for one lookup (a route for a destination, a sender's source
  *    check, or a v6 packet's source and destination checks together) and drops it before
  *    doing anything else, so it never holds it across I/O; Python takes the write lock
@@ -36,8 +37,8 @@
  * IPv6 inner packets (issue 14) follow the same rules in their v6 form (the rules in
  * backends/udp/packet6.py): hop limit for TTL, ICMPv6 time exceeded and no route, a
  * 128-bit route table beside the 32-bit one; ff00::/8 and fe80::/10 are not forwarded.
- * Peers are reached at IPv4 addresses only (one AF_INET socket): a v6 subnet behind a v4
- * PublicIP works, a peer at a v6 address is the python datapath's.
+ * Peers at IPv6 addresses are reached through a second, AF_INET6 socket (udp6, set in
+ * Core_init like udp): a route's value is then the peer's id (IS_PEER6).
  *
  * Semantics are the pure-Python datapath's (backends/udp/python_datapath.py, contract in
  * backends/udp/datapath.py), counter for counter, and one test suite runs against both
