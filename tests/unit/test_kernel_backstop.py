@@ -293,3 +293,58 @@ async def test_the_view_reads_through_the_adapters_shared_dump() -> None:
         assert view.dumps == {"route": 1, "neigh": 1, "fdb": 1}
     finally:
         await nl.close()
+
+
+# -- between full reads: the cache takes the plan's entries as the plan looks them up ----
+async def test_a_lookup_hands_the_cache_the_plans_own_entry_and_key() -> None:
+    """A peer that left and came back (or changed) has new entries in the plan's tables,
+    equal to the kernel's: the lookup of its key makes the cache keep the plan's entry and
+    key, so no copy of a churned peer stays alive until the next full read."""
+    old_r = Route(NET("10.6.1.0/24"), IP("10.6.1.0"), DEV, True)
+    old_n = Neigh(IP("10.6.1.0"), "0a:00:00:00:01:01", DEV)
+    old_f = Fdb("0a:00:00:00:01:01", IP("192.168.100.2"), DEV)
+    fake = FakeNetlink()
+    load(fake, [old_r, old_n, old_f])
+    view = KernelView(fake, enabled=True)
+    mine: dict[object, Entry] = {}
+
+    def known(e: Entry) -> Entry:  # as KernelSync's: the plan's entry only when equal
+        w = mine.get(e.dst if isinstance(e, Route) else e.ip if isinstance(e, Neigh) else e.mac)
+        return w if w is not None and w == e else e
+
+    view.known = known
+    assert await view.routes(DEV) == [old_r] and await view.neighbours(DEV) == [old_n]
+    assert await view.fdb_entries(DEV) == [old_f]
+    mac = "".join(list(old_f.mac))  # equal, and another object (as a new lease's)
+    assert mac is not old_f.mac
+    new_r, new_n, new_f = (Route(NET("10.6.1.0/24"), IP("10.6.1.0"), DEV, True),
+                           Neigh(IP("10.6.1.0"), mac, DEV), Fdb(mac, IP("192.168.100.2"), DEV))
+    mine.update({new_r.dst: new_r, new_n.ip: new_n, new_f.mac: new_f})
+    got_r = view.cached_routes(DEV, old_r.dst)
+    got_n = view.cached_neighbours(DEV, old_n.ip)
+    got_f = view.cached_fdb(DEV, old_f.mac)
+    assert got_r is not None and len(got_r) == 1 and got_r[0] is new_r
+    assert got_n is not None and len(got_n) == 1 and got_n[0] is new_n
+    assert got_f is not None and len(got_f) == 1 and got_f[0] is new_f
+    # The keys are the plan's too (an assignment to a present key keeps the old key).
+    assert [k is new_r.dst for k in view._routes[DEV]] == [True]
+    assert [k is new_n.ip for k in view._neigh[DEV]] == [True]
+    assert [k is new_f.mac for k in view._fdb[DEV]] == [True]
+    assert view.dumps == {"route": 1, "neigh": 1, "fdb": 1}  # lookups, not reads
+    # A different entry is left as the kernel holds it: only equal ones are shared.
+    mine[new_n.ip] = Neigh(new_n.ip, "0a:00:00:00:09:09", DEV)
+    assert view.cached_neighbours(DEV, new_n.ip) == [new_n]
+
+
+def test_an_applied_replace_keeps_the_new_entrys_key() -> None:
+    view = KernelView(FakeNetlink(), enabled=True)
+    a = Neigh(IP("10.6.2.0"), "0a:00:00:00:02:01", DEV)
+    b = Neigh(IP("10.6.2.0"), "0a:00:00:00:02:02", DEV)
+    f1 = Fdb("0a:00:00:00:02:01", IP("192.168.100.2"), DEV)
+    f2 = Fdb("".join(list(f1.mac)), IP("192.168.100.3"), DEV)
+    view._neigh[DEV] = {a.ip: a}
+    view._fdb[DEV] = {f1.mac: f1}
+    view.applied(ChangeSet(neigh_replace=[b], fdb_replace=[f2]), [])
+    assert [k is b.ip for k in view._neigh[DEV]] == [True]
+    assert [k is f2.mac for k in view._fdb[DEV]] == [True]
+    assert view.cached_neighbours(DEV, a.ip) == [b] and view.cached_fdb(DEV, f1.mac) == [f2]
