@@ -35,6 +35,10 @@ N6, S6 = "fd00:5::/48", "fd00:5:0:3::/64"
 S6_OTHER = "fd00:5:0:7::/64"  # a peer's subnet in the same Network, routed through the host
 HOST6, OUTSIDE6 = "fd99::1", "fd99::2"  # the underlay's IPv6 (a /64 on br0)
 PORT = 9912
+# Bounds on waits, generous for a loaded machine: a keeper process starting (Python, then
+# ip6tables), and a repair (within the resync period, plus the commands).
+START = 30
+REPAIR = RESYNC + 19
 
 # flanneld v0.20.2's ip6tables rules as ip6tables-save prints them, written from flannel's
 # source (flannel-io/flannel v0.20.2, network/iptables.go: MasqIP6Rules() for the nat table,
@@ -179,7 +183,7 @@ def add_v6(lab):
 
 
 def seen_as(client, server: str) -> str:
-    res = client.exec([sys.executable, "-c", WHO_AM_I6, server, str(PORT)], timeout=30)
+    res = client.exec([sys.executable, "-c", WHO_AM_I6, server, str(PORT)], timeout=60)
     return res.stdout.strip()
 
 
@@ -191,7 +195,7 @@ def test_v6_keeper_writes_flanneld_rules_repairs_them_and_masquerades(lab, tmp_p
     keeper = Keeper(host, tmp_path / "k6.log", n6=N6, s6=S6)
     try:
         # Exactly flanneld's ip6tables rules, and nothing done to iptables.
-        wait_for(lambda: flanneld6_in_place(host), timeout=10, what="flanneld's ip6tables rules",
+        wait_for(lambda: flanneld6_in_place(host), timeout=START, what="flanneld's ip6tables rules",
                  detail=keeper.log)
         assert "ip6tables: nat FLANNEL-POSTRTG (5 rules) and filter FLANNEL-FWD (2 rules) in " \
                f"place for network {N6}, subnet {S6}" in keeper.log()
@@ -208,7 +212,7 @@ def test_v6_keeper_writes_flanneld_rules_repairs_them_and_masquerades(lab, tmp_p
         def repaired(what: str, count: int) -> None:
             wait_for(lambda: flanneld6_in_place(host)
                      and keeper.log().count("ip6tables: repaired") >= count,
-                     timeout=RESYNC + 9, what=f"{what} repaired", detail=keeper.log)
+                     timeout=REPAIR, what=f"{what} repaired", detail=keeper.log)
 
         host.exec(["ip6tables", "-w", "-t", "nat", "-D", "FLANNEL-POSTRTG", "2"])
         repaired("a deleted rule", 1)
@@ -244,14 +248,14 @@ def test_v4_and_v6_keepers_leave_each_other_s_tables_alone_and_both_run_together
     first = Keeper(host, tmp_path / "k6.log", n6=N6, s6=S6_OTHER)
     try:
         wait_for(lambda: chain(host, "ip6tables", "nat", "FLANNEL-POSTRTG")
-                 == flanneld_nat6(N6, S6_OTHER), timeout=10, what="v6 rules", detail=first.log)
+                 == flanneld_nat6(N6, S6_OTHER), timeout=START, what="v6 rules", detail=first.log)
     finally:
         first.stop()
     v6_before = saved(host, "ip6tables")
     seed_v4(host)
     k4 = Keeper(host, tmp_path / "k4.log", n4=N4, s4=S4)
     try:
-        wait_for(lambda: "in place for network" in k4.log(), timeout=10, what="v4 rules",
+        wait_for(lambda: "in place for network" in k4.log(), timeout=START, what="v4 rules",
                  detail=k4.log)
         assert not any("10.9." in r for r in chain(host, "iptables", "nat", "FLANNEL-POSTRTG"))
         assert len(chain(host, "iptables", "nat", "FLANNEL-POSTRTG")) == 5
@@ -265,7 +269,7 @@ def test_v4_and_v6_keepers_leave_each_other_s_tables_alone_and_both_run_together
     both = Keeper(host, tmp_path / "k46.log", n4=N4, s4=S4, n6=N6, s6=S6)
     try:
         wait_for(lambda: flanneld6_in_place(host) and both.log().count("in place for") == 2,
-                 timeout=10, what="both families", detail=both.log)
+                 timeout=START, what="both families", detail=both.log)
         assert saved(host, "iptables") == v4_after
         assert f"ip6tables: nat FLANNEL-POSTRTG: removed a rule that does not belong there " \
                f"(an old network or subnet, or added by hand): ! -s {N6} -d {S6_OTHER} " \
